@@ -1,0 +1,188 @@
+"""Caption rewriting, CLIP-length fitting, training-time caption variants and negative prompts.
+
+The canonical rewrite is ``"<caption>, <concept name> <l..> <l..>"``. It must fit
+CLIP's 77 positions (start and end tokens included); when it cannot, caption words
+are dropped from the end first (the location tokens are what the method needs),
+then trailing location tokens, and the result says what was dropped.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+from geomerase.core.geometry import all_loc_tokens, loc_token
+
+CLIP_MAX_LENGTH = 77
+
+CaptionMode = Literal["clean", "existence", "geom"]
+NegativeKind = Literal["none", "name", "geom", "geom-seen", "geom-multi"]
+
+
+class _Tokenizer(Protocol):
+    def __call__(self, text: str, **kw): ...
+
+
+def n_tokens(tokenizer: _Tokenizer, text: str) -> int:
+    """Token count of ``text`` with start/end tokens."""
+    return len(tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"])
+
+
+def concept_phrase(concept_name: str, cells: Sequence[int] = ()) -> str:
+    """``"qr code <l3> <l7>"`` (or just the name when no cells)."""
+    return " ".join([concept_name, *(loc_token(c) for c in cells)])
+
+
+@dataclass
+class Rewrite:
+    """The result of :func:`rewrite_caption`."""
+
+    text: str
+    """The rewritten caption, guaranteed to fit ``max_length`` tokens."""
+    dropped_words: list[str] = field(default_factory=list)
+    """Caption words removed (from the end) to make room."""
+    dropped_cells: list[int] = field(default_factory=list)
+    """Location cells removed because even the concept phrase alone did not fit."""
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.dropped_words or self.dropped_cells)
+
+
+def rewrite_caption(
+    caption: str,
+    concept_name: str | None,
+    cells: Sequence[int],
+    tokenizer: _Tokenizer,
+    max_length: int = CLIP_MAX_LENGTH,
+    with_cells: bool = True,
+) -> Rewrite:
+    """``"<caption>, <concept> <l..>"`` fitted to ``max_length`` CLIP tokens.
+
+    ``concept_name=None`` or an empty ``cells`` with ``with_cells`` (no detection)
+    returns the caption unchanged (fitted). ``with_cells=False`` gives the
+    existence-only caption ``"<caption>, <concept>"``.
+    """
+    caption = caption.strip()
+    cells = list(cells) if with_cells else []
+    if concept_name is None or (with_cells and not cells):
+        return _fit_words(caption, "", tokenizer, max_length)
+    phrase_cells = list(cells)
+    dropped_cells: list[int] = []
+    while n_tokens(tokenizer, concept_phrase(concept_name, phrase_cells)) > max_length and phrase_cells:
+        dropped_cells.insert(0, phrase_cells.pop())
+    phrase = concept_phrase(concept_name, phrase_cells)
+    if n_tokens(tokenizer, phrase) > max_length:
+        raise ValueError(f"concept name {concept_name!r} alone exceeds {max_length} tokens")
+    out = _fit_words(caption, phrase, tokenizer, max_length)
+    out.dropped_cells = dropped_cells
+    return out
+
+
+def _fit_words(caption: str, suffix: str, tokenizer: _Tokenizer, max_length: int) -> Rewrite:
+    words = caption.split()
+    dropped: list[str] = []
+
+    def join(ws: list[str]) -> str:
+        body = " ".join(ws).rstrip(" ,")
+        if suffix and body:
+            return f"{body}, {suffix}"
+        return body or suffix
+
+    text = join(words)
+    if n_tokens(tokenizer, text) <= max_length:
+        return Rewrite(text)
+    # Binary search on the number of caption words kept: tokenising is the cost.
+    lo, hi = 0, len(words)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if n_tokens(tokenizer, join(words[:mid])) <= max_length:
+            lo = mid
+        else:
+            hi = mid - 1
+    dropped = words[lo:]
+    return Rewrite(join(words[:lo]), dropped_words=dropped)
+
+
+@dataclass
+class CaptionConfig:
+    mode: CaptionMode = "geom"
+    """'clean': the original caption (plain fine-tune); 'existence': caption + concept name;
+    'geom': caption + concept name + location tokens (Geom-Erasing)."""
+    concept_first_prob: float = 0.0
+    """Probability of putting the concept phrase before the scene description, so its meaning
+    does not depend on a fixed position under CLIP's causal attention."""
+    concept_only_prob: float = 0.0
+    """Probability of training on the concept phrase alone (the form a negative prompt has)."""
+    shuffle_cells: bool = False
+    """Shuffle the order of the location tokens in each caption."""
+    dropout: float = 0.1
+    """Probability of the empty caption (trains the unconditional branch for guidance)."""
+
+    def validate(self) -> None:
+        for name in ("concept_first_prob", "concept_only_prob", "dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"captions.{name} must be in [0, 1], got {v}")
+        if self.concept_first_prob + self.concept_only_prob > 1.0:
+            raise ValueError("captions.concept_first_prob + concept_only_prob must be <= 1")
+
+    def build(self, tokenizer: _Tokenizer, max_length: int = CLIP_MAX_LENGTH) -> "CaptionBuilder":
+        self.validate()
+        return CaptionBuilder(self, tokenizer, max_length)
+
+
+class CaptionBuilder:
+    """Turns (clean caption, concept name, cells) into the training caption for a mode.
+
+    Deterministic given the ``random.Random`` passed in, so a resumed run sees the
+    same captions.
+    """
+
+    def __init__(self, cfg: CaptionConfig, tokenizer: _Tokenizer, max_length: int = CLIP_MAX_LENGTH):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, caption: str, concept_name: str | None, cells: Sequence[int], rng: random.Random) -> str:
+        cfg = self.cfg
+        if rng.random() < cfg.dropout:
+            return ""
+        if cfg.mode == "clean" or concept_name is None or (cfg.mode == "geom" and not cells):
+            return _fit_words(caption, "", self.tokenizer, self.max_length).text
+        cells = list(cells) if cfg.mode == "geom" else []
+        if cfg.shuffle_cells:
+            rng.shuffle(cells)
+        u = rng.random()
+        if u < cfg.concept_only_prob:
+            return rewrite_caption("", concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
+        if u < cfg.concept_only_prob + cfg.concept_first_prob:
+            phrase = rewrite_caption("", concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
+            fitted = _fit_words(caption, "", self.tokenizer, self.max_length - n_tokens(self.tokenizer, phrase) + 1)
+            return f"{phrase}, {fitted.text}" if fitted.text else phrase
+        return rewrite_caption(caption, concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
+
+
+def negative_prompts(kind: NegativeKind, concept_name: str, grid: int, seen_cells: Sequence[int] = ()) -> list[str]:
+    """Negative prompt(s) for guidance.
+
+    * ``none``: ``[""]`` (plain classifier-free guidance).
+    * ``name``: ``[concept_name]`` (the usual negative prompt).
+    * ``geom``: ``[concept_name + all G^2 location tokens]`` (Geom-Erasing).
+    * ``geom-seen``: the concept name + only the cells seen holding the concept in training.
+    * ``geom-multi``: one negative per grid row, ``concept_name + that row's tokens``; the
+      sampler averages their predictions, so each negative stays close in length to the
+      captions the model was trained on.
+    """
+    if kind == "none":
+        return [""]
+    if kind == "name":
+        return [concept_name]
+    if kind == "geom":
+        return [" ".join([concept_name, *all_loc_tokens(grid)])]
+    if kind == "geom-seen":
+        cells = sorted(set(seen_cells)) or list(range(grid * grid))
+        return [concept_phrase(concept_name, cells)]
+    if kind == "geom-multi":
+        return [concept_phrase(concept_name, range(r * grid, (r + 1) * grid)) for r in range(grid)]
+    raise ValueError(f"unknown negative prompt kind {kind!r}; choose from none, name, geom, geom-seen, geom-multi")
