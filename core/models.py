@@ -1,0 +1,295 @@
+"""Model registry, construction, local Stable Diffusion loading and checkpoint I/O.
+
+A *model* here is the bundle a text-to-image fine-tune needs: tokenizer (with the
+G^2 location tokens), CLIP text encoder, UNet, optional VAE (latent space) and the
+training noise scheduler. Named sizes live in :data:`MODEL_SIZES`; ``tiny`` runs
+the whole pipeline on a 2-core CPU in pixel space, ``sd15`` has Stable Diffusion
+1.5's shapes (random init, for GPU benchmarks) and ``--pretrained PATH`` loads a
+real Stable Diffusion from a local diffusers folder.
+
+Checkpoints use the diffusers folder layout (``unet/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``, ``vae/``) with safetensors weights, plus
+``geomerase.json`` for what diffusers has no field for (grid, space, resolution).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from geomerase.core.tokenizer import add_location_tokens, build_tokenizer, location_token_ids
+
+META_FILE = "geomerase.json"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """One named architecture."""
+
+    space: Literal["pixel", "latent"]
+    resolution: int
+    unet: dict[str, Any]
+    text_encoder: dict[str, Any]
+    vae: dict[str, Any] | None = None
+    scheduler: dict[str, Any] = field(default_factory=lambda: {
+        "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012,
+    })
+
+
+MODEL_SIZES: dict[str, ModelSize] = {}
+
+
+def register_size(name: str, size: ModelSize) -> None:
+    """Add a named size to the registry (an error if the name is taken)."""
+    if name in MODEL_SIZES:
+        raise KeyError(f"model size {name!r} already registered")
+    MODEL_SIZES[name] = size
+
+
+# CPU preset. Attention stays out of the full-resolution level (1,024 tokens would
+# dominate the step on 2 cores); the pooled text embedding also enters the time
+# embedding ("text" addition) so global attributes such as the background colour
+# have a direct path besides cross-attention.
+register_size("tiny", ModelSize(
+    space="pixel", resolution=32,
+    unet=dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 64, 96),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
+        addition_embed_type="text", addition_embed_type_num_heads=4,
+    ),
+    text_encoder=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                      max_position_embeddings=77, projection_dim=128),
+    scheduler={"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+))
+
+# Even smaller, for unit tests: seconds per step on CPU.
+register_size("debug", ModelSize(
+    space="pixel", resolution=16,
+    unet=dict(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    ),
+    text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      max_position_embeddings=77, projection_dim=32),
+    scheduler={"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+))
+
+# Stable Diffusion 1.5's shapes (random init): GPU throughput benchmarks.
+register_size("sd15", ModelSize(
+    space="latent", resolution=512,
+    unet=dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    ),
+    text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             layers_per_block=2, sample_size=512),
+))
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    """Registry name of the architecture (see ``MODEL_SIZES``); ignored for weights when ``pretrained`` is set."""
+    pretrained: str | None = None
+    """Local folder: a diffusers Stable Diffusion pipeline or a geomerase checkpoint. None: random init."""
+    grid: int = 4
+    """G: number of grid rows/cols; G^2 location tokens are added to the tokenizer."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the UNet predicts (overrides the scheduler's setting)."""
+    attention_backend: str = "sdpa"
+    """Attention backend by name: sdpa, triton, xformers, math (see geomerase.core.attention)."""
+    seed: int = 0
+    """Seed for random initialisation."""
+
+    def validate(self) -> None:
+        if self.pretrained is None and self.size not in MODEL_SIZES:
+            raise ValueError(f"model.size {self.size!r} unknown; registered: {sorted(MODEL_SIZES)}")
+        if self.grid < 1:
+            raise ValueError(f"model.grid must be >= 1, got {self.grid}")
+
+    def build(self) -> "DiffusionModel":
+        self.validate()
+        if self.pretrained:
+            model = load_model(self.pretrained, grid=self.grid)
+        else:
+            model = build_random(self.size, self.grid, self.seed)
+        model.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        model.set_attention_backend(self.attention_backend)
+        return model
+
+
+@dataclass
+class DiffusionModel:
+    """Everything a fine-tune and a sampler touch. Shapes: images ``(B, 3, R, R)`` in [-1, 1]."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    grid: int
+    resolution: int
+    space: Literal["pixel", "latent"]
+    vae: AutoencoderKL | None = None
+    size: str = "custom"
+
+    @property
+    def loc_token_ids(self) -> list[int]:
+        return location_token_ids(self.tokenizer, self.grid)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """``(B, 77)`` int64 ids, padded and truncated to the text encoder's length."""
+        return self.tokenizer(captions, padding="max_length", truncation=True,
+                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, 77)`` ids -> ``(B, 77, D)`` last hidden states (float)."""
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> what the UNet denoises (pixels, or scaled VAE latents)."""
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_model_space`; returns images in [-1, 1]."""
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        return self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        s = self.unet.config.sample_size
+        return (self.unet.config.in_channels, s, s)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Route every UNet attention through the named backend (stock weights layout kept)."""
+        if backend == "diffusers":
+            return
+        from geomerase.core.attention import set_attention_backend
+
+        set_attention_backend(self.unet, backend)
+
+    def to(self, device: torch.device | str) -> "DiffusionModel":
+        for m in (self.text_encoder, self.unet, self.vae):
+            if m is not None:
+                m.to(device)
+        return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a diffusers-layout folder atomically (temp dir in the same parent, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.noise_scheduler.save_pretrained(tmp / "scheduler")
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            meta = {"grid": self.grid, "resolution": self.resolution, "space": self.space, "size": self.size}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def _resize_for_loc_tokens(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, grid: int, seed: int) -> None:
+    """Grow the embedding table to the tokenizer and initialise new location rows.
+
+    New rows start at the mean of the existing rows plus small noise, so a
+    pretrained encoder sees them as ordinary, uninformative tokens at first.
+    """
+    old = text_encoder.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) == old:
+        return
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    emb = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        mean, std = emb[:old].mean(0), emb[:old].std(0)
+        noise = torch.randn(len(tokenizer) - old, emb.shape[1], generator=g).to(emb.dtype)
+        emb[old:] = mean + 0.1 * std * noise
+
+
+def build_random(size: str, grid: int, seed: int = 0) -> DiffusionModel:
+    """A randomly initialised model of registry size ``size``."""
+    spec = MODEL_SIZES[size]
+    tokenizer = build_tokenizer(grid)
+    torch.manual_seed(seed)
+    text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              **spec.text_encoder)
+    text_encoder = CLIPTextModel(text_cfg)
+    unet = UNet2DConditionModel(**spec.unet)
+    vae = AutoencoderKL(**spec.vae) if spec.vae is not None else None
+    scheduler = DDPMScheduler(**spec.scheduler)
+    return DiffusionModel(tokenizer, text_encoder, unet, scheduler, grid, spec.resolution, spec.space, vae, size)
+
+
+def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0) -> DiffusionModel:
+    """Load a geomerase checkpoint or a local diffusers Stable Diffusion folder.
+
+    A Stable Diffusion folder gets the G^2 location tokens added (``grid`` required)
+    and its text-encoder embedding rows resized; nothing is fetched from a hub.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
+    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"{path}: missing '{sub}/' (expected a diffusers pipeline folder)")
+    meta_path = path / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if grid is None:
+        grid = meta.get("grid")
+        if grid is None:
+            raise ValueError(f"{path}: not a geomerase checkpoint; pass the grid size to add location tokens")
+    elif meta.get("grid") not in (None, grid):
+        raise ValueError(f"{path}: checkpoint was trained with grid {meta['grid']}, asked for grid {grid}")
+    kw = dict(local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), **kw)
+    text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), use_safetensors=True, **kw)
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), use_safetensors=True, **kw)
+    scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"), **kw)
+    vae = None
+    if (path / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(str(path / "vae"), use_safetensors=True, **kw)
+        vae.requires_grad_(False)
+    add_location_tokens(tokenizer, grid)
+    _resize_for_loc_tokens(text_encoder, tokenizer, grid, seed)
+    space = meta.get("space", "latent" if vae is not None else "pixel")
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    resolution = meta.get("resolution", unet.config.sample_size * scale)
+    return DiffusionModel(tokenizer, text_encoder, unet, scheduler, grid, resolution, space, vae,
+                          meta.get("size", "pretrained"))
