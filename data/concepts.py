@@ -135,9 +135,9 @@ def add_qr(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, lis
         arr = grid
     dark_rgb, light_rgb = (0, 0, 0), (255, 255, 255)
     style = rng.random()
-    if style < 0.06:  # inverted codes appear in dark-themed designs
+    if style < 0.04:  # inverted codes appear in dark-themed designs (OpenCV cannot decode them)
         dark_rgb, light_rgb = light_rgb, (10, 10, 10)
-    elif style < 0.16:
+    elif style < 0.14:
         dark_rgb = _choice(rng, [(20, 30, 90), (90, 15, 20), (15, 70, 30), (50, 20, 70)])
     rgb = np.where(arr[..., None], np.array(dark_rgb, np.uint8), np.array(light_rgb, np.uint8))
     code = Image.fromarray(rgb.astype(np.uint8), "RGB")
