@@ -1,0 +1,348 @@
+"""Triton flash attention (forward + backward, non-causal) for Stable-Diffusion UNet shapes.
+
+Layout is SDPA's: ``q`` is ``(B, H, Sq, D)``, ``k``/``v`` are ``(B, H, Sk, D)``; any strides
+with a unit last-dim stride are read in place, so the transposed views diffusers builds from
+``(B, S, H*D)`` cost no copy. fp16/bf16/fp32 inputs, fp32 accumulation, the base-2
+log-sum-exp of every query row is kept for the backward.
+
+Design choices (the why):
+
+* Head dims that are not powers of two (40, 80, 160 in SD-1.x/2.x) are split into two
+  power-of-two column chunks ``DA + DB`` (32+16, 64+16, 128+32) that are loaded with
+  ``tl.arange`` + mask, instead of padding the whole head to the next power of two. For
+  hd 160 that is 160 columns of tensor-core work instead of 256.
+* ``exp2`` with the softmax scale pre-multiplied by log2(e): one FMA per score.
+* Backward is the atomic-free two-kernel scheme: one kernel owns a key block and sweeps
+  the queries for dK/dV, another owns a query block and sweeps the keys for dQ;
+  ``delta = rowsum(dO * O)`` is computed once by a tiny kernel.
+* Cross-attention has only 77 keys, so the dK/dV grid would be ~2 programs per (b, h) and
+  leave most SMs idle; there the query sweep is split over ``n_split`` programs that write
+  fp32 partials, summed afterwards (a few MB).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from .attention_kernels import (
+    _attn_bwd_delta_kernel,
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_fwd_kernel,
+)
+from .attention_ref import check_attention_inputs
+
+LOG2E = 1.4426950408889634
+
+# The interpreter (TRITON_INTERPRET=1) evaluates tl.dot with numpy, which has no bfloat16:
+# bf16 operands must be widened to fp32 there. On a GPU this flag is always False.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tests may force the dK/dV query-split factor to exercise the partial-sum path.
+_DKDV_SPLIT_OVERRIDE: int | None = None
+
+
+# --------------------------------------------------------------------------- launch configs
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Per head-dim class (columns of MMA work DA+DB: <=64, <=128, >128). The first entry is
+# the untuned default. Large heads get small tiles: a 128x160 fp32 accumulator plus the
+# K/V tiles already fill the register file. Kept short: every entry is a compile.
+_CONFIGS = {
+    "fwd": {
+        "s": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 4)],
+        "m": [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)],
+        "l": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(128, 32, 8, 2)],
+    },
+    # dK/dV: BLOCK_N keys are held, BLOCK_M queries are swept
+    "dkdv": {
+        "s": [_cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4)],
+        "m": [_cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)],
+        "l": [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2), _cfg(16, 64, 4, 3)],
+    },
+    # dQ: BLOCK_M queries are held, BLOCK_N keys are swept
+    "dq": {
+        "s": [_cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 4)],
+        "m": [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)],
+        "l": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(32, 64, 4, 3)],
+    },
+}
+# 64x64 halves interpreter time vs 32x32 while 77/130-long tests still span several tiles
+_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_TUNE_KEY = {
+    "fwd": ["SEQ_Q", "SEQ_K", "HEAD_DIM"],
+    "dkdv": ["SEQ_Q", "SEQ_K", "HEAD_DIM", "N_SPLIT"],
+    "dq": ["SEQ_Q", "SEQ_K", "HEAD_DIM"],
+}
+_HEURISTICS = {
+    "EVEN_M": lambda a: a["SEQ_Q"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["SEQ_K"] % a["BLOCK_N"] == 0,
+}
+_launcher_cache: dict[tuple[str, str, bool], object] = {}
+
+
+def _autotune_enabled() -> bool:
+    # Tests switch tuning off (GEOMERASE_FLASH_AUTOTUNE=0): one compile per shape class.
+    return not _INTERPRET and os.environ.get("GEOMERASE_FLASH_AUTOTUNE", "1") != "0"
+
+
+def _launcher(kind: str, hd_class: str):
+    """Return ``(kernel, fixed_meta)``: an autotuned kernel, or a plain one plus its config."""
+    tune = _autotune_enabled()
+    key = (kind, hd_class, tune)
+    if key not in _launcher_cache:
+        base = triton.heuristics(_HEURISTICS)(_KERNELS[kind])
+        if tune:
+            _launcher_cache[key] = (triton.autotune(_CONFIGS[kind][hd_class], key=_TUNE_KEY[kind])(base), {})
+        elif _INTERPRET:
+            _launcher_cache[key] = (base, dict(_INTERPRET_CONFIG))
+        else:
+            c = _CONFIGS[kind][hd_class][0]
+            meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            _launcher_cache[key] = (base, meta)
+    return _launcher_cache[key]
+
+
+def _head_meta(head_dim: int, dtype: torch.dtype) -> tuple[str, dict]:
+    """Split ``head_dim`` into power-of-two chunks DA (+ DB) that tl.arange can cover."""
+    if head_dim <= 16:
+        da, db, has_b = 16, 16, False
+    else:
+        da = 1 << (head_dim.bit_length() - 1)
+        has_b = da != head_dim
+        # tl.dot needs K >= 16, so a remainder of 8 (hd 40) still takes a 16-wide chunk
+        db = max(16, triton.next_power_of_2(head_dim - da)) if has_b else 16
+    width = da + (db if has_b else 0)
+    hd_class = "s" if width <= 64 else ("m" if width <= 128 else "l")
+    upcast = _INTERPRET and dtype == torch.bfloat16
+    meta = dict(
+        HEAD_DIM=head_dim, DA=da, DB=db, HAS_B=has_b,
+        MASK_A=da > head_dim, MASK_B=has_b and da + db > head_dim,
+        UPCAST=upcast,
+        # fp32 inputs get exact fp32 products (SDPA's default), not tf32
+        PREC="ieee" if (dtype == torch.float32 or upcast) else "tf32",
+    )
+    return hd_class, meta
+
+
+def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device) -> int:
+    if _DKDV_SPLIT_OVERRIDE is not None:
+        return _DKDV_SPLIT_OVERRIDE
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = triton.cdiv(seq_k, 64) * bh
+    if programs >= sms:
+        return 1
+    # enough programs for ~2 waves, but keep >= 256 queries per program
+    return max(1, min(triton.cdiv(2 * sms, programs), seq_q // 256, 16))
+
+
+# --------------------------------------------------------------------------- host side
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_attention_inputs(q, k, v)
+    if q.shape[-1] > 256:
+        raise ValueError(f"flash_attention supports head dims up to 256, got {q.shape[-1]}")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError("flash_attention needs v to share q's head dim")
+    if k.shape[2] == 0 or q.shape[2] == 0:
+        raise ValueError("flash_attention needs at least one query and one key")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"flash_attention supports fp16/bf16/fp32, got {q.dtype}")
+
+
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Returns ``o`` (q's shape, strides and dtype) and ``lse`` ``(B*H, Sq)`` fp32, base 2."""
+    bsz, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    hd_class, meta = _head_meta(head_dim, q.dtype)
+    kernel, fixed = _launcher("fwd", hd_class)
+    o = torch.empty_like(q)  # keeps q's layout, e.g. the (B, S, H, D) memory diffusers uses
+    lse = torch.empty((bsz * heads, seq_q), device=q.device, dtype=torch.float32)
+
+    def grid(m):
+        return (triton.cdiv(seq_q, m["BLOCK_M"]), bsz * heads)
+
+    kernel[grid](
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        heads, seq_q, seq_k, scale * LOG2E,
+        **meta, **fixed,
+    )
+    return o, lse
+
+
+def _flash_bwd(do, q, k, v, o, lse, scale: float):
+    """Gradients ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``."""
+    bsz, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    bh = bsz * heads
+    do = _unit_last_stride(do)
+    hd_class, meta = _head_meta(head_dim, q.dtype)
+
+    delta = torch.empty_like(lse)
+    block_d = triton.next_power_of_2(head_dim)
+    block_md = max(16, min(128, 8192 // block_d))
+    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, block_md), bh)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        heads, seq_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_md,
+    )
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    n_split = _dkdv_splits(bh, seq_q, seq_k, q.device)
+    if n_split > 1:
+        dk_out = torch.empty((n_split, bsz, heads, seq_k, head_dim), device=q.device, dtype=torch.float32)
+        dv_out = torch.empty_like(dk_out)
+        dk_strides, dv_strides = dk_out.stride()[:4], dv_out.stride()[:4]
+    else:
+        dk_out, dv_out = dk, dv
+        dk_strides, dv_strides = (0,) + dk.stride()[:3], (0,) + dv.stride()[:3]
+
+    kernel, fixed = _launcher("dkdv", hd_class)
+
+    def grid_kv(m):
+        return (triton.cdiv(seq_k, m["BLOCK_N"]) * n_split, bh)
+
+    kernel[grid_kv](
+        q, k, v, do, lse, delta, dk_out, dv_out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        *dk_strides, *dv_strides,
+        heads, seq_q, seq_k, scale * LOG2E, scale,
+        **meta, N_SPLIT=n_split, **fixed,
+    )
+    if n_split > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
+
+    kernel, fixed = _launcher("dq", hd_class)
+
+    def grid_q(m):
+        return (triton.cdiv(seq_q, m["BLOCK_M"]), bh)
+
+    kernel[grid_q](
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        heads, seq_q, seq_k, scale * LOG2E, scale,
+        **meta, **fixed,
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves ``q, k, v, o`` and the fp32 log-sum-exp for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        o, lse = _flash_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+def _prepare(q, k, v, scale):
+    _check_kernel_inputs(q, k, v)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), scale
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Non-causal softmax attention, differentiable in ``q, k, v``.
+
+    Args:
+        q: ``(B, H, Sq, D)`` fp16/bf16/fp32, ``D <= 256``, any strides.
+        k, v: ``(B, H, Sk, D)``, same dtype and device as ``q``.
+        scale: softmax scale; ``1/sqrt(D)`` when None (as SDPA).
+
+    Returns:
+        ``(B, H, Sq, D)`` in ``q.dtype``, with ``q``'s memory layout.
+    """
+    q, k, v, scale = _prepare(q, k, v, scale)
+    return FlashAttentionFunction.apply(q, k, v, scale)
+
+
+def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only: output and the natural-log log-sum-exp ``(B, H, Sq)`` fp32 of the scaled scores."""
+    q, k, v, scale = _prepare(q, k, v, scale)
+    with torch.no_grad():
+        o, lse = _flash_fwd(q, k, v, scale)
+    return o, (lse / LOG2E).view(q.shape[0], q.shape[1], q.shape[2])
+
+
+_LIBRARY_OP = None
+
+
+def register_flash_attention_op(name: str = "geomerase::flash_attention"):
+    """Register the kernel as a ``torch.library`` custom op (for ``torch.compile`` graphs).
+
+    Returns a callable ``op(q, k, v, scale)`` backed by ``torch.ops``; idempotent.
+    """
+    global _LIBRARY_OP
+    if _LIBRARY_OP is not None:
+        return _LIBRARY_OP
+
+    @torch.library.custom_op(name + "_fwd", mutates_args=())
+    def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _flash_fwd(q, k, v, scale)
+
+    @_fwd.register_fake
+    def _(q, k, v, scale):
+        return torch.empty_like(q), q.new_empty((q.shape[0] * q.shape[1], q.shape[2]), dtype=torch.float32)
+
+    @torch.library.custom_op(name + "_bwd", mutates_args=())
+    def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _flash_bwd(do, q, k, v, o, lse, scale)
+
+    @_bwd.register_fake
+    def _(do, q, k, v, o, lse, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    _fwd.register_autograd(backward, setup_context=setup_context)
+
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        q, k, v, scale = _prepare(q, k, v, scale)
+        return _fwd(q, k, v, scale)[0]
+
+    _LIBRARY_OP = op
+    return op

@@ -1,0 +1,175 @@
+"""Triton flash attention against the pure-torch reference.
+
+Criterion for every output and gradient: with ``ref64`` the reference in fp64 on the same
+(already rounded) inputs, ``err(kernel in dtype) <= 2 * err(reference in dtype) + atol``,
+errors as relative Frobenius norms (floored, see ``rel_err``). On CPU the kernels run in the Triton interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay tiny; on a GPU they compile.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from geomerase.kernels import attention_ref  # noqa: E402
+
+attn_mod = pytest.importorskip("geomerase.kernels.attention")
+from geomerase.kernels import flash_attention  # noqa: E402
+from geomerase.kernels.attention_ref import attention_lse_ref  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and not attn_mod._INTERPRET
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and not attn_mod._INTERPRET:
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 on a CPU-only machine", allow_module_level=True)
+
+ATOL = {torch.float32: 5e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    # Relative to the reference, floored at an rms of 0.1 (inputs are unit normal): with a
+    # single key dq and dk are exactly zero and only rounding noise is left to compare.
+    x, ref = x.double(), ref.double()
+    floor = 0.1 * ref.numel() ** 0.5
+    return ((x - ref).norm() / ref.norm().clamp_min(floor)).item()
+
+
+def make_inputs(b, h, sq, sk, d, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, generator=g).to(DEVICE, dtype) for s in (sq, sk, sk))
+    do = torch.randn(b, h, sq, d, generator=g).to(DEVICE, dtype)
+    return q, k, v, do
+
+
+def fwd_bwd(fn, q, k, v, do, scale=None, dtype=None):
+    xs = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in (q, k, v)]
+    out = fn(*xs, scale)
+    out.backward(do.to(out.dtype))
+    return [out.detach()] + [t.grad for t in xs]
+
+
+def check_against_reference(b, h, sq, sk, d, dtype, scale=None, seed=0, q_layout="bhsd"):
+    q, k, v, do = make_inputs(b, h, sq, sk, d, dtype, seed)
+    if q_layout == "bshd":  # diffusers' transposed (B, S, H, D) memory
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.float64 if DEVICE == "cpu" else torch.float32
+    exact = fwd_bwd(attention_ref, q, k, v, do, scale, dtype=wide)
+    low_ref = fwd_bwd(attention_ref, q, k, v, do, scale)
+    got = fwd_bwd(flash_attention, q, k, v, do, scale)
+    for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, low_ref, exact):
+        assert g.shape == e.shape and g.dtype == dtype, name
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        eg, er = rel_err(g, e), rel_err(r, e)
+        assert eg <= 2 * er + ATOL[dtype], f"{name}: kernel err {eg:.3e} vs reference err {er:.3e} ({dtype})"
+    return got
+
+
+# fp32: every head dim, each odd length as a query and as a key length somewhere
+FP32_CASES = [
+    (40, 1, 77), (40, 130, 7),
+    (64, 7, 130), (64, 77, 1),
+    (80, 130, 77), (80, 1, 7),
+    (128, 77, 130), (128, 7, 7),
+    (160, 130, 1), (160, 1, 130),
+]
+
+
+@pytest.mark.parametrize("d,sq,sk", FP32_CASES)
+def test_fp32_matches_reference(d, sq, sk):
+    check_against_reference(1, 2, sq, sk, d, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [40, 64, 80, 128, 160])
+def test_low_precision_matches_reference(d, dtype):
+    # self-attention-like and cross-attention-like (77 keys) lengths, alternating by head dim
+    sq, sk = (130, 77) if d in (40, 80, 160) else (77, 130)
+    check_against_reference(1, 2, sq, sk, d, dtype, seed=d)
+
+
+def test_batch_and_head_offsets():
+    check_against_reference(3, 2, 7, 77, 64, torch.float32, seed=1)
+
+
+def test_full_tiles_without_masks():
+    # lengths divisible by every tile size take the unmasked (EVEN_M/EVEN_N) code paths
+    check_against_reference(1, 1, 128, 128, 64, torch.float32, seed=2)
+
+
+def test_custom_scale():
+    check_against_reference(1, 2, 77, 7, 40, torch.float32, scale=0.3, seed=3)
+
+
+def test_transposed_layout_is_read_in_place():
+    q, k, v, _ = make_inputs(1, 2, 7, 77, 40, torch.float32, seed=4)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out = flash_attention(q, k, v)
+    assert out.stride() == q.stride()  # output keeps the (B, S, H, D) memory
+    check_against_reference(1, 2, 7, 77, 40, torch.float32, seed=4, q_layout="bshd")
+
+
+def test_dkdv_query_split_partials(monkeypatch):
+    # the cross-attention path: several programs share one key block and sum fp32 partials
+    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 3)
+    check_against_reference(1, 2, 130, 7, 80, torch.float32, seed=5)
+
+
+def test_log_sum_exp():
+    from geomerase.kernels import flash_attention_with_lse
+
+    q, k, v, _ = make_inputs(2, 2, 77, 130, 80, torch.float32, seed=6)
+    out, lse = flash_attention_with_lse(q, k, v)
+    assert lse.shape == (2, 2, 77) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), attention_lse_ref(q, k).double().to(lse.device), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_library_op_matches_function():
+    from geomerase.kernels import register_flash_attention_op
+
+    op = register_flash_attention_op()
+    assert register_flash_attention_op() is op
+    q, k, v, do = make_inputs(1, 2, 7, 77, 64, torch.float32, seed=7)
+    via_op = fwd_bwd(op, q, k, v, do)
+    via_fn = fwd_bwd(flash_attention, q, k, v, do)
+    for a, b in zip(via_op, via_fn):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_rejects_bad_inputs():
+    q = torch.randn(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        flash_attention(*(torch.randn(1, 1, 4, 320, device=DEVICE),) * 3)
+    with pytest.raises(TypeError, match="share a dtype"):
+        flash_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match=r"\(B, H, S, D\)"):
+        flash_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="same length"):
+        flash_attention(q, q, q[:, :, :3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("d", [40, 64, 80, 128, 160])
+@pytest.mark.parametrize("sq", [1, 7, 77, 130])
+@pytest.mark.parametrize("sk", [1, 7, 77, 130])
+def test_gpu_full_matrix(d, sq, sk, dtype):
+    if not ON_GPU:
+        pytest.skip("kernels run in the interpreter")
+    check_against_reference(2, 3, sq, sk, d, dtype, seed=sq * 1000 + sk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,seq_q,seq_k", [
+    (40, 4096, 4096), (40, 4096, 77), (80, 1024, 1024), (80, 1024, 77),
+    (160, 256, 256), (160, 256, 77), (160, 64, 64), (160, 64, 77),
+])
+def test_gpu_sd15_shapes_bf16(d, seq_q, seq_k):
+    if not ON_GPU:
+        pytest.skip("kernels run in the interpreter")
+    check_against_reference(2, 4, seq_q, seq_k, d, torch.bfloat16, seed=d + seq_q + seq_k)
