@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# One-shot correctness + speed check of the Triton kernels on a lent H100/H200.
+#
+# Installs nothing: uses the machine's python3 (torch + triton preinstalled) and makes
+# `geomerase` importable through a symlink farm in a temp dir (same mapping as setup.py).
+# Stages, each under `timeout`, each allowed to fail without stopping the next:
+#   1. environment   - GPU, driver, versions
+#   2. tests         - pytest on tests/kernels + the dispatch tests, compiled kernels (no
+#                      interpreter), gpu-marked tests included; autotuning off (one config per
+#                      shape class) and pytest-xdist when present, to keep compiles short
+#   3. bench-attn    - bench_attention over the SD-1.5 shape table (Triton configs compiled
+#                      in parallel first), partial results kept if the stage times out
+#   4. bench-emb     - bench_loc_embedding at CLIP size
+#   5. summary       - compact tables, printed last
+# Budget: < 8 minutes in all. Everything goes to ${OUT:-benchmarks/results}: attention.{json,csv,md},
+# loc_embedding_gpu.{json,csv,md} and gpu_check.log (7 files).
+# Without a GPU it still runs (tests in the interpreter, tiny benchmarks): a dry run of the script.
+set -u
+set -o pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$REPO/benchmarks/results}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+STAGES=()
+
+# ---- import path: $FARM/geomerase/{__init__.py,...,core,kernels,...} -> repository folders
+FARM="$(mktemp -d)"
+trap 'rm -rf "$FARM"' EXIT
+mkdir -p "$FARM/geomerase"
+for f in "$REPO"/geomerase/*; do
+  [ -e "$f" ] && ln -s "$f" "$FARM/geomerase/$(basename "$f")"
+done
+[ -e "$FARM/geomerase/__init__.py" ] || : > "$FARM/geomerase/__init__.py"
+for sub in core kernels distributed data benchmarks configs; do
+  [ -d "$REPO/$sub" ] && ln -sfn "$REPO/$sub" "$FARM/geomerase/$sub"
+done
+export PYTHONPATH="$FARM${PYTHONPATH:+:$PYTHONPATH}"
+cd "$REPO" || exit 1
+
+run_stage() {  # run_stage NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "=== [$name] limit ${limit}s: $*" | tee -a "$LOG"
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 25
+  local rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t ))
+  [ "$rc" = 124 ] && echo "!!! [$name] timed out after ${limit}s" | tee -a "$LOG"
+  STAGES+=("$name rc=$rc ${dt}s")
+  echo "=== [$name] rc=$rc in ${dt}s" | tee -a "$LOG"
+}
+
+# ---- 1. environment
+run_stage env 60 bash -c "
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || echo 'nvidia-smi: none'
+  $PY - <<'EOF'
+import importlib, torch
+print('python3 torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))
+for m in ('triton', 'pytest', 'xdist', 'diffusers', 'xformers'):
+    try:
+        print(m, getattr(importlib.import_module(m), '__version__', 'present'))
+    except Exception as e:
+        print(m, 'MISSING', type(e).__name__)
+import geomerase.kernels, geomerase.core.attention as a
+print('geomerase from', geomerase.kernels.__file__, '| backends', a.available_backends())
+EOF"
+
+HAS_GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+XDIST=()
+if [ "$HAS_GPU" = 1 ] && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+
+# ---- 2. correctness on the GPU (compiled kernels)
+run_stage tests 170 env GEOMERASE_FLASH_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
+  tests/kernels/test_attention.py tests/kernels/test_loc_embedding.py tests/core/test_attention_dispatch.py
+
+# ---- 3./4. benchmarks (bench_attention rewrites its files after every shape)
+if [ "$HAS_GPU" = 1 ]; then
+  run_stage bench-attn 250 "$PY" -m geomerase.benchmarks.bench_attention --out "$OUT" \
+    --precompile-workers 8 --precompile-timeout 100 --budget-s 215
+  run_stage bench-emb 60 "$PY" -m geomerase.benchmarks.bench_loc_embedding --out "$OUT"
+else
+  run_stage bench-attn 120 "$PY" -m geomerase.benchmarks.bench_attention --tiny --out "$OUT"
+  run_stage bench-emb 120 "$PY" -m geomerase.benchmarks.bench_loc_embedding --tiny --out "$OUT"
+fi
+
+# ---- 5. summary, last
+{
+  echo
+  echo "================ summary ($(( $(date +%s) - T0 ))s total) ================"
+  for s in "${STAGES[@]}"; do echo "stage $s"; done
+  grep -E "^[0-9]+ (passed|failed)|^(FAILED|ERROR) |[0-9]+ (passed|failed|error)" "$LOG" | tail -n 12
+  OUT="$OUT" timeout 30 "$PY" - <<'EOF'
+import json, math, os, pathlib
+out = pathlib.Path(os.environ["OUT"])
+def f(v):
+    return "NaN" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.3g}" if isinstance(v, float) else str(v))
+for stem in ("attention", "attention_tiny"):
+    p = out / f"{stem}.json"
+    if not p.exists():
+        continue
+    d = json.loads(p.read_text())
+    env = d["environment"]
+    print(f"\n{stem}: {env.get('gpu') or env.get('cpu')} torch {env.get('torch')} triton {env.get('triton')}  "
+          f"{len(d['errors'])} NaN-recorded failure(s)")
+    print(f"{'shape':>20} {'backend':>14} {'fwd TF/s':>9} {'bwd TF/s':>9} {'err':>8}")
+    for r in d["rows"]:
+        print(f"{r['shape']:>20} {r['backend']:>14} {f(r.get('fwd_tflops')):>9} {f(r.get('bwd_tflops')):>9} "
+              f"{f(r.get('rel_err_vs_sdpa')):>8}")
+    by = {}
+    for r in d["rows"]:
+        by.setdefault(r["shape"], {})[r["backend"]] = r
+    print(f"\n{'shape':>20} {'fwd x':>6} {'bwd x':>6} {'both x':>6} {'target':>6}  (triton speed / best SDPA)")
+    for shape, rs in by.items():
+        tri = rs.get("triton", {})
+        line = [f"{shape:>20}"]
+        for k in ("fwd", "bwd", "both"):
+            best = min([r[f"{k}_ms"] for n, r in rs.items() if n.startswith("sdpa-") and r.get(f"{k}_ms") == r.get(f"{k}_ms")] or [float("nan")])
+            t = tri.get(f"{k}_ms", float("nan"))
+            line.append(f"{f(best / t if t == t and t else float('nan')):>6}")
+        line.append(f"{1.15 if (tri.get('Sk') == 77 or tri.get('D') in (40, 80, 160)) else 1.0:>6}")
+        print(" ".join(line))
+for stem in ("loc_embedding_gpu", "loc_embedding_tiny_gpu", "loc_embedding_tiny_cpu"):
+    p = out / f"{stem}.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        print(f"\n{stem}: variant bwd_ms peak_MiB grad_MiB")
+        for r in d["rows"]:
+            print(f"  {r['variant']:>11} {f(r.get('bwd_ms')):>8} {f(r.get('bwd_peak_mib')):>8} {f(r.get('grad_mib')):>8}")
+EOF
+} 2>&1 | tee -a "$LOG"
