@@ -90,10 +90,15 @@ class LocationTokenEmbedding(nn.Module):
         return w
 
 
+def _text_transformer(text_encoder: nn.Module) -> nn.Module:
+    # transformers 5 flattened CLIPTextModel (no .text_model); older releases nest it.
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
 def install_location_embedding(text_encoder: nn.Module, trainable_ids: Sequence[int],
                                backend: str = "torch") -> LocationTokenEmbedding:
-    """Swap ``text_encoder.text_model.embeddings`` for a :class:`LocationTokenEmbedding` (idempotent)."""
-    tm = text_encoder.text_model
+    """Swap the text encoder's ``embeddings`` module for a :class:`LocationTokenEmbedding` (idempotent)."""
+    tm = _text_transformer(text_encoder)
     if isinstance(tm.embeddings, LocationTokenEmbedding):
         return tm.embeddings
     old = tm.embeddings
@@ -106,7 +111,7 @@ def uninstall_location_embedding(text_encoder: nn.Module) -> None:
     """Write the trained rows back and restore the stock embedding module."""
     from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
-    tm = text_encoder.text_model
+    tm = _text_transformer(text_encoder)
     emb = tm.embeddings
     if not isinstance(emb, LocationTokenEmbedding):
         return

@@ -225,7 +225,8 @@ class Trainer:
             w.writerows(self.history)
 
     # -- loop ---------------------------------------------------------------------------------
-    def fit(self, progress: bool = True) -> DiffusionModel:
+    def fit(self, progress: bool = True, stop_at: int | None = None) -> DiffusionModel:
+        """Train to ``train.max_steps`` (or return early after step ``stop_at``, as an interrupted run would)."""
         tc = self.cfg.train
         if self.cfg.resume:
             self.resume(self.cfg.resume)
@@ -252,6 +253,9 @@ class Trainer:
                 self._write_history()
             if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
                 self.save()
+            if stop_at is not None and self.step >= stop_at:
+                bar.close()
+                return self.model
         bar.close()
         self.save()
         uninstall_location_embedding(self.model.text_encoder)

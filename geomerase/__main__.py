@@ -1,0 +1,5 @@
+import sys
+
+from geomerase.cli import main
+
+sys.exit(main())

