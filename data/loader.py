@@ -79,7 +79,7 @@ class InMemoryDataset:
 
     def __init__(self, shards: str, resolution: int, max_samples: int | None = None,
                  skips: SkipCounter | None = None):
-        self.skips = skips or SkipCounter()
+        self.skips = skips if skips is not None else SkipCounter()
         images, records = [], []
         grid = None
         for s in iter_samples(shards, self.skips):

@@ -1,0 +1,93 @@
+"""Annotation output, skipped samples, sampler determinism and negative prompts, classifiers."""
+from __future__ import annotations
+
+import json
+import tarfile
+
+import torch
+
+from geomerase.core.annotate import Annotator, annotate_shards
+from geomerase.core.classifiers import (PatchClassifierConfig, degrade, load_classifier, save_classifier)
+from geomerase.core.detectors import OracleDetector, PatchClassifierDetector, build_detector
+from geomerase.core.geometry import GeometryConfig
+from geomerase.core.models import build_random
+from geomerase.core.sampling import SamplerConfig, sample
+from geomerase.core.tokenizer import build_tokenizer
+from geomerase.data.loader import InMemoryDataset
+from geomerase.data.shards import SkipCounter, iter_samples, write_shard
+
+
+def test_annotated_shards_carry_tokens_and_clean_caption(tiny_icd):
+    samples = list(iter_samples(str(tiny_icd / "ann" / "*.tar")))
+    assert len(samples) == 48
+    with_concept = [s for s in samples if s.meta["boxes"]]
+    assert with_concept and len(with_concept) < 48
+    for s in samples:
+        ann = s.meta["annotation"]
+        assert s.meta["caption_clean"] and "qr" not in s.meta["caption_clean"]
+        if s.meta["boxes"]:
+            assert ann["cells"] and s.caption == f"{s.meta['caption_clean']}, qr code " + " ".join(ann["tokens"])
+        else:
+            assert ann["cells"] == [] and s.caption == s.meta["caption_clean"]
+    manifest = json.loads((tiny_icd / "ann" / "_manifest.json").read_text())
+    assert manifest["totals"]["annotated"] == 48 and manifest["totals"]["skipped"] == 0
+
+
+def test_annotate_skips_and_counts_bad_samples_and_resumes(tiny_icd, tmp_path, caplog):
+    good = list(iter_samples(str(tiny_icd / "raw" / "icd-qr-000000.tar")))[:3]
+    recs = [{"__key__": s.key, "png": b"\x89PNG broken", "txt": s.caption, "json": s.meta} for s in good[:1]]
+    recs.append({"__key__": good[1].key, "png": (tiny_icd / "raw").joinpath("x").name.encode(), "json": good[1].meta})
+    from geomerase.data.shards import encode_png
+    recs.append({"__key__": good[2].key, "png": encode_png(good[2].image), "txt": good[2].caption, "json": good[2].meta})
+    write_shard(tmp_path / "in" / "bad-000000.tar", recs)
+    ann = Annotator(OracleDetector("qr"), GeometryConfig(grid=4), build_tokenizer(4), "qr code")
+    m = annotate_shards(ann, str(tmp_path / "in" / "*.tar"), tmp_path / "out", progress=False)
+    counts = m["shards"]["bad-000000.tar"]
+    assert counts["read"] == 3 and counts["annotated"] == 1
+    assert counts["skipped"] == {"bad image": 1, "missing field 'txt'": 1}
+    assert good[0].key in caplog.text and "bad-000000.tar" in caplog.text
+    # A rerun finds the shard committed and does nothing.
+    mtime = (tmp_path / "out" / "bad-000000.tar").stat().st_mtime_ns
+    annotate_shards(ann, str(tmp_path / "in" / "*.tar"), tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "bad-000000.tar").stat().st_mtime_ns == mtime
+
+
+def test_loader_counts_skips(tiny_icd, tmp_path):
+    path = tmp_path / "t-000000.tar"
+    good = list(iter_samples(str(tiny_icd / "ann" / "*.tar")))[:2]
+    from geomerase.data.shards import encode_png
+    write_shard(path, [{"__key__": good[0].key, "png": encode_png(good[0].image), "txt": "x", "json": good[0].meta},
+                       {"__key__": good[1].key, "png": b"nope", "txt": "y", "json": good[1].meta}])
+    skips = SkipCounter()
+    ds = InMemoryDataset(str(path), 16, skips=skips)
+    assert len(ds) == 1 and skips.counts["bad image"] == 1
+    assert ds.images.shape == (1, 3, 16, 16) and ds.images.dtype == torch.uint8
+
+
+def test_sampler_seeds_and_negatives():
+    m = build_random("debug", grid=2)
+    cfg = SamplerConfig(steps=3, guidance_scale=3.0, batch_size=2)
+    a = sample(m, ["a red circle", "a blue square", "x"], ["qr code"], seeds=[1, 2, 3], cfg=cfg)
+    b = sample(m, ["a red circle", "a blue square", "x"], ["qr code"], seeds=[1, 2, 3], cfg=cfg)
+    assert a.shape == (3, 3, 16, 16) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    c = sample(m, ["a red circle"], ["qr code <l0> <l1> <l2> <l3>"], seeds=[1], cfg=cfg)
+    assert not torch.equal(a[:1], c)  # the negative prompt changes the guidance
+    # Several negatives average their predictions: two copies equal one.
+    d = sample(m, ["a red circle"], ["qr code", "qr code"], seeds=[1], cfg=cfg)
+    torch.testing.assert_close(d, a[:1], atol=1e-5, rtol=0)
+
+
+def test_patch_classifier_detector_round_trip(tmp_path):
+    cfg = PatchClassifierConfig(resolution=16, grid=4, context=2, width=8)
+    model = cfg.build()
+    save_classifier(model, tmp_path / "pc", {"concept": "qr"})
+    det = build_detector("patch-classifier", "qr", classifier=str(tmp_path / "pc"))
+    assert isinstance(det, PatchClassifierDetector)
+    loaded, meta = load_classifier(tmp_path / "pc")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded.cell_probs(x), model.cell_probs(x))
+    assert model.patches(x).shape == (2 * 16, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    y = degrade(x, g)
+    assert y.shape == x.shape and not torch.equal(x, y) and y.abs().max() <= 1
