@@ -191,9 +191,12 @@ def _precompile_worker(shapes, batch, dtype_name, layout):
     from geomerase.kernels import flash_attention
     for _, h, sq, sk, d in shapes:
         try:
-            q, k, v, do = _inputs(batch, h, sq, sk, d, DTYPES[dtype_name], "cuda", layout)
+            device = "cuda" if common.cuda_ok() else "cpu"
+            q, k, v, do = _inputs(batch, h, sq, sk, d, DTYPES[dtype_name], device, layout)
             flash_attention(q, k, v).backward(do)
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            print(f"precompiled {sq}x{sk} hd{d}", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"precompile {sq}x{sk} hd{d}: {type(exc).__name__}: {exc}", flush=True)
 

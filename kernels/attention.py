@@ -41,8 +41,10 @@ LOG2E = 1.4426950408889634
 # bf16 operands must be widened to fp32 there. On a GPU this flag is always False.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tests may force the dK/dV query-split factor to exercise the partial-sum path.
+# Tests may force the dK/dV query-split factor to exercise the partial-sum path, and pin
+# entry i of every config list (instead of tuning / the interpreter tile) to check each one.
 _DKDV_SPLIT_OVERRIDE: int | None = None
+_FIXED_CONFIG_INDEX: int | None = None
 
 
 # --------------------------------------------------------------------------- launch configs
@@ -52,18 +54,19 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 # Per head-dim class (columns of MMA work DA+DB: <=64, <=128, >128). The first entry is
 # the untuned default. Large heads get small tiles: a 128x160 fp32 accumulator plus the
-# K/V tiles already fill the register file. Kept short: every entry is a compile.
+# K/V tiles already fill the register file; 32-row tiles give the 64-token SD levels (only
+# B*H programs otherwise) enough programs. Kept short: every entry is a compile.
 _CONFIGS = {
     "fwd": {
         "s": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 4)],
         "m": [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)],
-        "l": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(128, 32, 8, 2)],
+        "l": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(128, 32, 8, 2)],
     },
     # dK/dV: BLOCK_N keys are held, BLOCK_M queries are swept
     "dkdv": {
         "s": [_cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4)],
         "m": [_cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)],
-        "l": [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2), _cfg(16, 64, 4, 3)],
+        "l": [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2), _cfg(32, 32, 4, 3)],
     },
     # dQ: BLOCK_M queries are held, BLOCK_N keys are swept
     "dq": {
@@ -95,16 +98,17 @@ def _autotune_enabled() -> bool:
 
 def _launcher(kind: str, hd_class: str):
     """Return ``(kernel, fixed_meta)``: an autotuned kernel, or a plain one plus its config."""
-    tune = _autotune_enabled()
-    key = (kind, hd_class, tune)
+    pinned = _FIXED_CONFIG_INDEX
+    tune = _autotune_enabled() and pinned is None
+    key = (kind, hd_class, tune, pinned)
     if key not in _launcher_cache:
         base = triton.heuristics(_HEURISTICS)(_KERNELS[kind])
         if tune:
             _launcher_cache[key] = (triton.autotune(_CONFIGS[kind][hd_class], key=_TUNE_KEY[kind])(base), {})
-        elif _INTERPRET:
+        elif _INTERPRET and pinned is None:
             _launcher_cache[key] = (base, dict(_INTERPRET_CONFIG))
         else:
-            c = _CONFIGS[kind][hd_class][0]
+            c = _CONFIGS[kind][hd_class][pinned or 0]
             meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             _launcher_cache[key] = (base, meta)
     return _launcher_cache[key]
@@ -141,8 +145,9 @@ def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device) -> int:
     programs = triton.cdiv(seq_k, 64) * bh
     if programs >= sms:
         return 1
-    # enough programs for ~2 waves, but keep >= 256 queries per program
-    return max(1, min(triton.cdiv(2 * sms, programs), seq_q // 256, 16))
+    # ~4 programs per SM to hide load latency, but keep >= 256 queries per program so the
+    # fp32 partials stay small next to the Q/dO traffic
+    return max(1, min(triton.cdiv(4 * sms, programs), seq_q // 256, 16))
 
 
 # --------------------------------------------------------------------------- host side
