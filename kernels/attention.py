@@ -62,11 +62,12 @@ _CONFIGS = {
         "m": [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)],
         "l": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(128, 32, 8, 2)],
     },
-    # dK/dV: BLOCK_N keys are held, BLOCK_M queries are swept
+    # dK/dV: BLOCK_N keys are held, BLOCK_M queries are swept; two fp32 (BLOCK_N, D)
+    # accumulators, so hd 160 stays at 64 held keys (128 would spill registers)
     "dkdv": {
         "s": [_cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4)],
         "m": [_cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)],
-        "l": [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2), _cfg(32, 32, 4, 3)],
+        "l": [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(64, 64, 8, 3), _cfg(32, 32, 4, 3)],
     },
     # dQ: BLOCK_M queries are held, BLOCK_N keys are swept
     "dq": {
