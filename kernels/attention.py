@@ -54,26 +54,28 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 # Per head-dim class (columns of MMA work DA+DB: <=64, <=128, >128). The first entry is
 # the untuned default. Large heads get small tiles: a 128x160 fp32 accumulator plus the
-# K/V tiles already fill the register file; 32-row tiles give the 64-token SD levels (only
-# B*H programs otherwise) enough programs. Kept short: every entry is a compile.
+# K/V tiles already fill the register file. Chosen from an offline sm_90a lowering
+# (benchmarks/compile_check.py): every entry below compiles to wgmma with cp.async-pipelined
+# loads and (near) no register spills; 32-row dot tiles fell back to mma.sync and spilled at
+# hd 160. Kept short: every entry is a compile.
 _CONFIGS = {
     "fwd": {
         "s": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 4)],
         "m": [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3)],
-        "l": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(128, 32, 8, 2)],
+        "l": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(128, 32, 8, 2)],
     },
     # dK/dV: BLOCK_N keys are held, BLOCK_M queries are swept; two fp32 (BLOCK_N, D)
-    # accumulators, so hd 160 stays at 64 held keys (128 would spill registers)
+    # accumulators, so hd 160 stays at 64 held keys with 8 warps (4 warps spill)
     "dkdv": {
         "s": [_cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 4)],
         "m": [_cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)],
-        "l": [_cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(64, 64, 8, 3), _cfg(32, 32, 4, 3)],
+        "l": [_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3), _cfg(64, 64, 8, 2)],
     },
     # dQ: BLOCK_M queries are held, BLOCK_N keys are swept
     "dq": {
         "s": [_cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 4)],
         "m": [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)],
-        "l": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(32, 64, 4, 3)],
+        "l": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 3)],
     },
 }
 # 64x64 halves interpreter time vs 32x32 while 77/130-long tests still span several tiles
@@ -152,6 +154,18 @@ def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------- host side
+def _align(*tensors: torch.Tensor) -> int:
+    """Largest power of two (<= 16) dividing every stride of ``tensors`` (see ``_hint``)."""
+    g = 0
+    for t in tensors:
+        for st in t.stride()[:-1]:
+            g = math.gcd(g, st)
+    a = 1
+    while a < 16 and (g == 0 or g % (2 * a) == 0):
+        a *= 2
+    return a
+
+
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -187,7 +201,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         heads, seq_q, seq_k, scale * LOG2E,
-        **meta, **fixed,
+        **meta, ALIGN=_align(q, k, v, o), **fixed,
     )
     return o, lse
 
@@ -200,16 +214,6 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float):
     do = _unit_last_stride(do)
     hd_class, meta = _head_meta(head_dim, q.dtype)
 
-    delta = torch.empty_like(lse)
-    block_d = triton.next_power_of_2(head_dim)
-    block_md = max(16, min(128, 8192 // block_d))
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, block_md), bh)](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        heads, seq_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_md,
-    )
-
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_split = _dkdv_splits(bh, seq_q, seq_k, q.device)
     if n_split > 1:
@@ -219,6 +223,17 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float):
     else:
         dk_out, dv_out = dk, dv
         dk_strides, dv_strides = (0,) + dk.stride()[:3], (0,) + dv.stride()[:3]
+    align = _align(q, k, v, o, do, dq, dk_out, dv_out)
+
+    delta = torch.empty_like(lse)
+    block_d = triton.next_power_of_2(head_dim)
+    block_md = max(16, min(128, 8192 // block_d))
+    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, block_md), bh)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        heads, seq_q, HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=block_md,
+    )
 
     kernel, fixed = _launcher("dkdv", hd_class)
 
@@ -233,7 +248,7 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float):
         do.stride(0), do.stride(1), do.stride(2),
         *dk_strides, *dv_strides,
         heads, seq_q, seq_k, scale * LOG2E, scale,
-        **meta, N_SPLIT=n_split, **fixed,
+        **meta, N_SPLIT=n_split, ALIGN=align, **fixed,
     )
     if n_split > 1:
         dk.copy_(dk_out.sum(0))
@@ -252,7 +267,7 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float):
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         heads, seq_q, seq_k, scale * LOG2E, scale,
-        **meta, **fixed,
+        **meta, ALIGN=align, **fixed,
     )
     return dq, dk, dv
 
