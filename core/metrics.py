@@ -27,7 +27,8 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # Rounding can put a bound a hair inside p at k=0 or k=n; the interval always contains p.
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def icr(flags: Sequence[bool]) -> dict[str, float]:
@@ -107,8 +108,9 @@ def icr_bar_chart(values: dict[str, dict], path: str | Path, title: str = "impli
 
     arms = list(values)
     ys = [values[a]["icr"] for a in arms]
-    lo = [values[a]["icr"] - values[a]["ci95"][0] for a in arms]
-    hi = [values[a]["ci95"][1] - values[a]["icr"] for a in arms]
+    # Wilson bounds can sit a hair inside the point estimate at k=0 or k=n.
+    lo = [max(0.0, values[a]["icr"] - values[a]["ci95"][0]) for a in arms]
+    hi = [max(0.0, values[a]["ci95"][1] - values[a]["icr"]) for a in arms]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(arms), 3.4), dpi=110)
     colours = ["#c0392b" if "geom" not in a else "#27ae60" for a in arms]
     ax.bar(range(len(arms)), ys, yerr=[lo, hi], color=colours, capsize=3)

@@ -71,6 +71,8 @@ class TrainConfig:
     """torch CPU threads; 0 leaves torch's default."""
     embedding_backend: Literal["torch", "triton"] = "torch"
     """Location-token embedding implementation when the rows are a separate parameter."""
+    device: str = "cpu"
+    """Where to train: 'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available)."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
@@ -116,6 +118,16 @@ def trainable_parameters(model: DiffusionModel, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but torch sees no CUDA device")
+    return dev
+
+
 def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -134,7 +146,8 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.out = Path(cfg.out_dir)
-        self.model = model or cfg.model.build()
+        self.device = resolve_device(tc.device)
+        self.model = (model or cfg.model.build()).to(self.device)
         res = cfg.data.resolution or self.model.resolution
         self.data = dataset or InMemoryDataset(cfg.data.shards, res, cfg.data.max_samples)
         self.grid = self.model.grid
@@ -154,7 +167,7 @@ class Trainer:
         """Images ``(B,3,R,R)`` float in [-1,1], captions, concept cell masks ``(B,G,G)``."""
         idx = self.batches.indices(step)
         rng = self.batches.rng(step)
-        images = self.data.images[idx].float().div(127.5).sub(1.0)
+        images = self.data.images[idx].to(self.device, non_blocking=True).float().div(127.5).sub(1.0)
         if self.cfg.data.hflip:
             flip = torch.tensor([rng.random() < 0.5 for _ in idx])
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
@@ -162,7 +175,7 @@ class Trainer:
         for i in idx:
             r = self.data.records[i]
             captions.append(self.captions(r.caption, r.concept_name, r.cells, rng))
-        return images, captions, self.masks[idx]
+        return images, captions, self.masks[idx].to(self.device)
 
     def loss(self, step: int) -> torch.Tensor:
         """The training loss of batch ``step`` (noise and timesteps drawn from ``(seed, step)``)."""
@@ -170,8 +183,9 @@ class Trainer:
         images, captions, masks = self.batch(step)
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         x0 = m.to_model_space(images)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        # Drawn on the CPU whatever the device, so a run's randomness does not depend on the hardware.
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(self.device)
         xt = m.noise_scheduler.add_noise(x0, noise, t)
         cond = m.encode_text(m.tokenize(captions))
         pred = m.unet(xt, t, cond).sample
@@ -232,7 +246,7 @@ class Trainer:
             self.resume(self.cfg.resume)
         self.model.unet.train()
         self.model.text_encoder.train()
-        acc = torch.zeros(())
+        acc = torch.zeros((), device=self.device)
         n_acc = 0
         t0 = time.time()
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not progress, desc=f"train {self.out.name}",

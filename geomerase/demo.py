@@ -35,7 +35,7 @@ from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_
 from geomerase.core.metrics import binary_pr, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
 from geomerase.core.models import ModelConfig, load_model
 from geomerase.core.sampling import SamplerConfig, sample, to_uint8
-from geomerase.core.trainer import RunConfig, TrainConfig, Trainer
+from geomerase.core.trainer import RunConfig, TrainConfig, Trainer, resolve_device
 from geomerase.data.icd import build_icd
 from geomerase.data.loader import DataConfig, InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
@@ -87,6 +87,12 @@ class DemoConfig:
     """Seed of everything."""
     threads: int = 2
     """torch CPU threads."""
+    prepare_only: bool = False
+    """Stop after the data, classifier and annotation stages (no diffusion training)."""
+    guidance_sweep: list[float] = field(default_factory=list)
+    """Extra CFG scales at which the open-prompt arms are re-scored (ICR-vs-guidance curve)."""
+    device: str = "cpu"
+    """Diffusion training/sampling device ('auto' uses a GPU when present); classifiers stay on the CPU."""
     attention_backend: str = "sdpa"
     """UNet attention backend (sdpa, triton, xformers, math; 'diffusers' keeps diffusers' own processor)."""
 
@@ -188,6 +194,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     dbg, dsh = ac.predict(degraded(held_ds.images, seed=cfg.seed + 11))
     attr_quality = {"clean": fidelity(pbg, psh, hbg, hsh), "degraded": fidelity(dbg, dsh, hbg, hsh)}
     timings["attribute_classifier"] = time.time() - t
+    if cfg.prepare_only:
+        return {"scorer": scorer_quality, "attribute_classifier": attr_quality, "timings": timings}
 
     # 5. fine-tune plain and geom -----------------------------------------------------------
     models = {}
@@ -199,10 +207,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                            data=DataConfig(shards=str(ann_dir / "*.tar"), batch_size=cfg.batch_size),
                            captions=caps,
                            train=TrainConfig(mode="data-removal", max_steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                                             device=cfg.device,
                                              log_every=25, save_every=max(cfg.steps // 4, 1)),
                            resume="latest")
             Trainer(rc).fit()
-        models[name] = load_model(run_dir / "model")
+        models[name] = load_model(run_dir / "model").to(resolve_device(cfg.device))
+        models[name].set_attention_backend(cfg.attention_backend)
         timings[f"train_{name}"] = time.time() - t
 
     # 6. sample and score -------------------------------------------------------------------
@@ -211,7 +221,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     prompts = [s.caption for s in iter_samples(held_glob)][:n]
     seeds = list(range(10_000, 10_000 + n))
     scfg = SamplerConfig(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
-    neg = {kind: negative_prompts(kind, cfg.concept_name, cfg.grid)
+    seen = seen_cells(ann_dir)
+    neg = {kind: negative_prompts(kind, cfg.concept_name, cfg.grid, seen)
            for kind in ["none", "name", cfg.geom_negative, *cfg.extra_negatives]}
     arms = {
         "plain": ("plain", prompts, "none"), "plain_np": ("plain", prompts, "name"),
@@ -225,7 +236,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     results, fids = {}, {}
     grids = out / "grids"
     for arm, (mname, ps, kind) in arms.items():
-        imgs = to_uint8(sample(models[mname], ps, neg[kind], seeds, scfg))
+        imgs = to_uint8(sample(models[mname], ps, neg[kind], seeds, scfg)).cpu()
         cells = pc.cells(as_float(imgs))
         results[arm] = icr([bool(c) for c in cells])
         if ps[0]:
@@ -233,6 +244,14 @@ def run_demo(cfg: DemoConfig) -> dict:
             fids[arm] = fidelity(pb, psh_, hbg[:n], hsh[:n])
         sample_grid(imgs[:64], grids / f"{arm.replace('[', '_').replace(']', '')}.png", cells[:64], cfg.grid,
                     title=f"{arm}: model={mname} negative={kind} ICR={results[arm]['icr']:.2f}")
+    curve: dict[str, dict[str, float]] = {}
+    for scale in cfg.guidance_sweep:
+        sc = SamplerConfig(steps=cfg.sample_steps, guidance_scale=scale)
+        curve[str(scale)] = {}
+        for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative),
+                          *((f"open_geom[{k}]", k) for k in cfg.extra_negatives)):
+            imgs = to_uint8(sample(models["geom"], [""] * n, neg[kind], seeds, sc))
+            curve[str(scale)][arm] = icr([bool(c) for c in pc.cells(as_float(imgs))])["icr"]
     timings["sample_score"] = time.time() - t
     icr_bar_chart(results, out / "icr.png", title=f"ICR per arm ({cfg.concept_name}, n={n})")
 
@@ -243,6 +262,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                      "chance": fidelity_chance(len(bgs), len(shapes)), "detail": fids},
         "scorer": scorer_quality, "attribute_classifier": attr_quality,
         "annotation": {"patch_classifier_vs_gt_heldout": scorer_quality["cells_clean"]},
+        "icr_vs_guidance": curve, "seen_cells": seen,
         "n_samples": n, "seconds": time.time() - t_start, "timings": timings,
         "config": to_dict(cfg),
     }
@@ -251,6 +271,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "report.md").write_text(report)
     print(report)
     return metrics
+
+
+def seen_cells(annotated_dir: Path, min_share: float = 0.02) -> list[int]:
+    """Cells holding the concept in at least ``min_share`` of the annotated concept images."""
+    counts: dict[int, int] = {}
+    n = 0
+    for s in iter_samples(str(annotated_dir / "*.tar")):
+        cells = s.meta.get("annotation", {}).get("cells", [])
+        if cells:
+            n += 1
+            for c in cells:
+                counts[c] = counts.get(c, 0) + 1
+    return sorted(c for c, k in counts.items() if n and k / n >= min_share)
 
 
 def render_report(m: dict, cfg: DemoConfig) -> str:
