@@ -12,6 +12,8 @@ Design choices (the why):
   ``tl.arange`` + mask, instead of padding the whole head to the next power of two. For
   hd 160 that is 160 columns of tensor-core work instead of 256.
 * ``exp2`` with the softmax scale pre-multiplied by log2(e): one FMA per score.
+* Strides are passed with an alignment hint (``ALIGN``), so a 40-wide head (row stride 40,
+  which the JIT does not mark as divisible by 16) is still read with 16-byte pipelined loads.
 * Backward is the atomic-free two-kernel scheme: one kernel owns a key block and sweeps
   the queries for dK/dV, another owns a query block and sweeps the keys for dQ;
   ``delta = rowsum(dO * O)`` is computed once by a tiny kernel.

@@ -6,10 +6,12 @@ power-of-two column chunks ``DA`` and ``DB`` (``HAS_B``), loaded with ``tl.arang
 (``MASK_A``/``MASK_B``), so hd 40/80/160 cost 48/80/160 columns of MMA work, not 64/128/256.
 Scores are kept in base 2: ``qk_scale = scale * log2(e)``, ``LSE`` is ``log2(sum(exp2))``.
 ``UPCAST`` widens dot operands to fp32 (only for bf16 under the CPU interpreter, whose numpy
-dot has no bf16); ``PREC`` is ``tl.dot``'s ``input_precision``.
+dot has no bf16); ``PREC`` is ``tl.dot``'s ``input_precision``; ``ALIGN`` is the largest
+power of two dividing every stride (see ``_hint``).
 """
 import triton
 import triton.language as tl
+
 
 # --------------------------------------------------------------------------- jit helpers
 @triton.jit
