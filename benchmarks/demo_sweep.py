@@ -54,7 +54,7 @@ def main() -> None:
             link(out / share / "models" / "plain", vdir / "models" / "plain")
         t = time.time()
         cfg = DemoConfig(out=str(vdir), steps=max(1, int(steps * a.steps_scale)), sample_steps=a.sample_steps, samples=a.samples, captions=caps, device=a.device,
-                         threads=a.threads, extra_negatives=["geom-multi", "geom-seen"],
+                         threads=a.threads, extra_negatives=["geom-multi", "geom-cells", "geom-seen"],
                          guidance_sweep=[1.5, 3.0, 5.0, 7.5])
         m = run_demo(cfg)
         results[name] = {"icr": m["icr"], "fidelity": m["fidelity"], "icr_vs_guidance": m["icr_vs_guidance"],

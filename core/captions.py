@@ -16,7 +16,7 @@ from geomerase.core.geometry import all_loc_tokens, loc_token
 CLIP_MAX_LENGTH = 77
 
 CaptionMode = Literal["clean", "existence", "geom"]
-NegativeKind = Literal["none", "name", "geom", "geom-seen", "geom-multi"]
+NegativeKind = Literal["none", "name", "geom", "geom-multi", "geom-cells", "geom-seen"]
 
 
 class _Tokenizer(Protocol):
@@ -163,26 +163,48 @@ class CaptionBuilder:
         return rewrite_caption(caption, concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
 
 
-def negative_prompts(kind: NegativeKind, concept_name: str, grid: int, seen_cells: Sequence[int] = ()) -> list[str]:
-    """Negative prompt(s) for guidance.
+def negative_mixture(kind: NegativeKind, concept_name: str, grid: int,
+                     seen: Sequence[Sequence[int]] = (), top_k: int = 8) -> tuple[list[str], list[float]]:
+    """Negative prompt(s) and their weights for guidance (the sampler mixes their predictions).
 
     * ``none``: ``[""]`` (plain classifier-free guidance).
     * ``name``: ``[concept_name]`` (the usual negative prompt).
-    * ``geom``: ``[concept_name + all G^2 location tokens]`` (Geom-Erasing).
-    * ``geom-seen``: the concept name + only the cells seen holding the concept in training.
-    * ``geom-multi``: one negative per grid row, ``concept_name + that row's tokens``; the
-      sampler averages their predictions, so each negative stays close in length to the
-      captions the model was trained on.
+    * ``geom``: ``[concept_name + all G^2 location tokens]`` (Geom-Erasing as published).
+    * ``geom-multi``: one negative per grid row, ``concept_name + that row's tokens``.
+    * ``geom-cells``: one negative per cell, ``concept_name <li>``, equally weighted: "the
+      concept in any one place", each prompt of the form the model saw in training.
+    * ``geom-seen``: the ``top_k`` cell sets most often annotated in training (``seen`` lists
+      each training image's cells), weighted by frequency: the concept's training geometry.
     """
     if kind == "none":
-        return [""]
+        return [""], [1.0]
     if kind == "name":
-        return [concept_name]
+        return [concept_name], [1.0]
     if kind == "geom":
-        return [" ".join([concept_name, *all_loc_tokens(grid)])]
-    if kind == "geom-seen":
-        cells = sorted(set(seen_cells)) or list(range(grid * grid))
-        return [concept_phrase(concept_name, cells)]
+        return [" ".join([concept_name, *all_loc_tokens(grid)])], [1.0]
     if kind == "geom-multi":
-        return [concept_phrase(concept_name, range(r * grid, (r + 1) * grid)) for r in range(grid)]
-    raise ValueError(f"unknown negative prompt kind {kind!r}; choose from none, name, geom, geom-seen, geom-multi")
+        rows = [concept_phrase(concept_name, range(r * grid, (r + 1) * grid)) for r in range(grid)]
+        return rows, [1.0 / grid] * grid
+    if kind == "geom-cells":
+        n = grid * grid
+        return [concept_phrase(concept_name, [c]) for c in range(n)], [1.0 / n] * n
+    if kind == "geom-seen":
+        counts: dict[tuple[int, ...], int] = {}
+        for cells in seen:
+            if cells:
+                key = tuple(sorted(set(cells)))
+                counts[key] = counts.get(key, 0) + 1
+        if not counts:
+            return negative_mixture("geom-cells", concept_name, grid)
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+        total = sum(k for _, k in top)
+        return [concept_phrase(concept_name, cells) for cells, _ in top], [k / total for _, k in top]
+    raise ValueError(f"unknown negative prompt kind {kind!r}; choose from {list(NEGATIVE_KINDS)}")
+
+
+NEGATIVE_KINDS = ("none", "name", "geom", "geom-multi", "geom-cells", "geom-seen")
+
+
+def negative_prompts(kind: NegativeKind, concept_name: str, grid: int, seen: Sequence[Sequence[int]] = ()) -> list[str]:
+    """The prompts of :func:`negative_mixture` (weights dropped)."""
+    return negative_mixture(kind, concept_name, grid, seen)[0]

@@ -51,6 +51,7 @@ def sample(
     seeds: Sequence[int] | None = None,
     cfg: SamplerConfig | None = None,
     progress: bool = False,
+    neg_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Generate one image per prompt.
 
@@ -58,6 +59,7 @@ def sample(
         prompts: N prompts.
         negatives: one or more negative prompts, shared by every sample (``[""]`` = plain CFG).
         seeds: N noise seeds (default ``range(N)``).
+        neg_weights: mixing weights of the negatives' predictions (default: equal; normalised).
 
     Returns:
         ``(N, 3, R, R)`` float32 images in [-1, 1].
@@ -67,12 +69,17 @@ def sample(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     negatives = list(negatives) or [""]
+    w = torch.tensor(list(neg_weights) if neg_weights is not None else [1.0] * len(negatives), dtype=torch.float32)
+    if w.numel() != len(negatives) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"neg_weights {w.tolist()} do not fit {len(negatives)} negatives")
+    w = w / w.sum()
     model.unet.eval()
     model.text_encoder.eval()
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
     neg_emb = model.encode_text(model.tokenize(negatives).to(device)).to(dtype)  # (K, 77, D)
     k = len(negatives)
+    w = w.to(device, dtype).view(k, 1, 1, 1, 1)
     out = []
     chunks = range(0, len(prompts), cfg.batch_size)
     for start in tqdm(chunks, disable=not progress, desc="sample"):
@@ -87,7 +94,7 @@ def sample(
         for t in sched.timesteps:
             xin = sched.scale_model_input(x, t).repeat(1 + k, 1, 1, 1)
             eps = model.unet(xin, t, cond).sample
-            eps_pos, eps_neg = eps[:b], eps[b:].view(k, b, *eps.shape[1:]).mean(0)
+            eps_pos, eps_neg = eps[:b], (eps[b:].view(k, b, *eps.shape[1:]) * w).sum(0)
             guided = eps_neg + cfg.guidance_scale * (eps_pos - eps_neg)
             x = sched.step(guided, t, x).prev_sample
         out.append(model.to_images(x).float().cpu())

@@ -89,17 +89,18 @@ def _train(a: argparse.Namespace) -> int:
 def _sample(a: argparse.Namespace) -> int:
     import torch
 
-    from geomerase.core.captions import negative_prompts
+    from geomerase.core.captions import NEGATIVE_KINDS, negative_mixture
     from geomerase.core.metrics import sample_grid
     from geomerase.core.models import load_model
     from geomerase.core.sampling import SamplerConfig, sample, to_uint8
 
     model = load_model(a.model)
-    negs = negative_prompts(a.negative, a.concept_name, model.grid) if a.negative in (
-        "none", "name", "geom", "geom-multi") else [a.negative]
+    negs, weights = (negative_mixture(a.negative, a.concept_name, model.grid) if a.negative in NEGATIVE_KINDS
+                     else ([a.negative], [1.0]))
     prompts = [a.prompt] * a.n
     imgs = sample(model, prompts, negs, range(a.seed, a.seed + a.n),
-                  SamplerConfig(scheduler=a.scheduler, steps=a.steps, guidance_scale=a.guidance_scale), progress=True)
+                  SamplerConfig(scheduler=a.scheduler, steps=a.steps, guidance_scale=a.guidance_scale), progress=True,
+                  neg_weights=weights)
     path = sample_grid(to_uint8(imgs), a.out, grid=model.grid, cols=min(8, a.n), title=f"{a.prompt!r} neg={negs}")
     print(f"wrote {path}")
     return 0
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a grid with a negative prompt")
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", default="")
-    p.add_argument("--negative", default="geom", help="none, name, geom, geom-multi, or a literal prompt")
+    p.add_argument("--negative", default="geom", help="none, name, geom, geom-multi, geom-cells, geom-seen, or a literal prompt")
     p.add_argument("--concept-name", default="qr code")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

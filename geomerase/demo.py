@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from geomerase.core.annotate import Annotator, annotate_shards
-from geomerase.core.captions import CaptionConfig, negative_prompts
+from geomerase.core.captions import CaptionConfig, negative_mixture
 from geomerase.core.classifiers import (AttributeClassifierConfig, PatchClassifierConfig, as_float, degraded,
                                         labels_to_index, load_classifier, save_classifier,
                                         train_attribute_classifier, train_patch_classifier)
@@ -75,8 +75,8 @@ class DemoConfig:
     sample_steps: int = 25
     """DDIM steps."""
     geom_negative: str = "geom"
-    """Negative-prompt kind of the Geom-Erasing arms (see captions.negative_prompts)."""
-    extra_negatives: list[str] = field(default_factory=lambda: ["geom-multi"])
+    """Negative-prompt kind of the Geom-Erasing arms (see captions.negative_mixture)."""
+    extra_negatives: list[str] = field(default_factory=lambda: ["geom-cells", "geom-seen"])
     """Further negative kinds reported beside the main ones."""
     captions: CaptionConfig = field(default_factory=lambda: CaptionConfig(
         mode="geom", concept_first_prob=0.2, concept_only_prob=0.1, shuffle_cells=True, dropout=0.1))
@@ -221,8 +221,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     prompts = [s.caption for s in iter_samples(held_glob)][:n]
     seeds = list(range(10_000, 10_000 + n))
     scfg = SamplerConfig(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
-    seen = seen_cells(ann_dir)
-    neg = {kind: negative_prompts(kind, cfg.concept_name, cfg.grid, seen)
+    seen = annotated_cells(ann_dir)
+    neg = {kind: negative_mixture(kind, cfg.concept_name, cfg.grid, seen)
            for kind in ["none", "name", cfg.geom_negative, *cfg.extra_negatives]}
     arms = {
         "plain": ("plain", prompts, "none"), "plain_np": ("plain", prompts, "name"),
@@ -236,7 +236,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     results, fids = {}, {}
     grids = out / "grids"
     for arm, (mname, ps, kind) in arms.items():
-        imgs = to_uint8(sample(models[mname], ps, neg[kind], seeds, scfg)).cpu()
+        imgs = to_uint8(sample(models[mname], ps, neg[kind][0], seeds, scfg, neg_weights=neg[kind][1]))
         cells = pc.cells(as_float(imgs))
         results[arm] = icr([bool(c) for c in cells])
         if ps[0]:
@@ -250,7 +250,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         curve[str(scale)] = {}
         for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative),
                           *((f"open_geom[{k}]", k) for k in cfg.extra_negatives)):
-            imgs = to_uint8(sample(models["geom"], [""] * n, neg[kind], seeds, sc))
+            imgs = to_uint8(sample(models["geom"], [""] * n, neg[kind][0], seeds, sc, neg_weights=neg[kind][1]))
             curve[str(scale)][arm] = icr([bool(c) for c in pc.cells(as_float(imgs))])["icr"]
     timings["sample_score"] = time.time() - t
     icr_bar_chart(results, out / "icr.png", title=f"ICR per arm ({cfg.concept_name}, n={n})")
@@ -262,7 +262,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                      "chance": fidelity_chance(len(bgs), len(shapes)), "detail": fids},
         "scorer": scorer_quality, "attribute_classifier": attr_quality,
         "annotation": {"patch_classifier_vs_gt_heldout": scorer_quality["cells_clean"]},
-        "icr_vs_guidance": curve, "seen_cells": seen,
+        "icr_vs_guidance": curve,
+        "negatives": {k: {"prompts": v[0], "weights": v[1]} for k, v in neg.items()},
         "n_samples": n, "seconds": time.time() - t_start, "timings": timings,
         "config": to_dict(cfg),
     }
@@ -273,17 +274,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     return metrics
 
 
-def seen_cells(annotated_dir: Path, min_share: float = 0.02) -> list[int]:
-    """Cells holding the concept in at least ``min_share`` of the annotated concept images."""
-    counts: dict[int, int] = {}
-    n = 0
+def annotated_cells(annotated_dir: Path) -> list[list[int]]:
+    """The annotated cell list of every training image that carries the concept."""
+    out = []
     for s in iter_samples(str(annotated_dir / "*.tar")):
         cells = s.meta.get("annotation", {}).get("cells", [])
         if cells:
-            n += 1
-            for c in cells:
-                counts[c] = counts.get(c, 0) + 1
-    return sorted(c for c, k in counts.items() if n and k / n >= min_share)
+            out.append(list(cells))
+    return out
 
 
 def render_report(m: dict, cfg: DemoConfig) -> str:

@@ -90,3 +90,12 @@ def test_missing_folder_errors(tmp_path):
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="text_encoder"):
         load_model(tmp_path / "half", grid=2)
+
+
+def test_tiny_space_to_depth_round_trip():
+    m = build_random("tiny", grid=4)
+    assert m.patch == 2 and m.sample_shape == (12, 16, 16)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = m.to_model_space(x)
+    assert z.shape == (2, 12, 16, 16)
+    torch.testing.assert_close(m.to_images(z), x)

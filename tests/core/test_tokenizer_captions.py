@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from geomerase.core.captions import CaptionConfig, n_tokens, negative_prompts, rewrite_caption
+from geomerase.core.captions import CaptionConfig, n_tokens, negative_mixture, negative_prompts, rewrite_caption
 from geomerase.core.tokenizer import CLIP_VOCAB_SIZE, build_tokenizer, location_token_ids
 
 
@@ -61,7 +61,10 @@ def test_negative_prompt_expansion():
     assert geom == ["qr code <l0> <l1> <l2> <l3>"]
     multi = negative_prompts("geom-multi", "qr code", 2)
     assert multi == ["qr code <l0> <l1>", "qr code <l2> <l3>"]
-    assert negative_prompts("geom-seen", "qr code", 4, [5, 1, 5]) == ["qr code <l1> <l5>"]
+    cells = negative_prompts("geom-cells", "qr code", 2)
+    assert cells == ["qr code <l0>", "qr code <l1>", "qr code <l2>", "qr code <l3>"]
+    prompts, weights = negative_mixture("geom-seen", "qr code", 4, [[15], [14, 15], [15], [0], []], top_k=2)
+    assert prompts == ["qr code <l15>", "qr code <l0>"] and weights == pytest.approx([2 / 3, 1 / 3])
     with pytest.raises(ValueError):
         negative_prompts("bogus", "qr code", 4)
 
