@@ -25,6 +25,9 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1
+# The repository root holds a `geomerase/` folder with only the top-level modules; with the
+# working directory first on sys.path it would shadow the full package mapped in $FARM.
+export PYTHONSAFEPATH=1
 T0=$(date +%s)
 STAGES=()
 
