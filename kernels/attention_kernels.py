@@ -8,9 +8,20 @@ Scores are kept in base 2: ``qk_scale = scale * log2(e)``, ``LSE`` is ``log2(sum
 ``UPCAST`` widens dot operands to fp32 (only for bf16 under the CPU interpreter, whose numpy
 dot has no bf16); ``PREC`` is ``tl.dot``'s ``input_precision``; ``ALIGN`` is the largest
 power of two dividing every stride (see ``_hint``).
+
+Sequence lengths are never specialised (``_SEQ_JIT``): Triton turns an int argument equal to 1
+into a compile-time constant, so ``SEQ_K == 1`` (or ``SEQ_Q == 1``) would give a kernel whose
+key (query) loop has a constant single trip, is folded away and is lowered without the
+``cp.async`` pipeline and with a different wgmma wait structure than every other length. On
+an H200 (Triton 3.6) that variant returned wrong dQ at ``Sk == 1`` and wrong dK at
+``Sq == 1`` for hd 160 (bf16/fp16) while ``Sk == 7`` / ``Sq == 7`` with the same tiles were
+right. With the lengths kept as runtime ints, length 1 runs the same code as any length.
 """
 import triton
 import triton.language as tl
+
+# see the module docstring: a length of 1 must not become a constexpr
+_SEQ_JIT = triton.jit(do_not_specialize=["SEQ_Q", "SEQ_K"])
 
 
 # --------------------------------------------------------------------------- jit helpers
@@ -74,7 +85,7 @@ def _store2d(ptrs, val, row_ok, col_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.con
 
 
 # --------------------------------------------------------------------------- forward
-@triton.jit
+@_SEQ_JIT
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm,
@@ -163,7 +174,7 @@ def _attn_fwd_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["SEQ_Q"])
 def _attn_bwd_delta_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_om,
@@ -191,7 +202,7 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
 
 
-@triton.jit
+@_SEQ_JIT
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm,
@@ -301,7 +312,7 @@ def _attn_bwd_dkdv_kernel(
         _store2d(dv_rows + offs_b[None, :], dv_b, n_ok, b_ok, not EVEN_N, MASK_B)
 
 
-@triton.jit
+@_SEQ_JIT
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
@@ -376,7 +387,10 @@ def _attn_bwd_dq_kernel(
             s = _mma(q_b, tl.trans(k_b), s, UPCAST, PREC)
             dp = _mma(do_b, tl.trans(v_b), dp, UPCAST, PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        # Zero-filled key rows past SEQ_K meet a zero row of K below, so they add nothing.
+        if not EVEN_N:
+            # keys past SEQ_K: s = 0 there, so p = exp2(-lse) is finite but not 0; zero it
+            # instead of relying on the zero-filled K rows to cancel it in ds @ K
+            p = tl.where(n_ok[None, :], p, 0.0)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
         dq_a = _mma(ds, k_a, dq_a, UPCAST, PREC)
         if HAS_B:

@@ -183,3 +183,41 @@ def test_gpu_sd15_shapes_bf16(d, seq_q, seq_k):
     if not ON_GPU:
         pytest.skip("kernels run in the interpreter")
     check_against_reference(2, 4, seq_q, seq_k, d, torch.bfloat16, seed=d + seq_q + seq_k)
+
+
+# Length-1 sequences and the GPU's default tiles. On an H200 (Triton 3.6) hd 160 gave wrong
+# dQ at Sk == 1 and wrong dK at Sq == 1: Triton made SEQ_K/SEQ_Q == 1 a compile-time constant,
+# the key/query loop became a folded single trip without the cp.async pipeline, and that
+# variant miscompiled. The interpreter cannot reproduce a compiler bug, so the CPU side checks
+# (a) that the lengths are not specialised and (b) that the GPU's default tiles (config 0 of
+# every list, not the interpreter's 64x64) compute these shapes correctly.
+def test_sequence_lengths_are_not_specialised():
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "from geomerase.kernels import attention_kernels as K\n"
+        "for f in (K._attn_fwd_kernel, K._attn_bwd_dkdv_kernel, K._attn_bwd_dq_kernel, K._attn_bwd_delta_kernel):\n"
+        "    flags = {p.name: p.do_not_specialize for p in f.params if p.name.startswith('SEQ_')}\n"
+        "    assert flags and all(flags.values()), (f.__name__, flags)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sq,sk", [(130, 1), (1, 77)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_length_one_with_gpu_default_tiles(monkeypatch, sq, sk, dtype):
+    monkeypatch.setattr(attn_mod, "_FIXED_CONFIG_INDEX", 0)
+    check_against_reference(2, 3, sq, sk, 160, dtype, seed=sq * 1000 + sk)
+
+
+def test_dkdv_split_with_empty_programs(monkeypatch):
+    # more splits than query blocks: some programs sweep no queries and must store zeros
+    # (the partial buffer is torch.empty), at the GPU's default hd 160 tiles
+    monkeypatch.setattr(attn_mod, "_FIXED_CONFIG_INDEX", 0)
+    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 4)
+    check_against_reference(1, 2, 40, 77, 160, torch.float16, seed=11)
