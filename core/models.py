@@ -40,6 +40,8 @@ class ModelSize:
     unet: dict[str, Any]
     text_encoder: dict[str, Any]
     vae: dict[str, Any] | None = None
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the UNet predicts by default for this size."""
     patch: int = 1
     """Pixel space only: the UNet sees ``patch x patch`` pixel blocks folded into channels
     (space-to-depth), so a 32 px image is a 16x16x12 input at patch 2."""
@@ -68,8 +70,12 @@ def register_size(name: str, size: ModelSize) -> None:
 # *count* here. The pooled text embedding also enters the time embedding ("text"
 # addition) so global attributes such as the background colour have a direct path
 # besides cross-attention.
+# v-prediction: with epsilon-prediction the 600-step model's x0 estimate at t >= 700 was
+# pure noise (the eps error is amplified by 1/sqrt(alpha_bar) ~ 20-50x under the linear
+# schedule), so no global colour or layout was ever committed and samples were noise
+# (seen in /tmp diagnostics of this session); v-prediction regresses x0 directly there.
 register_size("tiny", ModelSize(
-    space="pixel", resolution=32, patch=2,
+    space="pixel", resolution=32, patch=2, prediction_type="v_prediction",
     unet=dict(
         sample_size=16, in_channels=12, out_channels=12, layers_per_block=1,
         block_out_channels=(64, 96, 128),
@@ -123,8 +129,8 @@ class ModelConfig:
     """Local folder: a diffusers Stable Diffusion pipeline or a geomerase checkpoint. None: random init."""
     grid: int = 4
     """G: number of grid rows/cols; G^2 location tokens are added to the tokenizer."""
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    """What the UNet predicts (overrides the scheduler's setting)."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """What the UNet predicts; None: the size's default (random init) or the checkpoint's scheduler."""
     attention_backend: str = "sdpa"
     """Attention backend by name: sdpa, triton, xformers, math (see geomerase.core.attention)."""
     seed: int = 0
@@ -142,7 +148,8 @@ class ModelConfig:
             model = load_model(self.pretrained, grid=self.grid)
         else:
             model = build_random(self.size, self.grid, self.seed)
-        model.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        if self.prediction_type is not None:
+            model.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
         model.set_attention_backend(self.attention_backend)
         return model
 
@@ -264,7 +271,7 @@ def build_random(size: str, grid: int, seed: int = 0) -> DiffusionModel:
     text_encoder = CLIPTextModel(text_cfg)
     unet = UNet2DConditionModel(**spec.unet)
     vae = AutoencoderKL(**spec.vae) if spec.vae is not None else None
-    scheduler = DDPMScheduler(**spec.scheduler)
+    scheduler = DDPMScheduler(**spec.scheduler, prediction_type=spec.prediction_type)
     return DiffusionModel(tokenizer, text_encoder, unet, scheduler, grid, spec.resolution, spec.space, vae, size,
                           spec.patch)
 
