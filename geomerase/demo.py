@@ -62,7 +62,7 @@ class DemoConfig:
     """ICD render size (area-downsampled to the model's 32 px)."""
     grid: int = 4
     """G: location-token grid."""
-    steps: int = 900
+    steps: int = 360
     """Diffusion fine-tuning steps per model."""
     batch_size: int = 32
     """Diffusion batch size."""
