@@ -4,6 +4,7 @@ Layout of ``<out>/checkpoints/step-000123/``::
 
     model/                 diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/, geomerase.json)
     optimizer.safetensors  every optimizer state tensor, keyed "<param index>.<name>"
+    extra.safetensors      other training tensors (the EMA weights), when any
     trainer.json           step, optimizer param-group settings, LR-scheduler state, config
     manifest.json          sha256 of every file, written last
 
@@ -87,7 +88,8 @@ def verify_manifest(folder: Path) -> str | None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer: torch.optim.Optimizer,
-                    lr_scheduler, extra: dict[str, Any], keep: int = 2) -> Path:
+                    lr_scheduler, extra: dict[str, Any], keep: int = 2,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``out_dir/checkpoints/step-<step>`` atomically and prune old ones (keeps ``keep``)."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -97,6 +99,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer: torch.optim.Opti
         model.save(tmp / "model")
         tensors, rest = optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        if extra_tensors:
+            save_file(extra_tensors, str(tmp / "extra.safetensors"))
         state = {"step": step, "optimizer": rest,
                  "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None, **extra}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1, default=str))

@@ -71,6 +71,9 @@ class TrainConfig:
     """torch CPU threads; 0 leaves torch's default."""
     embedding_backend: Literal["torch", "triton"] = "torch"
     """Location-token embedding implementation when the rows are a separate parameter."""
+    ema_decay: float | None = 0.999
+    """Decay of the exponential moving average of the trained weights (with warm-up:
+    1 - (1+step)^(-2/3), capped here); the final model is the average. None disables."""
     device: str = "cpu"
     """Where to train: 'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available)."""
 
@@ -161,6 +164,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.groups, lr=tc.lr, weight_decay=tc.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8, fused=True)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
+        self.ema = None
+        if tc.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            # Updated on optimizer steps only; with warm-up the average follows the fast
+            # early changes, which a short CPU run is made of.
+            self.ema = EMAModel(self.params, decay=tc.ema_decay, use_ema_warmup=True, foreach=True)
         self.step = 0
         self.history: list[dict] = []
 
@@ -204,12 +214,20 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
         return loss.detach(), grad_norm.detach()
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
+        extra: dict = {"config": to_dict(self.cfg)}
+        tensors: dict[str, torch.Tensor] = {}
+        if self.ema is not None:
+            state = self.ema.state_dict()
+            tensors = {f"ema.{i}": t.detach().contiguous().cpu() for i, t in enumerate(state.pop("shadow_params"))}
+            extra["ema"] = state
         return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.lr_scheduler,
-                               {"config": to_dict(self.cfg)}, keep=self.cfg.train.keep_checkpoints)
+                               extra, keep=self.cfg.train.keep_checkpoints, extra_tensors=tensors)
 
     def resume(self, which: str) -> bool:
         path = latest_valid_checkpoint(self.out) if which == "latest" else Path(which)
@@ -222,6 +240,11 @@ class Trainer:
         self.model.text_encoder.load_state_dict(te_sd)
         state = load_training_state(path, self.optimizer, self.lr_scheduler)
         self.step = int(state["step"])
+        if self.ema is not None:
+            shadow = load_file(str(path / "extra.safetensors"))
+            ema_state = dict(state["ema"])
+            ema_state["shadow_params"] = [shadow[f"ema.{i}"].to(self.device) for i in range(len(shadow))]
+            self.ema.load_state_dict(ema_state)
         self._load_history()
         log.info("resumed from %s at step %d", path, self.step)
         return True
@@ -274,6 +297,8 @@ class Trainer:
                 return self.model
         bar.close()
         self.save()
+        if self.ema is not None:
+            self.ema.copy_to(self.params)  # the exported model is the moving average
         uninstall_location_embedding(self.model.text_encoder)
         self.model.save(self.out / "model")
         self._write_history()

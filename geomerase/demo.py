@@ -72,12 +72,13 @@ class DemoConfig:
     """Samples per arm."""
     guidance_scale: float = 3.0
     """CFG scale."""
-    sample_steps: int = 25
+    sample_steps: int = 15
     """DDIM steps."""
     geom_negative: str = "geom"
     """Negative-prompt kind of the Geom-Erasing arms (see captions.negative_mixture)."""
-    extra_negatives: list[str] = field(default_factory=lambda: ["geom-cells", "geom-seen"])
-    """Further negative kinds reported beside the main ones."""
+    extra_negatives: list[str] = field(default_factory=list)
+    """Further negative kinds reported beside the main ones (e.g. geom-cells, geom-seen; each
+    negative prompt costs one more UNet evaluation per sampling step)."""
     captions: CaptionConfig = field(default_factory=lambda: CaptionConfig(
         mode="geom", concept_first_prob=0.2, concept_only_prob=0.1, shuffle_cells=True, dropout=0.1))
     """Caption variants of the geom model."""
