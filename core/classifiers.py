@@ -219,6 +219,17 @@ def fit(model: nn.Module, loss_fn, n: int, steps: int, batch: int, lr: float, se
     return losses
 
 
+def _training_batch(images: torch.Tensor, idx: torch.Tensor, gen: torch.Generator,
+                    degrade_prob: float) -> torch.Tensor:
+    """uint8 images ``idx`` as floats in [-1, 1], a random ``degrade_prob`` share of them degraded."""
+    x = images[idx].float() / 127.5 - 1
+    mask = torch.rand(len(idx), generator=gen) < degrade_prob
+    if mask.any():
+        x = x.clone()
+        x[mask] = degrade(x[mask], gen)
+    return x
+
+
 def train_patch_classifier(cfg: PatchClassifierConfig, images: torch.Tensor, coverage: torch.Tensor,
                            steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int = 0,
                            degrade_prob: float = 0.6, progress: bool = True) -> PatchClassifier:
@@ -231,11 +242,7 @@ def train_patch_classifier(cfg: PatchClassifierConfig, images: torch.Tensor, cov
     model = cfg.build()
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = images[idx].float() / 127.5 - 1
-        mask = torch.rand(len(idx), generator=gen) < degrade_prob
-        if mask.any():
-            x = x.clone()
-            x[mask] = degrade(x[mask], gen)
+        x = _training_batch(images, idx, gen, degrade_prob)
         target = coverage[idx].flatten().float()
         logits = model(model.patches(x))
         # Soft targets: the classifier regresses coverage, so its threshold means the same as the GT's.
@@ -252,12 +259,7 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig, images: torch.Ten
     model = cfg.build()
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = images[idx].float() / 127.5 - 1
-        mask = torch.rand(len(idx), generator=gen) < degrade_prob
-        if mask.any():
-            x = x.clone()
-            x[mask] = degrade(x[mask], gen)
-        a, b = model(x)
+        a, b = model(_training_batch(images, idx, gen, degrade_prob))
         return F.cross_entropy(a, backgrounds[idx]) + F.cross_entropy(b, shapes[idx])
 
     fit(model, loss_fn, images.shape[0], steps, batch, lr, seed, "attribute classifier", progress)

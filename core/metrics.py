@@ -99,8 +99,12 @@ def sample_grid(images_u8: torch.Tensor, path: str | Path, flagged_cells: Sequen
     return path
 
 
-def icr_bar_chart(values: dict[str, dict], path: str | Path, title: str = "implicit-concept ratio") -> Path:
-    """Bar chart of ICR per arm with 95% intervals (``values[arm] = icr(...)`` dicts)."""
+def icr_bar_chart(values: dict[str, dict], path: str | Path, title: str = "implicit-concept ratio",
+                  highlight: set[str] | None = None) -> Path:
+    """Bar chart of ICR per arm with 95% intervals (``values[arm] = icr(...)`` dicts).
+
+    Arms in ``highlight`` (default: names containing "geom") are drawn green, the rest red.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +116,8 @@ def icr_bar_chart(values: dict[str, dict], path: str | Path, title: str = "impli
     lo = [max(0.0, values[a]["icr"] - values[a]["ci95"][0]) for a in arms]
     hi = [max(0.0, values[a]["ci95"][1] - values[a]["icr"]) for a in arms]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(arms), 3.4), dpi=110)
-    colours = ["#c0392b" if "geom" not in a else "#27ae60" for a in arms]
+    green = highlight if highlight is not None else {a for a in arms if "geom" in a}
+    colours = ["#27ae60" if a in green else "#c0392b" for a in arms]
     ax.bar(range(len(arms)), ys, yerr=[lo, hi], color=colours, capsize=3)
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels(arms, rotation=30, ha="right")

@@ -254,7 +254,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             imgs = to_uint8(sample(models["geom"], [""] * n, neg[kind][0], seeds, sc, neg_weights=neg[kind][1]))
             curve[str(scale)][arm] = icr([bool(c) for c in pc.cells(as_float(imgs))])["icr"]
     timings["sample_score"] = time.time() - t
-    icr_bar_chart(results, out / "icr.png", title=f"ICR per arm ({cfg.concept_name}, n={n})")
+    # Green: arms guided by a Geom-Erasing negative prompt.
+    geom_neg = {a for a, (_, _, kind) in arms.items() if kind.startswith("geom")}
+    icr_bar_chart(results, out / "icr.png", title=f"ICR per arm ({cfg.concept_name}, n={n}; green = geometric negative)",
+                  highlight=geom_neg)
 
     metrics = {
         "icr": {k: v["icr"] for k, v in results.items()},
