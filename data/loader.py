@@ -74,13 +74,15 @@ class InMemoryDataset:
     """All samples of some shards, decoded once.
 
     ``images``: ``(N, 3, R, R)`` uint8. ``records``: captions and annotations.
-    ``cell_masks``: ``(N, G, G)`` bool (when shards are annotated).
+    ``cell_masks``: ``(N, G, G)`` bool (when shards are annotated). ``metas``: each sample's
+    json, and ``sizes``: each source image's ``(width, height)`` before resizing (boxes are in
+    those pixels).
     """
 
     def __init__(self, shards: str, resolution: int, max_samples: int | None = None,
                  skips: SkipCounter | None = None):
         self.skips = skips if skips is not None else SkipCounter()
-        images, records = [], []
+        images, records, metas, sizes = [], [], [], []
         grid = None
         for s in iter_samples(shards, self.skips):
             concept, cells, g = _annotation(s.meta)
@@ -89,12 +91,16 @@ class InMemoryDataset:
             caption = s.meta.get("caption_clean", s.caption)
             images.append(image_to_tensor(s.image, resolution))
             records.append(Record(s.key, caption, concept, cells))
+            metas.append(s.meta)
+            sizes.append(s.image.size)
             if max_samples is not None and len(records) >= max_samples:
                 break
         if not records:
             raise ValueError(f"no usable samples in {shards!r} (skipped: {self.skips.summary()})")
         self.images = torch.stack(images)
         self.records = records
+        self.metas = metas
+        self.sizes = sizes
         self.grid = grid
         if self.skips.total:
             log.warning("loaded %d samples from %s; skipped %d: %s", len(records), shards, self.skips.total,

@@ -48,13 +48,12 @@ def _train_classifier(a: argparse.Namespace) -> int:
     from geomerase.core.classifiers import PatchClassifierConfig, save_classifier, train_patch_classifier
     from geomerase.core.geometry import GeometryConfig, GridEncoder
     from geomerase.data.loader import InMemoryDataset
-    from geomerase.data.shards import iter_samples
 
     pcfg = PatchClassifierConfig(resolution=a.resolution, grid=a.grid, width=a.width)
     ds = InMemoryDataset(a.input, a.resolution)
     enc = GridEncoder(GeometryConfig(grid=a.grid, overlap_threshold=pcfg.overlap_threshold))
-    cov = torch.stack([torch.from_numpy(enc.coverage(s.meta.get("boxes", []), *s.image.size)).float()
-                       for s in iter_samples(a.input)])
+    cov = torch.stack([torch.from_numpy(enc.coverage(m.get("boxes", []), w, h)).float()
+                       for m, (w, h) in zip(ds.metas, ds.sizes)])
     model = train_patch_classifier(pcfg, ds.images, cov, steps=a.steps, seed=a.seed)
     save_classifier(model, a.out, {"concept": a.concept})
     print(f"patch classifier saved to {a.out}")

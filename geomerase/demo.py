@@ -102,20 +102,11 @@ def _stage_done(path: Path) -> bool:
     return path.exists()
 
 
-def _coverage(ds: InMemoryDataset, metas: list[dict], grid: int, thr: float) -> torch.Tensor:
+def _coverage(ds: InMemoryDataset, grid: int, thr: float) -> torch.Tensor:
+    """``(N, G, G)`` ground-truth share of each cell covered by the sample's boxes."""
     enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=thr))
-    cov = [torch.from_numpy(enc.coverage(m.get("boxes", []), m["_w"], m["_h"])).float() for m in metas]
+    cov = [torch.from_numpy(enc.coverage(m.get("boxes", []), w, h)).float() for m, (w, h) in zip(ds.metas, ds.sizes)]
     return torch.stack(cov)
-
-
-def _load_split(shards: str, res: int) -> tuple[InMemoryDataset, list[dict]]:
-    ds = InMemoryDataset(shards, res)
-    metas = []
-    for s in iter_samples(shards):
-        m = dict(s.meta)
-        m["_w"], m["_h"] = s.image.size
-        metas.append(m)
-    return ds, metas
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -136,8 +127,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         build_icd(cfg.concept, cfg.n_heldout, cfg.ratio, cfg.image_size, cfg.seed + 1000, out / "icd" / "heldout")
     train_glob = str(out / "icd" / "train" / f"icd-{cfg.concept}-*.tar")
     held_glob = str(out / "icd" / "heldout" / f"icd-{cfg.concept}-*.tar")
-    train_ds, train_meta = _load_split(train_glob, res)
-    held_ds, held_meta = _load_split(held_glob, res)
+    train_ds = InMemoryDataset(train_glob, res)
+    held_ds = InMemoryDataset(held_glob, res)
     timings["data"] = time.time() - t
 
     # 2. patch classifier -------------------------------------------------------------------
@@ -145,12 +136,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     pc_dir = out / "classifiers" / "patch"
     if not _stage_done(pc_dir / "model.safetensors"):
         pcfg = PatchClassifierConfig(resolution=res, grid=cfg.grid, width=16)
-        cov = _coverage(train_ds, train_meta, cfg.grid, thr)
+        cov = _coverage(train_ds, cfg.grid, thr)
         pc = train_patch_classifier(pcfg, train_ds.images, cov, steps=cfg.classifier_steps, batch=32, seed=cfg.seed)
         save_classifier(pc, pc_dir, {"concept": cfg.concept})
     pc, _ = load_classifier(pc_dir)
     enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=thr))
-    true_cells = [enc.cells_from_boxes(m.get("boxes", []), m["_w"], m["_h"]) for m in held_meta]
+    true_cells = [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(held_ds.metas, held_ds.sizes)]
     clean_cells = pc.cells(as_float(held_ds.images))
     deg_cells = pc.cells(degraded(held_ds.images, seed=cfg.seed + 7))
     scorer_quality = {
@@ -185,12 +176,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     if not _stage_done(ac_dir / "model.safetensors"):
         acfg = AttributeClassifierConfig(resolution=res, num_backgrounds=len(bgs), num_shapes=len(shapes), width=16)
-        ybg, ysh = labels(train_meta, train_glob)
+        ybg, ysh = labels(train_ds.metas, train_glob)
         ac = train_attribute_classifier(acfg, train_ds.images, ybg, ysh, steps=cfg.classifier_steps, batch=32,
                                         seed=cfg.seed)
         save_classifier(ac, ac_dir, {"backgrounds": bgs, "shapes": shapes})
     ac, _ = load_classifier(ac_dir)
-    hbg, hsh = labels(held_meta, held_glob)
+    hbg, hsh = labels(held_ds.metas, held_glob)
     pbg, psh = ac.predict(as_float(held_ds.images))
     dbg, dsh = ac.predict(degraded(held_ds.images, seed=cfg.seed + 11))
     attr_quality = {"clean": fidelity(pbg, psh, hbg, hsh), "degraded": fidelity(dbg, dsh, hbg, hsh)}
@@ -219,7 +210,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 6. sample and score -------------------------------------------------------------------
     t = time.time()
     n = cfg.samples
-    prompts = [s.caption for s in iter_samples(held_glob)][:n]
+    prompts = [r.caption for r in held_ds.records][:n]
     seeds = list(range(10_000, 10_000 + n))
     scfg = SamplerConfig(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
     seen = annotated_cells(ann_dir)
