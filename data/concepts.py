@@ -32,6 +32,8 @@ __all__ = [
     "CONCEPT_NAMES",
     "font",
     "FONT_FILES",
+    "SIZE_PROFILES",
+    "overlay",
 ]
 
 Box = list[int]
@@ -107,10 +109,12 @@ _QR_SPOTS: tuple[str, ...] = ("br", "bl", "tr", "tl", "edge", "centre")
 _QR_SPOT_P: list[float] = [0.36, 0.15, 0.13, 0.08, 0.20, 0.08]
 
 
-def add_qr(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[Box]]:
+def add_qr(img: Image.Image, rng: np.random.Generator,
+           scale: tuple[float, float] = (0.16, 0.45)) -> tuple[Image.Image, list[Box]]:
     """Paste a real, decodable QR code (``qrcode`` package) onto ``img``.
 
-    The side is 16-45% of the image side (~40-115 px at 256).  Modules are
+    The side is ``scale`` of the image side, by default 16-45% (~40-115 px at 256;
+    the ``wide`` profile of :data:`SIZE_PROFILES` goes down to 5%).  Modules are
     scaled by an integer factor when they are at least 2 px wide so OpenCV
     can decode them; smaller codes are resized with nearest-neighbour.
     """
@@ -126,7 +130,7 @@ def add_qr(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, lis
     grid = np.pad(modules, quiet, constant_values=False)
     n = grid.shape[0]
 
-    target = rng.uniform(0.16, 0.45) * side_px
+    target = rng.uniform(*scale) * side_px
     mod_px = target / n
     if mod_px >= 2:
         k = int(round(mod_px))
@@ -309,10 +313,12 @@ def _line(rng: np.random.Generator) -> str:
     return line
 
 
-def add_text(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[Box]]:
+def add_text(img: Image.Image, rng: np.random.Generator,
+             scale: tuple[float, float] = (0.035, 0.155)) -> tuple[Image.Image, list[Box]]:
     """Draw 1-3 lines of caption/meme/subtitle text in a band; one tight box per line.
 
-    Glyph size is 3.5-15.5% of the side (9-40 px at 256).  Bands: bottom 45%,
+    Glyph size is ``scale`` of the side, by default 3.5-15.5% (9-40 px at 256; the
+    ``wide`` profile of :data:`SIZE_PROFILES` goes down to 1.5%, ~4 px).  Bands: bottom 45%,
     top 40%, middle 15%.  A contrasting outline is added half the time.
     """
     w, h = img.size
@@ -320,7 +326,7 @@ def add_text(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, l
     out = img.copy()
     draw = ImageDraw.Draw(out)
     fname = _choice(rng, FONT_FILES)
-    px = rng.uniform(0.035, 0.155) * side
+    px = rng.uniform(*scale) * side
     colour = _choice(rng, _TEXT_COLOURS)
     stroke = 0
     stroke_fill = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
@@ -331,7 +337,7 @@ def add_text(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, l
 
     # Fit every line into 94% of the width by shrinking the font, never below
     # the smallest size (then drop words instead) so glyphs stay OCR-visible.
-    min_px = 0.035 * side
+    min_px = scale[0] * side
     fnt = font(fname, px)
     for _ in range(8):
         widths = [draw.textbbox((0, 0), ln, font=fnt, stroke_width=stroke) for ln in lines]
@@ -383,3 +389,25 @@ def add_text(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, l
 
 CONCEPTS: dict[str, Overlay] = {"qr": add_qr, "watermark": add_watermark, "text": add_text}
 CONCEPT_NAMES: dict[str, str] = {"qr": "qr code", "watermark": "watermark", "text": "text"}
+
+# Size ranges per profile, as shares of the image side.  ``default`` is what the
+# dataset has always used (the demo's data depends on it, byte for byte).  ``wide``
+# reaches below what the real detectors need at 256 px (OpenCV decodes a 21-module
+# QR code from ~45-51 px, ~33 px with zbar; Tesseract reads ~9-10 px glyphs on clean
+# backgrounds), so detector quality can be reported per size, including misses.
+# Concepts absent from a profile keep their default sizes.
+SIZE_PROFILES: dict[str, dict[str, tuple[float, float]]] = {
+    "default": {"qr": (0.16, 0.45), "text": (0.035, 0.155)},
+    "wide": {"qr": (0.05, 0.45), "text": (0.015, 0.155)},
+}
+
+
+def overlay(concept: str, img: Image.Image, rng: np.random.Generator,
+            sizes: str = "default") -> tuple[Image.Image, list[Box]]:
+    """Apply ``concept``'s overlay with the size range of profile ``sizes``."""
+    if sizes not in SIZE_PROFILES:
+        raise ValueError(f"unknown size profile {sizes!r}; choose from {sorted(SIZE_PROFILES)}")
+    scale = SIZE_PROFILES[sizes].get(concept)
+    if scale is None:
+        return CONCEPTS[concept](img, rng)
+    return CONCEPTS[concept](img, rng, scale=scale)  # type: ignore[call-arg]

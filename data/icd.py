@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from geomerase.data.concepts import CONCEPT_NAMES, CONCEPTS
+from geomerase.data.concepts import CONCEPT_NAMES, CONCEPTS, SIZE_PROFILES, overlay
 from geomerase.data.scenes import caption, render_scene, sample_scene, scene_attributes
 from geomerase.data.shards import encode_png, write_shard
 
@@ -70,10 +70,13 @@ def shard_path(out: str | os.PathLike, concept: str, shard_no: int) -> Path:
 
 
 def make_sample(concept: str, seed: int, idx: int, size: int,
-                carry: bool) -> tuple[Image.Image, str, dict[str, Any]]:
+                carry: bool, sizes: str = "default") -> tuple[Image.Image, str, dict[str, Any]]:
     """Render one sample: ``(image, clean caption, json meta)``.
 
     ``carry`` overlays the concept; the scene and caption are identical either way.
+    ``sizes`` names the overlay size profile (:data:`~geomerase.data.concepts.SIZE_PROFILES`);
+    a non-default profile is recorded in the meta as ``"sizes"`` (the default adds
+    nothing, so default datasets keep their exact bytes).
     """
     if concept not in CONCEPTS:
         raise ValueError(f"unknown concept {concept!r}; choose from {sorted(CONCEPTS)}")
@@ -86,7 +89,7 @@ def make_sample(concept: str, seed: int, idx: int, size: int,
         # Overlays always draw something, but a box list that ended up empty
         # would silently turn a concept sample into a clean one: retry, then fail.
         for _ in range(5):
-            out, boxes = CONCEPTS[concept](img, rng)
+            out, boxes = overlay(concept, img, rng, sizes)
             if boxes:
                 img = out
                 break
@@ -99,14 +102,16 @@ def make_sample(concept: str, seed: int, idx: int, size: int,
         "index": int(idx),
         "seed": int(seed),
     }
+    if sizes != "default":
+        meta["sizes"] = sizes
     return img, text, meta
 
 
 def _records(concept: str, seed: int, size: int, ratio: float, indices: range,
-             bar: tqdm, stats: dict[str, int]) -> Iterator[dict[str, Any]]:
+             bar: tqdm, stats: dict[str, int], sizes: str = "default") -> Iterator[dict[str, Any]]:
     for idx in indices:
         carry = has_concept(seed, idx, ratio)
-        img, text, meta = make_sample(concept, seed, idx, size, carry)
+        img, text, meta = make_sample(concept, seed, idx, size, carry, sizes)
         stats["n_with_concept"] += int(carry)
         bar.update(1)
         yield {"__key__": sample_key(concept, seed, idx), "png": encode_png(img), "txt": text,
@@ -120,7 +125,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def build_icd(concept: str, n: int, ratio: float, size: int, seed: int, out: str | os.PathLike,
-              shard_size: int = 1000, start_index: int = 0, progress: bool = True) -> dict[str, Any]:
+              shard_size: int = 1000, start_index: int = 0, progress: bool = True,
+              sizes: str = "default") -> dict[str, Any]:
     """Write ``n`` ICD samples (indices ``start_index`` .. ``start_index+n-1``) as tar shards.
 
     The concept is assigned exactly per block of :data:`BLOCK` indices (not a
@@ -128,6 +134,8 @@ def build_icd(concept: str, n: int, ratio: float, size: int, seed: int, out: str
     up to one sample for block-aligned ranges and stays within one block's
     rounding otherwise.  ``start_index`` must be a multiple of ``shard_size``
     so that split builds write the same shard files as a single build.
+    ``sizes`` picks the overlay size profile (``default`` or ``wide``, see
+    :data:`~geomerase.data.concepts.SIZE_PROFILES`).
     Returns a summary with ``n``, ``n_with_concept`` and ``shards`` (paths).
     """
     if concept not in CONCEPTS:
@@ -137,6 +145,8 @@ def build_icd(concept: str, n: int, ratio: float, size: int, seed: int, out: str
     if n < 0 or size < 8 or shard_size < 1 or seed < 0:
         raise ValueError(f"need n >= 0, size >= 8, shard_size >= 1, seed >= 0 (got {n}, {size}, "
                          f"{shard_size}, {seed})")
+    if sizes not in SIZE_PROFILES:
+        raise ValueError(f"unknown size profile {sizes!r}; choose from {sorted(SIZE_PROFILES)}")
     if start_index % shard_size:
         raise ValueError(f"start_index ({start_index}) must be a multiple of shard_size ({shard_size})")
     out = Path(out)
@@ -148,7 +158,7 @@ def build_icd(concept: str, n: int, ratio: float, size: int, seed: int, out: str
         for first in range(start_index, stop, shard_size):
             path = shard_path(out, concept, first // shard_size)
             write_shard(path, _records(concept, seed, size, ratio, range(first, min(first + shard_size, stop)),
-                                       bar, stats))
+                                       bar, stats, sizes))
             shards.append(str(path))
     summary = {
         "concept": concept,
@@ -162,11 +172,14 @@ def build_icd(concept: str, n: int, ratio: float, size: int, seed: int, out: str
         "shard_size": shard_size,
         "shards": shards,
     }
+    if sizes != "default":
+        summary["sizes"] = sizes
     # With split builds each call rewrites the meta for its own range; the
     # shards themselves are what is reproducible.
     _write_json_atomic(out / f"icd-{concept}-meta.json", {"arguments": {
         "concept": concept, "n": n, "ratio": ratio, "size": size, "seed": seed, "out": str(out),
-        "shard_size": shard_size, "start_index": start_index}, "summary": summary})
+        "shard_size": shard_size, "start_index": start_index,
+        **({"sizes": sizes} if sizes != "default" else {})}, "summary": summary})
     return summary
 
 
@@ -200,9 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--start-index", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--sizes", choices=sorted(SIZE_PROFILES), default="default",
+                    help="overlay size profile; 'wide' reaches below what OpenCV/Tesseract detect")
     a = ap.parse_args(argv)
     summary = build_icd(a.concept, a.n, a.ratio, a.size, a.seed, a.out, a.shard_size,
-                        a.start_index, not a.no_progress)
+                        a.start_index, not a.no_progress, a.sizes)
     print(json.dumps({k: v for k, v in summary.items() if k != "shards"}, sort_keys=True))
     return summary
 
