@@ -1,29 +1,41 @@
-"""Annotation: detect the concept, encode its geometry and rewrite the caption.
+"""Annotation: detect the concept(s), encode their geometry and rewrite the caption.
 
-:class:`Annotator` turns one sample into its annotated form; :func:`annotate_shards`
+:class:`Annotator` turns samples into their annotated form; :func:`annotate_shards`
 runs it over shards in one process, writing output shards one-to-one with the
 input shards (same file names). A shard is committed atomically when complete
-and skipped on a rerun, and ``_manifest.json`` records per-shard counts, so an
+(temp file, then rename, then ``_manifest.json``) and skipped on a rerun, so an
 interrupted job resumes without redoing or duplicating work. The Ray engine in
-``geomerase.distributed`` reuses the same :class:`Annotator`.
+:mod:`geomerase.distributed.ray_annotate` runs the same :func:`annotate_shard`
+in its workers, so both engines write identical bytes.
+
+Exactly once: every sample key of an input shard ends up either in the output
+shard or in the manifest's ``skipped_samples`` with its reason ("bad image",
+"missing field 'txt'", "empty caption", "non-contiguous key", "detector error",
+"corrupt shard", ...), never both and never twice.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import tarfile
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from geomerase.core.captions import rewrite_caption
-from geomerase.core.detectors import Detector
+from geomerase.core.captions import concept_phrase, rewrite_caption
+from geomerase.core.detectors import Detection, Detector, MultiDetector
 from geomerase.core.geometry import GeometryConfig
-from geomerase.data.shards import Sample, SkipCounter, encode_png, expand_urls, iter_samples, write_shard
+from geomerase.data.shards import (Sample, SkipCounter, _build_sample, encode_png, expand_urls,
+                                   split_member_name, write_shard)
 
 log = logging.getLogger("geomerase.annotate")
+
+MANIFEST = "_manifest.json"
 
 
 @dataclass
@@ -33,9 +45,9 @@ class AnnotateConfig:
     out: str = ""
     """Output folder (one shard per input shard, same name)."""
     detector: str = "patch-classifier"
-    """Detector registry name."""
+    """Detector registry name, ``module:Class``, or several joined by commas (one concept each)."""
     concept: str = "qr"
-    """Concept key: qr, watermark or text."""
+    """Concept key: qr, watermark or text (for detectors that take it: oracle, patch-classifier)."""
     concept_name: str | None = None
     """Phrase used in captions; None: the ICD's name for the concept."""
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
@@ -45,29 +57,61 @@ class AnnotateConfig:
 
 
 class Annotator:
-    """Detect -> cells -> rewritten caption, for one batch of samples."""
+    """Detect -> cells -> rewritten caption, for one batch of samples.
 
-    def __init__(self, detector: Detector, geometry: GeometryConfig, tokenizer, concept_name: str):
+    With a :class:`MultiDetector` every concept is recorded separately in the json
+    (``annotation["concepts"][key]``) and the caption gets one phrase per concept found,
+    in the detectors' order: ``"<caption>, qr code <l3>, text <l12> <l13>"``.
+    """
+
+    def __init__(self, detector: Detector, geometry: GeometryConfig, tokenizer,
+                 concept_name: str | Mapping[str, str]):
         self.detector = detector
         self.encoder = geometry.build()
         self.geometry = geometry
         self.tokenizer = tokenizer
-        self.concept_name = concept_name
+        self.multi = isinstance(detector, MultiDetector)
+        if self.multi:
+            from geomerase.data.concepts import CONCEPT_NAMES
 
-    def annotate(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-        """Output records (``__key__``, ``png``, ``txt``, ``json``) for ``samples``."""
-        dets = self.detector.detect_batch([s.image for s in samples], [s.meta for s in samples])
+            names = concept_name if isinstance(concept_name, Mapping) else {}
+            self.concept_names = {c: names.get(c, CONCEPT_NAMES.get(c, c)) for c in detector.concepts}
+        else:
+            self.concept_name = concept_name if isinstance(concept_name, str) else concept_name[detector.concept]
+
+    def _detect(self, samples: Sequence[Sample], skips: SkipCounter) -> list[list[Detection] | None]:
+        """Detections per sample; a sample whose detection raises is skipped ("detector error")."""
+        images, metas = [s.image for s in samples], [s.meta for s in samples]
+        try:
+            return list(self.detector.detect_batch(images, metas))
+        except Exception:  # find the culprit(s) one by one, keep the rest
+            out: list[list[Detection] | None] = []
+            for s in samples:
+                try:
+                    out.append(self.detector.detect(s.image, s.meta))
+                except Exception as exc:
+                    skips.skip(s.shard, s.key, "detector error", f"{type(exc).__name__}: {exc}")
+                    out.append(None)
+            return out
+
+    def annotate(self, samples: Sequence[Sample], skips: SkipCounter | None = None) -> list[dict[str, Any]]:
+        """Output records (``__key__``, ``png``, ``txt``, ``json``) for ``samples`` (skipped ones left out)."""
+        skips = skips if skips is not None else SkipCounter()
         out = []
-        for s, found in zip(samples, dets):
-            w, h = s.image.size
+        for s, found in zip(samples, self._detect(samples, skips)):
+            if found is None:
+                continue
+            out.append(self._record(s, found))
+        return out
+
+    def _record(self, s: Sample, found: list[Detection]) -> dict[str, Any]:
+        w, h = s.image.size
+        clean = s.meta.get("caption_clean", s.caption)
+        meta = dict(s.meta)
+        meta["caption_clean"] = clean
+        if not self.multi:
             cells = self.encoder.cells_from_boxes([d.box for d in found], w, h)
-            clean = s.meta.get("caption_clean", s.caption)
             rw = rewrite_caption(clean, self.concept_name, cells, self.tokenizer)
-            if rw.truncated:
-                log.warning("sample %s in %s: caption too long for 77 tokens; dropped words %s, cells %s",
-                            s.key, s.shard, rw.dropped_words, rw.dropped_cells)
-            meta = dict(s.meta)
-            meta["caption_clean"] = clean
             meta["annotation"] = {
                 "detector": self.detector.name, "concept": self.detector.concept, "concept_name": self.concept_name,
                 "grid": self.geometry.grid, "mode": self.geometry.mode,
@@ -76,66 +120,262 @@ class Annotator:
                 "tokens": [f"<l{c}>" for c in cells],
                 "dropped_words": rw.dropped_words, "dropped_cells": rw.dropped_cells,
             }
-            out.append({"__key__": s.key, "png": encode_png(s.image),
-                        "txt": rw.text, "json": meta})
-        return out
+        else:
+            per: dict[str, Any] = {}
+            phrases = []
+            for det in self.detector.detectors:
+                mine = [d for d in found if d.concept == det.concept]
+                cells = self.encoder.cells_from_boxes([d.box for d in mine], w, h)
+                per[det.concept] = {"detector": det.name, "concept_name": self.concept_names[det.concept],
+                                    "detections": [d.to_json() for d in mine], "cells": cells,
+                                    "tokens": [f"<l{c}>" for c in cells]}
+                if cells:
+                    phrases.append(concept_phrase(self.concept_names[det.concept], cells))
+            union = sorted({c for p in per.values() for c in p["cells"]})
+            rw = rewrite_caption(clean, ", ".join(phrases) if phrases else None, [], self.tokenizer,
+                                 with_cells=False)
+            meta["annotation"] = {
+                "detector": self.detector.name, "concept": self.detector.concept, "concepts": per,
+                "grid": self.geometry.grid, "mode": self.geometry.mode,
+                "overlap_threshold": self.geometry.overlap_threshold,
+                "cells": union, "tokens": [f"<l{c}>" for c in union],
+                "dropped_words": rw.dropped_words, "dropped_cells": [],
+            }
+        if rw.truncated:
+            log.warning("sample %s in %s: caption too long for 77 tokens; dropped words %s, cells %s",
+                        s.key, s.shard, rw.dropped_words, rw.dropped_cells)
+        return {"__key__": s.key, "png": encode_png(s.image), "txt": rw.text, "json": meta}
 
 
-def _load_manifest(out: Path) -> dict[str, Any]:
-    path = out / "_manifest.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"shards": {}}
+# ------------------------------------------------------------------ reading, exactly once
+
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
 
-def _save_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    tmp = out / "._manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, out / "_manifest.json")
+def scan_keys(shard: str) -> tuple[list[str], set[str]]:
+    """Member keys of ``shard`` in order of first appearance, and the keys whose members are
+    not adjacent (a key that reappears after another key). Reads headers only; stops quietly at
+    damage (the decoding pass reports it)."""
+    order: list[str] = []
+    seen: set[str] = set()
+    split: set[str] = set()
+    last = None
+    try:
+        with tarfile.open(shard, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if not ext or key == last:
+                    continue
+                if key in seen:
+                    split.add(key)
+                else:
+                    seen.add(key)
+                    order.append(key)
+                last = key
+    except _TAR_ERRORS:
+        pass
+    return order, split
+
+
+def iter_shard_once(shard: str, skips: SkipCounter, require: tuple[str, ...] = ("png", "txt", "json")
+                    ) -> Iterator[Sample]:
+    """Decoded samples of one shard; each key yielded at most once, every other key recorded in
+    ``skips`` exactly once with its reason (including "non-contiguous key" and "empty caption")."""
+    if not os.path.exists(shard):
+        skips.skip(shard, "<all>", "missing shard", "file not found")
+        return
+    _, split = scan_keys(shard)
+    reported: set[str] = set()
+    key: str | None = None
+    fields: dict[str, bytes] = {}
+
+    def finish(k: str, f: dict[str, bytes]) -> Sample | None:
+        if k in split:
+            if k not in reported:
+                reported.add(k)
+                skips.skip(shard, k, "non-contiguous key", "its members are not adjacent in the tar")
+            return None
+        s = _build_sample(k, f, shard, require, skips)
+        if s is not None and not (s.caption or s.meta.get("caption_clean")):
+            skips.skip(shard, k, "empty caption", "field 'txt' is empty")
+            return None
+        return s
+
+    try:
+        with tarfile.open(shard, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                mkey, ext = split_member_name(member.name)
+                if not ext:
+                    continue
+                fh = tar.extractfile(member)
+                data = fh.read() if fh is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name!r} truncated")
+                if mkey != key:
+                    if key is not None:
+                        s = finish(key, fields)
+                        if s is not None:
+                            yield s
+                    key, fields = mkey, {}
+                fields[ext] = data
+    except _TAR_ERRORS as exc:
+        where = key if key is not None else "<start of shard>"
+        if where in split and where in reported:
+            where = f"{where}<after>"  # its skip is already recorded; name the damage separately
+        skips.skip(shard, where, "corrupt shard", f"{type(exc).__name__}: {exc}; rest of shard skipped")
+        return
+    if key is not None:
+        s = finish(key, fields)
+        if s is not None:
+            yield s
 
 
 def annotate_shard(annotator: Annotator, shard: str, out_path: Path, batch_size: int) -> dict[str, Any]:
-    """Annotate one shard into ``out_path`` (atomic); returns its counts."""
+    """Annotate one shard into ``out_path`` (atomic: temp file, then rename); returns its counts.
+
+    Counts: ``read`` (keys met = annotated + skipped), ``annotated``, ``with_concept``
+    (and ``with_concept_by`` per concept for multi-detector runs), ``skipped`` by reason,
+    ``skipped_samples`` (key and reason of each), ``seconds``.
+    """
+    t0 = time.perf_counter()
     skips = SkipCounter()
-    records: list[dict[str, Any]] = []
-    batch: list[Sample] = []
-    n_read = 0
-    for s in iter_samples([shard], skips):
-        n_read += 1
-        batch.append(s)
-        if len(batch) >= batch_size:
-            records += annotator.annotate(batch)
-            batch = []
-    if batch:
-        records += annotator.annotate(batch)
-    write_shard(out_path, records)
-    return {
-        "read": n_read + skips.total, "annotated": len(records),
-        "with_concept": sum(bool(r["json"]["annotation"]["cells"]) for r in records),
-        "skipped": dict(skips.counts),
+    stats = {"annotated": 0, "with_concept": 0}
+    by_concept: dict[str, int] = {}
+
+    def records() -> Iterator[dict[str, Any]]:
+        batch: list[Sample] = []
+        samples = iter_shard_once(shard, skips)
+        while True:
+            s = next(samples, None)
+            if s is not None:
+                batch.append(s)
+            if batch and (s is None or len(batch) >= batch_size):
+                for rec in annotator.annotate(batch, skips):
+                    ann = rec["json"]["annotation"]
+                    stats["annotated"] += 1
+                    stats["with_concept"] += bool(ann["cells"])
+                    for c, v in ann.get("concepts", {}).items():
+                        by_concept[c] = by_concept.get(c, 0) + bool(v["cells"])
+                    yield rec
+                batch = []
+            if s is None:
+                return
+
+    write_shard(out_path, records())
+    counts: dict[str, Any] = {
+        "read": stats["annotated"] + skips.total, "annotated": stats["annotated"],
+        "with_concept": stats["with_concept"],
+        "skipped": dict(sorted(skips.counts.items())),
         "skipped_samples": [{"key": k, "reason": r} for _, k, r in skips.records],
+        "seconds": round(time.perf_counter() - t0, 3),
     }
+    if by_concept:
+        counts["with_concept_by"] = dict(sorted(by_concept.items()))
+    return counts
 
 
-def annotate_shards(annotator: Annotator, input_glob: str, out: str | os.PathLike, batch_size: int = 64,
-                    progress: bool = True) -> dict[str, Any]:
-    """Annotate every input shard not yet committed in ``out``; returns the manifest."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shards = expand_urls(input_glob)
-    manifest = _load_manifest(out)
-    for shard in tqdm(shards, desc="annotate", unit="shard", disable=not progress):
-        name = Path(shard).name
-        target = out / name
-        if name in manifest["shards"] and target.is_file():
-            continue  # committed by an earlier run
-        manifest["shards"][name] = annotate_shard(annotator, shard, target, batch_size)
-        _save_manifest(out, manifest)
-    totals: dict[str, Any] = {"read": 0, "annotated": 0, "with_concept": 0, "skipped": 0}
-    for counts in manifest["shards"].values():
+# ------------------------------------------------------------------------- manifest
+
+
+def load_manifest(out: Path) -> dict[str, Any]:
+    """``out/_manifest.json`` or an empty one; a damaged manifest is an error naming the file."""
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            m = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: damaged manifest ({e}); move it away to redo every shard") from e
+        m.setdefault("shards", {})
+        return m
+    return {"shards": {}}
+
+
+def save_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically (temp file, fsync, rename)."""
+    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(manifest, indent=1, sort_keys=True))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / MANIFEST)
+
+
+def clean_stale_temps(out: Path) -> list[str]:
+    """Remove temp files a killed writer left in ``out`` (``.<name>.*.tmp``); returns their names."""
+    gone = []
+    for p in out.glob(".*.tmp"):
+        try:
+            p.unlink()
+            gone.append(p.name)
+        except FileNotFoundError:
+            pass
+    if gone:
+        log.warning("removed %d stale temp file(s) in %s: %s", len(gone), out, gone[:5])
+    return gone
+
+
+def pending_shards(shards: Sequence[str], out: Path, manifest: dict[str, Any]) -> list[str]:
+    """Input shards not yet committed (committed = in the manifest and its output file exists)."""
+    names = [Path(s).name for s in shards]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"input shards share file names {dupes[:5]}; output shards are named after them")
+    return [s for s in shards if not (Path(s).name in manifest["shards"] and (out / Path(s).name).is_file())]
+
+
+def finalize_manifest(out: Path, manifest: dict[str, Any], shards: Sequence[str], **run_info: Any) -> dict[str, Any]:
+    """Totals over the input shards' entries, plus ``run_info`` under ``last_run``; saved."""
+    totals: dict[str, Any] = {"read": 0, "annotated": 0, "with_concept": 0, "skipped": 0, "shards": 0}
+    by_reason: dict[str, int] = {}
+    for s in shards:
+        counts = manifest["shards"].get(Path(s).name)
+        if counts is None:
+            continue
+        totals["shards"] += 1
         for k in ("read", "annotated", "with_concept"):
             totals[k] += counts[k]
-        totals["skipped"] += sum(counts["skipped"].values())
+        for reason, n in counts["skipped"].items():
+            totals["skipped"] += n
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    totals["skipped_by_reason"] = dict(sorted(by_reason.items()))
     manifest["totals"] = totals
-    _save_manifest(out, manifest)
+    if run_info:
+        manifest["last_run"] = run_info
+    save_manifest(out, manifest)
+    return manifest
+
+
+def throughput_line(images: int, seconds: float, engine: str) -> str:
+    """``"annotated N images in T s: X images/s (engine)"``."""
+    rate = images / seconds if seconds > 0 else float("nan")
+    return f"annotated {images} images in {seconds:.1f} s: {rate:.1f} images/s ({engine})"
+
+
+def annotate_shards(annotator: Annotator, input_glob: str | Sequence[str], out: str | os.PathLike,
+                    batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Annotate every input shard not yet committed in ``out`` (one process); returns the manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    shards = expand_urls(input_glob)
+    manifest = load_manifest(out)
+    todo = pending_shards(shards, out, manifest)
+    t0 = time.perf_counter()
+    images = 0
+    bar = tqdm(todo, desc="annotate", unit="shard", disable=not progress)
+    for shard in bar:
+        counts = annotate_shard(annotator, shard, out / Path(shard).name, batch_size)
+        manifest["shards"][Path(shard).name] = counts
+        save_manifest(out, manifest)  # the commit point
+        images += counts["read"]
+        bar.set_postfix(img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.1f}")
+    seconds = time.perf_counter() - t0
+    manifest = finalize_manifest(out, manifest, shards, engine="local", shards_done=len(todo), images=images,
+                                 seconds=round(seconds, 3))
+    if todo and progress:
+        log.info(throughput_line(images, seconds, "local"))
     return manifest

@@ -3,11 +3,18 @@
 * ``oracle`` reads the ground-truth boxes an ICD sample carries in its ``json``.
 * ``patch-classifier`` scans a trained :class:`PatchClassifier` over the G x G grid
   and returns the box of every cell it flags (the paper's accessible-classifier path).
+* ``qr`` (OpenCV's multi-code QR detector), ``text`` (Tesseract word boxes) and
+  ``watermark`` (the patch-classifier path for watermarks) live in
+  :mod:`geomerase.core.detectors_real` and are registered here by name.
 
-Further detectors register with :func:`register_detector` and are chosen by name.
+Further detectors register with :func:`register_detector`, or are named
+``module:Class`` (imported explicitly with importlib, never evaluated); several
+names joined by commas build a :class:`MultiDetector` that records every concept
+separately.
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +128,105 @@ def _missing(name: str, option: str):
     raise ValueError(f"detector {name!r} needs --{option} PATH (a folder saved by the classifier trainer)")
 
 
+class MultiDetector(Detector):
+    """Several detectors applied to the same images; each keeps its own concept.
+
+    ``detect_batch`` returns every member's detections concatenated (each
+    :class:`Detection` names its concept); :class:`~geomerase.core.annotate.Annotator`
+    groups them per concept. Two members may not share a concept.
+    """
+
+    name = "multi"
+
+    def __init__(self, detectors: Sequence[Detector]):
+        if not detectors:
+            raise ValueError("a multi-detector needs at least one detector")
+        concepts = [d.concept for d in detectors]
+        dupes = sorted({c for c in concepts if concepts.count(c) > 1})
+        if dupes:
+            raise ValueError(f"detectors {[d.name for d in detectors]} share concept(s) {dupes}; "
+                             "give each concept one detector")
+        self.detectors = list(detectors)
+        self.concept = ",".join(concepts)
+
+    @property
+    def concepts(self) -> list[str]:
+        return [d.concept for d in self.detectors]
+
+    def detect(self, image: Image.Image, meta: dict | None = None) -> list[Detection]:
+        return self.detect_batch([image], [meta])[0]
+
+    def detect_batch(self, images: Sequence[Image.Image], metas: Sequence[dict | None]) -> list[list[Detection]]:
+        out: list[list[Detection]] = [[] for _ in images]
+        for det in self.detectors:
+            for acc, found in zip(out, det.detect_batch(images, metas)):
+                acc.extend(found)
+        return out
+
+
+def _import_detector(spec: str, concept: str, options: dict[str, Any]) -> Detector:
+    """``module:attr`` -> a Detector: a Detector subclass, a factory returning one, or a
+    torch module with ``cell_probs`` (wrapped as a grid scan)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or not all(p.isidentifier() for p in attr.split(".") + module_name.split(".")):
+        raise ValueError(f"detector {spec!r}: a plug-in is named 'module.path:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"detector {spec!r}: cannot import module {module_name!r}: {e}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"detector {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, type) and issubclass(obj, Detector):
+        return obj(concept=concept, **options)
+    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+        from geomerase.core.detectors_real import TorchCellDetector
+
+        return TorchCellDetector.from_class(obj, concept, **options)
+    if callable(obj) and not isinstance(obj, type):
+        det = obj(concept=concept, **options)
+        if not isinstance(det, Detector):
+            raise TypeError(f"detector {spec!r}: factory returned a {type(det).__name__}, not a Detector")
+        return det
+    raise TypeError(f"detector {spec!r} is a {type(obj).__name__}: need a Detector subclass, a factory "
+                    "returning one, or a torch.nn.Module class with cell_probs()")
+
+
+def _split_options(names: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Options for each of ``names``: ``"name.key"`` goes to that detector only, a plain key to all
+    that accept it (unknown plain keys are left for each factory to reject)."""
+    per: list[dict[str, Any]] = [{} for _ in names]
+    for key, value in options.items():
+        target, dot, sub = key.partition(".")
+        if dot:
+            if target not in names:
+                raise ValueError(f"option {key!r} names detector {target!r}, which is not among {names}")
+            per[names.index(target)][sub] = value
+        else:
+            for d in per:
+                d[key] = value
+    return per
+
+
 def build_detector(name: str, concept: str, **options: Any) -> Detector:
-    """Detector by registry name; unknown names list the registered ones."""
+    """Detector by registry name, ``module:Class`` plug-in, or comma-separated list of them.
+
+    ``options`` go to the detector's factory (``classifier=PATH``, ``require_decode=True``...);
+    with several detectors, ``"qr.require_decode"`` addresses one of them. Unknown names list the
+    registered ones.
+    """
+    import geomerase.core.detectors_real  # noqa: F401  (registers qr, text, watermark)
+
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if not names:
+        raise ValueError("empty detector name")
+    if len(names) > 1:
+        return MultiDetector([build_detector(n, concept, **o) for n, o in zip(names, _split_options(names, options))])
+    name = names[0]
+    if ":" in name:
+        return _import_detector(name, concept, options)
     if name not in DETECTORS:
-        raise KeyError(f"unknown detector {name!r}; registered: {sorted(DETECTORS)}")
+        raise KeyError(f"unknown detector {name!r}; registered: {sorted(DETECTORS)} (or 'module:Class')")
     return DETECTORS[name](concept=concept, **options)

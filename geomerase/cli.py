@@ -37,7 +37,7 @@ def _demo(a: argparse.Namespace) -> int:
 def _build_icd(a: argparse.Namespace) -> int:
     from geomerase.data.icd import build_icd
 
-    summary = build_icd(a.concept, a.n, a.ratio, a.size, a.seed, a.out, a.shard_size)
+    summary = build_icd(a.concept, a.n, a.ratio, a.size, a.seed, a.out, a.shard_size, sizes=a.sizes)
     print(json.dumps({k: v for k, v in summary.items() if k != "shards"}, sort_keys=True))
     return 0
 
@@ -60,21 +60,42 @@ def _train_classifier(a: argparse.Namespace) -> int:
     return 0
 
 
-def _annotate(a: argparse.Namespace) -> int:
-    from geomerase.core.annotate import Annotator, annotate_shards
-    from geomerase.core.detectors import build_detector
-    from geomerase.core.geometry import GeometryConfig
-    from geomerase.core.tokenizer import build_tokenizer
-    from geomerase.data.concepts import CONCEPT_NAMES
+def _annotate_options(items: list[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--option {item!r}: expected key=value (e.g. require_decode=true, text.min_conf=50)")
+        opts[key.strip()] = value.strip()
+    return opts
 
-    if a.engine != "local":
-        raise SystemExit(f"annotate --engine {a.engine}: only the local engine is available in this build")
+
+def _annotate(a: argparse.Namespace) -> int:
+    import time
+
+    from geomerase.core.annotate import annotate_shards, throughput_line
+    from geomerase.core.geometry import GeometryConfig
+    from geomerase.distributed.ray_annotate import AnnotatorSpec, RayAnnotateConfig, annotate_shards_ray
+
     geometry = GeometryConfig(grid=a.grid, overlap_threshold=a.overlap_threshold, mode=a.mode)
     geometry.validate()
-    options = {"classifier": a.classifier} if a.classifier else {}
-    detector = build_detector(a.detector, a.concept, **options)
-    annotator = Annotator(detector, geometry, build_tokenizer(a.grid), a.concept_name or CONCEPT_NAMES[a.concept])
-    manifest = annotate_shards(annotator, a.input, a.out, a.batch_size)
+    options = _annotate_options(a.option)
+    if a.classifier:
+        options["classifier"] = a.classifier
+    spec = AnnotatorSpec(detector=a.detector, concept=a.concept, options=options, concept_name=a.concept_name,
+                         geometry=geometry)
+    if a.engine == "ray":
+        cfg = RayAnnotateConfig(num_workers=a.num_workers, address=a.address, batch_size=a.batch_size)
+        manifest = annotate_shards_ray(spec, a.input, a.out, cfg)
+    else:
+        if a.address is not None:
+            raise ValueError("--address needs --engine ray")
+        t0 = time.perf_counter()
+        manifest = annotate_shards(spec.build(), a.input, a.out, a.batch_size)
+        run = manifest.get("last_run", {})
+        if run.get("shards_done"):
+            print(throughput_line(run["images"], run["seconds"], "local") +
+                  f" (+{time.perf_counter() - t0 - run['seconds']:.1f} s loading the detector)")
     print(json.dumps(manifest["totals"], sort_keys=True))
     return 0
 
@@ -134,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--shard-size", type=int, default=1000)
     q.add_argument("--out", required=True)
+    q.add_argument("--sizes", choices=["default", "wide"], default="default",
+                   help="overlay size profile; 'wide' reaches below what OpenCV/Tesseract detect")
     q.set_defaults(fn=_build_icd)
 
     p = sub.add_parser("classifier", help="detectors trained on project data")
@@ -152,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("annotate", help="detect the concept and rewrite captions with location tokens")
     p.add_argument("--input", required=True, help="glob of input shards")
     p.add_argument("--out", required=True)
-    p.add_argument("--detector", default="patch-classifier")
+    p.add_argument("--detector", default="patch-classifier",
+                   help="qr, text, watermark, oracle, patch-classifier, module:Class, or several joined by commas")
     p.add_argument("--classifier", default=None, help="patch-classifier folder")
     p.add_argument("--concept", default="qr", choices=["qr", "watermark", "text"])
     p.add_argument("--concept-name", default=None)
@@ -161,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["cells", "corner"], default="cells")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument("--address", default=None,
+                   help="ray engine: 'auto' or HOST:PORT of a running cluster (default: embedded local Ray)")
+    p.add_argument("--num-workers", type=int, default=2, help="ray engine: actors (one CPU each)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="detector option, repeatable (require_decode=true, min_conf=50, text.min_height=8)")
     p.set_defaults(fn=_annotate)
 
     p = sub.add_parser("train", help="fine-tune (python -m geomerase.train)")
