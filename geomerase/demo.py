@@ -2,44 +2,45 @@
 
 1. build a small Implicit Concept Dataset (QR codes in about half the images) and a
    held-out split of unseen scenes;
-2. train the patch classifier on the training split (ground-truth boxes) and check
-   its cells against ground truth on held-out images, clean and degraded;
-3. annotate the training shards with it (location tokens in the captions);
-4. train the attribute classifier (prompt-fidelity scorer);
-5. fine-tune ``tiny`` twice with the same budget and seed: ``plain`` (clean
-   captions) and ``geom`` (annotated captions, data removal);
-6. sample every arm with the same seeds, score ICR and fidelity, write
-   ``metrics.json``, ``report.md``, sample grids and an ICR chart.
+2. train the patch classifier (annotation and ICR scorer) and the attribute classifier
+   (prompt-fidelity scorer) on the training split, and check both on held-out images,
+   clean and degraded;
+3. annotate the training shards with the patch classifier (location tokens in the captions);
+4. fine-tune ``tiny`` twice with the same budget and seed: ``plain`` (clean captions) and
+   ``geom`` (annotated captions, data removal);
+5. sample every arm with the same seeds, score ICR and fidelity, write ``metrics.json``,
+   ``report.md``, sample grids and an ICR chart.
 
-Each stage writes its outputs before the next starts and is skipped when they
-exist, so an interrupted demo resumes where it stopped.
+Independent stages (the two splits, the two classifiers, the two fine-tunes, the two
+models' sampling) run side by side in one process per core (:mod:`geomerase.demo_jobs`).
+Each stage writes its outputs before the next starts and is skipped when they exist, so
+an interrupted demo resumes where it stopped.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from geomerase.core.annotate import Annotator, annotate_shards
 from geomerase.core.captions import CaptionConfig, negative_mixture
-from geomerase.core.classifiers import (AttributeClassifierConfig, PatchClassifierConfig, as_float, degraded,
-                                        labels_to_index, load_classifier, save_classifier,
-                                        train_attribute_classifier, train_patch_classifier)
+from geomerase.core.classifiers import PatchClassifierConfig, as_float, degraded, labels_to_index, load_classifier
 from geomerase.core.config import to_dict
 from geomerase.core.detectors import PatchClassifierDetector
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
 from geomerase.core.metrics import binary_pr, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
-from geomerase.core.models import ModelConfig, load_model
-from geomerase.core.sampling import SamplerConfig, sample, to_uint8
-from geomerase.core.trainer import RunConfig, TrainConfig, Trainer, resolve_device
-from geomerase.data.icd import build_icd
+from geomerase.core.models import ModelConfig
+from geomerase.core.sampling import SamplerConfig
+from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.loader import DataConfig, InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import iter_samples
+from geomerase.demo_jobs import (Arm, Job, JobPool, attribute_classifier_job, build_icd_job, patch_classifier_job,
+                                 progress_file, sample_arms_job, train_model_job)
 
 log = logging.getLogger("geomerase.demo")
 
@@ -87,7 +88,10 @@ class DemoConfig:
     seed: int = 0
     """Seed of everything."""
     threads: int = 2
-    """torch CPU threads."""
+    """torch CPU threads in all (split evenly between the worker processes)."""
+    workers: int = 2
+    """Processes that run independent stages side by side on the CPU (the two data splits, the two
+    classifiers, the two fine-tunes, the two models' sampling); 1 runs everything in this process."""
     prepare_only: bool = False
     """Stop after the data, classifier and annotation stages (no diffusion training)."""
     guidance_sweep: list[float] = field(default_factory=list)
@@ -102,11 +106,11 @@ def _stage_done(path: Path) -> bool:
     return path.exists()
 
 
-def _coverage(ds: InMemoryDataset, grid: int, thr: float) -> torch.Tensor:
-    """``(N, G, G)`` ground-truth share of each cell covered by the sample's boxes."""
-    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=thr))
-    cov = [torch.from_numpy(enc.coverage(m.get("boxes", []), w, h)).float() for m, (w, h) in zip(ds.metas, ds.sizes)]
-    return torch.stack(cov)
+def _pool(cfg: DemoConfig, device: torch.device) -> JobPool:
+    """One process per core (1 thread each) on the CPU; inline on a GPU."""
+    if device.type != "cpu" or cfg.workers <= 1:
+        return JobPool(1, cfg.threads)
+    return JobPool(cfg.workers, max(1, cfg.threads // cfg.workers))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -115,31 +119,38 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    device = resolve_device(cfg.device)
+    cpu_pool = _pool(cfg, torch.device("cpu"))
+    pool = _pool(cfg, device)
     timings: dict[str, float] = {}
     res = 32
     thr = PatchClassifierConfig().overlap_threshold
+    bgs, shapes = list(BACKGROUNDS), list(SHAPES)
 
-    # 1. data ------------------------------------------------------------------------------
+    # 1. data: the two splits side by side -------------------------------------------------
     t = time.time()
-    if not _stage_done(out / "icd" / "train" / f"icd-{cfg.concept}-meta.json"):
-        build_icd(cfg.concept, cfg.n_train, cfg.ratio, cfg.image_size, cfg.seed, out / "icd" / "train")
-    if not _stage_done(out / "icd" / "heldout" / f"icd-{cfg.concept}-meta.json"):
-        build_icd(cfg.concept, cfg.n_heldout, cfg.ratio, cfg.image_size, cfg.seed + 1000, out / "icd" / "heldout")
+    splits = {"train": (cfg.n_train, cfg.seed), "heldout": (cfg.n_heldout, cfg.seed + 1000)}
+    cpu_pool.run({name: Job(build_icd_job, (cfg.concept, n, cfg.ratio, cfg.image_size, seed, str(out / "icd" / name)))
+                  for name, (n, seed) in splits.items()
+                  if not _stage_done(out / "icd" / name / f"icd-{cfg.concept}-meta.json")}, desc="build ICD")
     train_glob = str(out / "icd" / "train" / f"icd-{cfg.concept}-*.tar")
     held_glob = str(out / "icd" / "heldout" / f"icd-{cfg.concept}-*.tar")
-    train_ds = InMemoryDataset(train_glob, res)
     held_ds = InMemoryDataset(held_glob, res)
     timings["data"] = time.time() - t
 
-    # 2. patch classifier -------------------------------------------------------------------
+    # 2. patch classifier (annotation + ICR scorer) and attribute classifier (fidelity), side by side
     t = time.time()
-    pc_dir = out / "classifiers" / "patch"
+    pc_dir, ac_dir = out / "classifiers" / "patch", out / "classifiers" / "attributes"
+    jobs = {}
     if not _stage_done(pc_dir / "model.safetensors"):
-        pcfg = PatchClassifierConfig(resolution=res, grid=cfg.grid, width=16)
-        cov = _coverage(train_ds, cfg.grid, thr)
-        pc = train_patch_classifier(pcfg, train_ds.images, cov, steps=cfg.classifier_steps, batch=32, seed=cfg.seed)
-        save_classifier(pc, pc_dir, {"concept": cfg.concept})
+        jobs["patch"] = Job(patch_classifier_job, (train_glob, res, cfg.grid, cfg.classifier_steps, cfg.seed,
+                                                   str(pc_dir), cfg.concept))
+    if not _stage_done(ac_dir / "model.safetensors"):
+        jobs["attributes"] = Job(attribute_classifier_job, (train_glob, res, cfg.classifier_steps, cfg.seed,
+                                                            str(ac_dir), bgs, shapes))
+    cpu_pool.run(jobs, desc="classifiers")
     pc, _ = load_classifier(pc_dir)
+    ac, _ = load_classifier(ac_dir)
     enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=thr))
     true_cells = [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(held_ds.metas, held_ds.sizes)]
     clean_cells = pc.cells(as_float(held_ds.images))
@@ -150,7 +161,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         "images_clean": binary_pr([bool(c) for c in clean_cells], [bool(c) for c in true_cells]),
         "images_degraded": binary_pr([bool(c) for c in deg_cells], [bool(c) for c in true_cells]),
     }
-    timings["patch_classifier"] = time.time() - t
+    hbg = labels_to_index([m["attributes"]["background"] for m in held_ds.metas], bgs, held_glob)
+    hsh = labels_to_index([m["attributes"]["shape"] for m in held_ds.metas], shapes, held_glob)
+    pbg, psh = ac.predict(as_float(held_ds.images))
+    dbg, dsh = ac.predict(degraded(held_ds.images, seed=cfg.seed + 11))
+    attr_quality = {"clean": fidelity(pbg, psh, hbg, hsh), "degraded": fidelity(dbg, dsh, hbg, hsh)}
+    timings["classifiers"] = time.time() - t
 
     # 3. annotate ---------------------------------------------------------------------------
     t = time.time()
@@ -164,50 +180,28 @@ def run_demo(cfg: DemoConfig) -> dict:
                               build_tokenizer(cfg.grid), cfg.concept_name)
         annotate_shards(annotator, train_glob, ann_dir)
     timings["annotate"] = time.time() - t
-
-    # 4. attribute classifier ---------------------------------------------------------------
-    t = time.time()
-    ac_dir = out / "classifiers" / "attributes"
-    bgs, shapes = list(BACKGROUNDS), list(SHAPES)
-
-    def labels(metas: list[dict], where: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return (labels_to_index([m["attributes"]["background"] for m in metas], bgs, where),
-                labels_to_index([m["attributes"]["shape"] for m in metas], shapes, where))
-
-    if not _stage_done(ac_dir / "model.safetensors"):
-        acfg = AttributeClassifierConfig(resolution=res, num_backgrounds=len(bgs), num_shapes=len(shapes), width=16)
-        ybg, ysh = labels(train_ds.metas, train_glob)
-        ac = train_attribute_classifier(acfg, train_ds.images, ybg, ysh, steps=cfg.classifier_steps, batch=32,
-                                        seed=cfg.seed)
-        save_classifier(ac, ac_dir, {"backgrounds": bgs, "shapes": shapes})
-    ac, _ = load_classifier(ac_dir)
-    hbg, hsh = labels(held_ds.metas, held_glob)
-    pbg, psh = ac.predict(as_float(held_ds.images))
-    dbg, dsh = ac.predict(degraded(held_ds.images, seed=cfg.seed + 11))
-    attr_quality = {"clean": fidelity(pbg, psh, hbg, hsh), "degraded": fidelity(dbg, dsh, hbg, hsh)}
-    timings["attribute_classifier"] = time.time() - t
     if cfg.prepare_only:
         return {"scorer": scorer_quality, "attribute_classifier": attr_quality, "timings": timings}
 
-    # 5. fine-tune plain and geom -----------------------------------------------------------
-    models = {}
+    # 4. fine-tune plain and geom side by side (same budget, same seed) ----------------------
+    t = time.time()
+    jobs = {}
     for name, caps in (("plain", CaptionConfig(mode="clean", dropout=cfg.captions.dropout)), ("geom", cfg.captions)):
-        t = time.time()
         run_dir = out / "models" / name
-        if not _stage_done(run_dir / "model" / "geomerase.json"):
-            rc = RunConfig(out_dir=str(run_dir), model=model_cfg,
-                           data=DataConfig(shards=str(ann_dir / "*.tar"), batch_size=cfg.batch_size),
-                           captions=caps,
-                           train=TrainConfig(mode="data-removal", max_steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
-                                             device=cfg.device,
-                                             log_every=25, save_every=max(cfg.steps // 4, 1)),
-                           resume="latest")
-            Trainer(rc).fit()
-        models[name] = load_model(run_dir / "model").to(resolve_device(cfg.device))
-        models[name].set_attention_backend(cfg.attention_backend)
-        timings[f"train_{name}"] = time.time() - t
+        if _stage_done(run_dir / "model" / "geomerase.json"):
+            continue
+        rc = RunConfig(out_dir=str(run_dir), model=model_cfg,
+                       data=DataConfig(shards=str(ann_dir / "*.tar"), batch_size=cfg.batch_size),
+                       captions=caps,
+                       train=TrainConfig(mode="data-removal", max_steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                                         warmup_steps=min(50, max(cfg.steps // 10, 1)), device=cfg.device,
+                                         log_every=25, save_every=max(cfg.steps // 4, 1)),
+                       resume="latest")
+        jobs[name] = Job(train_model_job, (rc, pool.workers == 1), progress_file(run_dir), cfg.steps)
+    pool.run(jobs, desc="fine-tune plain+geom")
+    timings["train"] = time.time() - t
 
-    # 6. sample and score -------------------------------------------------------------------
+    # 5. sample (each model's arms in its own process) and score ------------------------------
     t = time.time()
     n = cfg.samples
     prompts = [r.caption for r in held_ds.records][:n]
@@ -225,10 +219,28 @@ def run_demo(cfg: DemoConfig) -> dict:
     for kind in cfg.extra_negatives:
         arms[f"geom[{kind}]"] = ("geom", prompts, kind)
         arms[f"open_geom[{kind}]"] = ("geom", [""] * n, kind)
+    sweep = {}
+    for scale in cfg.guidance_sweep:
+        for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative),
+                          *((f"open_geom[{k}]", k) for k in cfg.extra_negatives)):
+            sweep[(str(scale), arm)] = (scale, kind)
+    # Split the work into two roughly equal jobs: the geom model has most arms, so its sweep
+    # arms go to a second geom job.
+    per_job: dict[tuple[str, float], list[Arm]] = {}
+    for arm, (mname, ps, kind) in arms.items():
+        per_job.setdefault((mname, cfg.guidance_scale), []).append(Arm(arm, ps, *neg[kind]))
+    for (scale_s, arm), (scale, kind) in sweep.items():
+        per_job.setdefault(("geom", scale), []).append(Arm(f"{arm}@{scale_s}", [""] * n, *neg[kind]))
+    jobs = {f"{m}@{s}": Job(sample_arms_job, (str(out / "models" / m / "model"), cfg.device, cfg.attention_backend,
+                                              arm_list, seeds, replace(scfg, guidance_scale=s)))
+            for (m, s), arm_list in per_job.items()}
+    images: dict[str, torch.Tensor] = {}
+    for part in pool.run(jobs, desc="sample").values():
+        images.update(part)
     results, fids = {}, {}
     grids = out / "grids"
     for arm, (mname, ps, kind) in arms.items():
-        imgs = to_uint8(sample(models[mname], ps, neg[kind][0], seeds, scfg, neg_weights=neg[kind][1]))
+        imgs = images[arm]
         cells = pc.cells(as_float(imgs))
         results[arm] = icr([bool(c) for c in cells])
         if ps[0]:
@@ -237,13 +249,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         sample_grid(imgs[:64], grids / f"{arm.replace('[', '_').replace(']', '')}.png", cells[:64], cfg.grid,
                     title=f"{arm}: model={mname} negative={kind} ICR={results[arm]['icr']:.2f}")
     curve: dict[str, dict[str, float]] = {}
-    for scale in cfg.guidance_sweep:
-        sc = SamplerConfig(steps=cfg.sample_steps, guidance_scale=scale)
-        curve[str(scale)] = {}
-        for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative),
-                          *((f"open_geom[{k}]", k) for k in cfg.extra_negatives)):
-            imgs = to_uint8(sample(models["geom"], [""] * n, neg[kind][0], seeds, sc, neg_weights=neg[kind][1]))
-            curve[str(scale)][arm] = icr([bool(c) for c in pc.cells(as_float(imgs))])["icr"]
+    for (scale_s, arm) in sweep:
+        cells = pc.cells(as_float(images[f"{arm}@{scale_s}"]))
+        curve.setdefault(scale_s, {})[arm] = icr([bool(c) for c in cells])["icr"]
     timings["sample_score"] = time.time() - t
     # Green: arms guided by a Geom-Erasing negative prompt.
     geom_neg = {a for a, (_, _, kind) in arms.items() if kind.startswith("geom")}
@@ -260,6 +268,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "icr_vs_guidance": curve,
         "negatives": {k: {"prompts": v[0], "weights": v[1]} for k, v in neg.items()},
         "n_samples": n, "seconds": time.time() - t_start, "timings": timings,
+        "workers": pool.workers, "threads_per_worker": pool.threads,
         "config": to_dict(cfg),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
