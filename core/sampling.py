@@ -9,13 +9,27 @@ seed, so two arms sampled with the same seeds start from identical noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Protocol, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from geomerase.core.models import DiffusionModel
+
+
+class GuidanceHook(Protocol):
+    """Replaces the CFG combination in :func:`sample` (implemented by ``core.guidance.SLDGuidance``)."""
+
+    prompts: list[str]
+    """Extra prompts the UNet is evaluated on at every step (shared by the batch)."""
+
+    def start(self, batch: int) -> None:
+        """A batch of ``batch`` samples starts (reset per-batch state)."""
+
+    def __call__(self, step: int, n_steps: int, t: torch.Tensor, x_t: torch.Tensor, pred_pos: torch.Tensor,
+                 pred_neg: torch.Tensor, pred_extra: torch.Tensor, guidance_scale: float, scheduler) -> torch.Tensor:
+        """Guided prediction ``(B, C, H, W)`` from the prompts', negatives' and extra ``(E, B, C, H, W)`` outputs."""
 
 
 @dataclass
@@ -52,6 +66,7 @@ def sample(
     cfg: SamplerConfig | None = None,
     progress: bool = False,
     neg_weights: Sequence[float] | None = None,
+    guidance: GuidanceHook | None = None,
 ) -> torch.Tensor:
     """Generate one image per prompt.
 
@@ -60,6 +75,8 @@ def sample(
         negatives: one or more negative prompts, shared by every sample (``[""]`` = plain CFG).
         seeds: N noise seeds (default ``range(N)``).
         neg_weights: mixing weights of the negatives' predictions (default: equal; normalised).
+        guidance: optional hook replacing the CFG combination (e.g. SLD, geomerase.core.guidance):
+            the UNet is also run on ``guidance.prompts`` and the hook returns the guided prediction.
 
     Returns:
         ``(N, 3, R, R)`` float32 images in [-1, 1].
@@ -80,22 +97,31 @@ def sample(
     neg_emb = model.encode_text(model.tokenize(negatives).to(device)).to(dtype)  # (K, 77, D)
     k = len(negatives)
     w = w.to(device, dtype).view(k, 1, 1, 1, 1)
+    extra = list(guidance.prompts) if guidance is not None else []
+    extra_emb = model.encode_text(model.tokenize(extra).to(device)).to(dtype) if extra else neg_emb[:0]
     out = []
     chunks = range(0, len(prompts), cfg.batch_size)
     for start in tqdm(chunks, disable=not progress, desc="sample"):
         ps = list(prompts[start:start + cfg.batch_size])
         b = len(ps)
         pos_emb = model.encode_text(model.tokenize(ps).to(device)).to(dtype)
-        cond = torch.cat([pos_emb, neg_emb.repeat_interleave(b, dim=0)])  # (b + K*b, 77, D)
+        # (b + K*b + E*b, 77, D): prompts, negatives, the hook's extra prompts
+        cond = torch.cat([pos_emb, neg_emb.repeat_interleave(b, dim=0), extra_emb.repeat_interleave(b, dim=0)])
         sched = cfg.build(model)
         sched.set_timesteps(cfg.steps)
         x = initial_noise(model.sample_shape, seeds[start:start + b]).to(device, dtype)
         x = x * sched.init_noise_sigma
-        for t in sched.timesteps:
-            xin = sched.scale_model_input(x, t).repeat(1 + k, 1, 1, 1)
-            eps = model.unet(xin, t, cond).sample
-            eps_pos, eps_neg = eps[:b], (eps[b:].view(k, b, *eps.shape[1:]) * w).sum(0)
-            guided = eps_neg + cfg.guidance_scale * (eps_pos - eps_neg)
+        if guidance is not None:
+            guidance.start(b)
+        for i, t in enumerate(sched.timesteps):
+            xin = sched.scale_model_input(x, t)
+            eps = model.unet(xin.repeat(1 + k + len(extra), 1, 1, 1), t, cond).sample
+            eps_pos, eps_neg = eps[:b], (eps[b:b + k * b].view(k, b, *eps.shape[1:]) * w).sum(0)
+            if guidance is None:
+                guided = eps_neg + cfg.guidance_scale * (eps_pos - eps_neg)
+            else:
+                guided = guidance(i, len(sched.timesteps), t, xin, eps_pos, eps_neg,
+                                  eps[b + k * b:].view(len(extra), b, *eps.shape[1:]), cfg.guidance_scale, sched)
             x = sched.step(guided, t, x).prev_sample
         out.append(model.to_images(x).float().cpu())
     return torch.cat(out)
