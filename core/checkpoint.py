@@ -87,17 +87,24 @@ def verify_manifest(folder: Path) -> str | None:
     return None
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer: torch.optim.Optimizer,
+def save_checkpoint(out_dir: Path, step: int, model, optimizer: torch.optim.Optimizer | None,
                     lr_scheduler, extra: dict[str, Any], keep: int = 2,
-                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``out_dir/checkpoints/step-<step>`` atomically and prune old ones (keeps ``keep``)."""
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
+    """Write ``out_dir/checkpoints/step-<step>`` atomically and prune old ones (keeps ``keep``).
+
+    The optimizer state comes from ``optimizer`` or, for sharded engines that assemble it
+    themselves, ``optimizer_state=(tensors, json_part)`` in :func:`optimizer_to_tensors`' layout.
+    """
+    if (optimizer is None) == (optimizer_state is None):
+        raise ValueError("save_checkpoint: give exactly one of optimizer and optimizer_state")
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:06d}.tmp-"))
     try:
         model.save(tmp / "model")
-        tensors, rest = optimizer_to_tensors(optimizer)
+        tensors, rest = optimizer_state if optimizer_state is not None else optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         if extra_tensors:
             save_file(extra_tensors, str(tmp / "extra.safetensors"))

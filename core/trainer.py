@@ -10,6 +10,12 @@ Modes:
 
 Every batch, caption choice and noise draw is a function of ``(seed, step)``, so
 ``--resume latest`` continues exactly where the interrupted run was.
+
+Execution is delegated to a :class:`~geomerase.core.backend.TrainBackend`: ``local`` (one
+process, the reference) or ``deepspeed`` (ZeRO 1/2/3 over many processes, see
+``geomerase.distributed.deepspeed_engine``). With the in-memory loader a step's global
+batch, noise and timesteps are drawn exactly as in the single-process loop and each rank
+takes its rows, so ZeRO runs reproduce the reference loss curve up to float rounding.
 """
 from __future__ import annotations
 
@@ -22,17 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from typing import Any
+
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from tqdm.auto import tqdm
 
+from geomerase.core.backend import TrainBackend, build_backend
 from geomerase.core.captions import CaptionConfig
-from geomerase.core.checkpoint import latest_valid_checkpoint, load_training_state, save_checkpoint
+from geomerase.core.checkpoint import latest_valid_checkpoint, save_checkpoint
 from geomerase.core.config import to_dict
 from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
 from geomerase.core.models import DiffusionModel, ModelConfig
 from geomerase.core.text_embedding import install_location_embedding, uninstall_location_embedding
-from geomerase.data.loader import DataConfig, InMemoryDataset, StepBatches
+from geomerase.data.loader import DataConfig, InMemoryDataset, LocalBatch, StepBatches, build_batch_source
 
 log = logging.getLogger("geomerase.train")
 
@@ -75,13 +85,63 @@ class TrainConfig:
     """Decay of the exponential moving average of the trained weights (with warm-up:
     1 - (1+step)^(-2/3), capped here); the final model is the average. None disables."""
     device: str = "cpu"
-    """Where to train: 'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available)."""
+    """Where to train: 'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available). With the
+    deepspeed backend a GPU run uses ``cuda:LOCAL_RANK``."""
+    backend: Literal["local", "deepspeed"] = "local"
+    """Execution engine: one process (the reference) or DeepSpeed ZeRO (see the ``deepspeed`` section)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per process); ``data.batch_size`` is the global batch and
+    must be divisible by ``grad_accum x world size``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (UNet, and the text encoder when it trains)."""
+    tensorboard: bool = False
+    """Write tensorboard scalars (loss, lr, grad norm, samples/s, MFU) to ``out_dir/tb`` on rank 0,
+    when the tensorboard package is importable (a message says so when it is not)."""
+    flops_per_sample: float | None = None
+    """Training FLOPs per sample (forward + backward) for the MFU figure; None: no MFU."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device at the training precision, for MFU; None: no MFU."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.reweight_alpha is not None and self.reweight_alpha <= 0:
             raise ValueError(f"train.reweight_alpha must be > 0, got {self.reweight_alpha}")
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed settings (used when ``train.backend=deepspeed``); turned into a DeepSpeed JSON config."""
+
+    stage: int = 2
+    """ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision; the optimizer keeps fp32 master weights for bf16/fp16."""
+    loss_scale: float = 0.0
+    """fp16 only: static loss scale, 0 = dynamic."""
+    initial_scale_power: int = 16
+    """fp16 dynamic loss scaling starts at 2**this."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with the backward pass (GPU; off keeps CPU runs simple)."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 50_000_000
+    """Elements per parameter all-gather bucket (stages 1-2)."""
+    param_persistence_threshold: int = 100_000
+    """Stage 3: parameters smaller than this many elements stay unpartitioned."""
+    comm_backend: str | None = None
+    """torch.distributed backend; None: nccl on CUDA, gloo on CPU."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config keys merged over the generated ones (escape hatch; use sparingly)."""
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"deepspeed.stage must be 1, 2 or 3, got {self.stage}")
+        if "optimizer" in self.extra:
+            raise ValueError("deepspeed.extra.optimizer: the trainer passes its own torch AdamW "
+                             "(a named DeepSpeed optimizer would compile FusedAdam and change the update)")
 
 
 @dataclass
@@ -98,6 +158,8 @@ class RunConfig:
     """How training captions are formed from the annotations."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
+    deepspeed: ZeroConfig = field(default_factory=ZeroConfig)
+    """DeepSpeed ZeRO settings (only read when ``train.backend=deepspeed``)."""
     resume: str | None = None
     """'latest' or a checkpoint folder to resume from; None starts fresh."""
 
@@ -140,113 +202,234 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-class Trainer:
-    """Owns the model, data, optimizer and the step function; ``fit()`` runs the loop."""
+class LossModule(nn.Module):
+    """The module an engine wraps: it registers exactly the *trainable* parts.
 
-    def __init__(self, cfg: RunConfig, model: DiffusionModel | None = None, dataset: InMemoryDataset | None = None):
+    ``forward(step, part, n_parts)`` returns the loss of rows ``part`` of ``n_parts`` of the
+    step's global batch. Frozen modules (the VAE; the text encoder in model removal or when it
+    does not train) are reached through the trainer, not registered here, so ZeRO neither
+    partitions nor steps them. A bare trainable parameter (the location-token rows) is
+    registered directly; ZeRO-3 gathers it for the duration of this forward.
+    """
+
+    def __init__(self, trainer: "Trainer", modules: dict[str, nn.Module], loose: list[nn.Parameter]):
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+        for i, p in enumerate(loose):
+            self.register_parameter(f"loose_{i}", p)
+        self.__dict__["_trainer"] = trainer  # a plain reference, not a submodule
+
+    def forward(self, step: int, part: int, n_parts: int) -> torch.Tensor:
+        return self.__dict__["_trainer"].loss(step, (part, n_parts))
+
+
+def _trainable_modules(model: DiffusionModel, tc: TrainConfig, params: list[nn.Parameter]
+                       ) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
+    modules: dict[str, nn.Module] = {}
+    if tc.mode == "data-removal":
+        modules["unet"] = model.unet
+        if tc.train_text_encoder:
+            modules["text_encoder"] = model.text_encoder
+    covered = {id(p) for m in modules.values() for p in m.parameters()}
+    loose = [p for p in params if id(p) not in covered]
+    return modules, loose
+
+
+class Trainer:
+    """Owns the model, data, backend and the step function; ``fit()`` runs the loop."""
+
+    def __init__(self, cfg: RunConfig, model: DiffusionModel | None = None, dataset: InMemoryDataset | None = None,
+                 backend: TrainBackend | None = None):
         self.cfg = cfg
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.out = Path(cfg.out_dir)
-        self.device = resolve_device(tc.device)
+        self.backend = backend or build_backend(tc.backend, resolve_device(tc.device), cfg)
+        self.backend.init_process()
+        self.rank, self.world = self.backend.rank, self.backend.world_size
+        self.device = self.backend.device
+        per = self.world * tc.grad_accum
+        if cfg.data.batch_size % per:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by train.grad_accum "
+                             f"({tc.grad_accum}) x processes ({self.world})")
         self.model = (model or cfg.model.build()).to(self.device)
         res = cfg.data.resolution or self.model.resolution
-        self.data = dataset or InMemoryDataset(cfg.data.shards, res, cfg.data.max_samples)
         self.grid = self.model.grid
-        self.masks = self.data.cell_masks(self.grid)
         self.captions = cfg.captions.build(self.model.tokenizer)
-        self.batches = StepBatches(len(self.data), cfg.data.batch_size, tc.seed)
+        self.source = build_batch_source(cfg.data, res, self.grid, self.captions, tc.seed, self.rank, self.world,
+                                         dataset=dataset)
+        self.data = getattr(self.source, "dataset", None)
+        self.masks = getattr(self.source, "masks", None)
+        self.batches = getattr(self.source, "batches", None)
+        self.latent_moments: torch.Tensor | None = None
+        if cfg.data.precompute_latents:
+            self._precompute_latents()
         self.groups = trainable_parameters(self.model, tc)
         self.params = [p for g in self.groups for p in g["params"]]
-        # The fused kernel (CPU and CUDA) is ~5x faster than the foreach one on the tiny
-        # model's 12 M parameters, most of them the text encoder's vocabulary rows.
-        self.optimizer = torch.optim.AdamW(self.groups, lr=tc.lr, weight_decay=tc.weight_decay,
-                                           betas=(0.9, 0.999), eps=1e-8, fused=True)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
-        self.ema = None
-        if tc.ema_decay is not None:
-            from diffusers.training_utils import EMAModel
-
-            # Updated on optimizer steps only; with warm-up the average follows the fast
-            # early changes, which a short CPU run is made of.
-            self.ema = EMAModel(self.params, decay=tc.ema_decay, use_ema_warmup=True, foreach=True)
+        if tc.gradient_checkpointing:
+            if tc.mode == "data-removal":
+                self.model.unet.enable_gradient_checkpointing()
+            if tc.mode == "data-removal" and tc.train_text_encoder:
+                self.model.text_encoder.gradient_checkpointing_enable()
+        modules, loose = _trainable_modules(self.model, tc, self.params)
+        self.module = LossModule(self, modules, loose)
+        self.backend.setup(self.module, self.groups, self.params, tc, lr_lambda(tc))
+        self.ema = self.backend.make_ema(tc.ema_decay) if tc.ema_decay is not None else None
         self.step = 0
         self.history: list[dict] = []
+        self._local: tuple[int, LocalBatch] | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.backend.optimizer
+
+    @property
+    def lr_scheduler(self):
+        return self.backend.lr_scheduler
+
+    @property
+    def is_main(self) -> bool:
+        return self.backend.is_main
+
+    # -- latents ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _precompute_latents(self, chunk: int = 32) -> None:
+        """Encode every in-memory image once: ``(N, 2C, h, w)`` VAE mean and std (fp32, on the CPU)."""
+        m = self.model
+        if m.vae is None:
+            raise ValueError("data.precompute_latents needs a latent model (one with a VAE)")
+        if self.data is None:
+            raise ValueError("data.precompute_latents needs data.loader=memory")
+        if self.cfg.data.hflip:
+            raise ValueError("data.precompute_latents with data.hflip: a flipped latent is not the latent "
+                             "of the flipped image; turn one off")
+        out = []
+        for i in range(0, len(self.data), chunk):
+            x = self.data.images[i:i + chunk].to(self.device).float().div(127.5).sub(1.0)
+            d = m.vae.encode(x.to(m.vae.dtype)).latent_dist
+            out.append(torch.cat([d.mean, d.std], 1).float().cpu())
+        self.latent_moments = torch.cat(out)
 
     # -- one step ---------------------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """Images ``(B,3,R,R)`` float in [-1,1], captions, concept cell masks ``(B,G,G)``."""
-        idx = self.batches.indices(step)
-        rng = self.batches.rng(step)
-        images = self.data.images[idx].to(self.device, non_blocking=True).float().div(127.5).sub(1.0)
-        if self.cfg.data.hflip:
-            flip = torch.tensor([rng.random() < 0.5 for _ in idx])
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        captions = []
-        for i in idx:
-            r = self.data.records[i]
-            captions.append(self.captions(r.caption, r.concept_name, r.cells, rng))
-        return images, captions, self.masks[idx].to(self.device)
+        """The whole (in-memory) global batch: images ``(B,3,R,R)`` in [-1,1], captions, masks ``(B,G,G)``."""
+        b = self.source.batch(step, (0, 1))
+        return b.images.to(self.device).float().div(127.5).sub(1.0), b.captions, b.masks.to(self.device)
 
-    def loss(self, step: int) -> torch.Tensor:
-        """The training loss of batch ``step`` (noise and timesteps drawn from ``(seed, step)``)."""
+    def _part(self, step: int, part: tuple[int, int]) -> LocalBatch:
+        if self.source.streaming:
+            # A streaming source yields this rank's batch once per step; micro-batches slice it.
+            if self._local is None or self._local[0] != step:
+                self._local = (step, self.source.batch(step, (self.rank, self.world)))
+            return self._local[1].slice(part[0] % self.cfg.train.grad_accum, self.cfg.train.grad_accum)
+        return self.source.batch(step, part)
+
+    def loss(self, step: int, part: tuple[int, int] | None = None) -> torch.Tensor:
+        """Loss of batch ``step`` (rows ``part=(k, n)``: the k-th of n equal slices; None: all rows).
+
+        Noise and timesteps are drawn for the whole batch from ``(seed, step)`` and sliced, so
+        any split of the batch over processes and micro-batches sees the same draws.
+        """
         m = self.model
-        images, captions, masks = self.batch(step)
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
-        x0 = m.to_model_space(images)
+        b = self._part(step, part or (0, 1))
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step + b.stream_salt)
+        images = b.images.to(self.device, non_blocking=True).float().div(127.5).sub(1.0)
+        if m.vae is None:
+            x0 = m.to_model_space(images)
+        else:
+            moments = (self.latent_moments[b.indices] if self.latent_moments is not None and b.indices is not None
+                       else self._moments(images))
+            x0 = self._sample_latents(moments.to(self.device), step, b)
+        shape = (b.total,) + tuple(x0.shape[1:])
         # Drawn on the CPU whatever the device, so a run's randomness does not depend on the hardware.
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
-        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(self.device)
-        xt = m.noise_scheduler.add_noise(x0, noise, t)
-        cond = m.encode_text(m.tokenize(captions))
-        pred = m.unet(xt, t, cond).sample
-        target = diffusion_target(m.noise_scheduler, x0, noise, t)
+        noise = torch.randn(shape, generator=gen)[b.lo:b.hi].to(self.device)
+        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (b.total,), generator=gen)
+        t = t[b.lo:b.hi].to(self.device)
+        xt = m.noise_scheduler.add_noise(x0, noise.to(x0.dtype), t)
+        cond = m.encode_text(m.tokenize(b.captions))
+        unet_dtype = m.unet.dtype
+        pred = m.unet(xt.to(unet_dtype), t, cond.to(unet_dtype)).sample
+        target = diffusion_target(m.noise_scheduler, x0, noise.to(x0.dtype), t)
         weights = None
         if self.cfg.train.reweight_alpha is not None:
-            weights = weight_map(masks, self.cfg.train.reweight_alpha, x0.shape[-2], x0.shape[-1])
+            weights = weight_map(b.masks.to(self.device), self.cfg.train.reweight_alpha, x0.shape[-2], x0.shape[-1])
         return denoising_loss(pred, target, weights)
 
+    @torch.no_grad()
+    def _moments(self, images: torch.Tensor) -> torch.Tensor:
+        d = self.model.vae.encode(images.to(self.model.vae.dtype)).latent_dist
+        return torch.cat([d.mean, d.std], 1).float()
+
+    def _sample_latents(self, moments: torch.Tensor, step: int, b: LocalBatch) -> torch.Tensor:
+        """``z = (mean + std * eps) * scaling_factor`` with eps from ``(seed, step)`` (resumable, unlike
+        the VAE's own sampling from the global RNG)."""
+        c = moments.shape[1] // 2
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step + b.stream_salt + (1 << 40))
+        eps = torch.randn((b.total, c) + tuple(moments.shape[2:]), generator=gen)[b.lo:b.hi].to(moments.device)
+        return (moments[:, :c] + moments[:, c:] * eps) * self.model.vae.config.scaling_factor
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = self.loss(step)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
+        """One optimizer step over ``train.grad_accum`` micro-batches; returns (mean loss, grad norm), 0-d."""
+        n = self.cfg.train.grad_accum
+        total = None
+        for micro in range(n):
+            loss = self.backend.forward(step, self.rank * n + micro, self.world * n)
+            self.backend.backward(loss, n)
+            total = loss.detach() if total is None else total + loss.detach()
+        grad_norm = self.backend.step()
         if self.ema is not None:
-            self.ema.step(self.params)
-        return loss.detach(), grad_norm.detach()
+            self.ema.step()
+        return total / n if n > 1 else total, grad_norm
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self) -> Path:
-        extra: dict = {"config": to_dict(self.cfg)}
-        tensors: dict[str, torch.Tensor] = {}
+    def save(self) -> Path | None:
+        """Checkpoint ``step`` (collective: every rank calls it; rank 0 writes). Returns the folder on rank 0."""
+        extra: dict = {"config": to_dict(self.cfg), "world_size": self.world, "backend": self.backend.name,
+                       "data": {"loader": self.cfg.data.loader,
+                                "positions": self.backend.all_gather_object(self.source.state_dict(self.step))}}
+        tensors, rest = self.backend.optimizer_state()
+        ema_tensors: dict[str, torch.Tensor] = {}
         if self.ema is not None:
-            state = self.ema.state_dict()
-            tensors = {f"ema.{i}": t.detach().contiguous().cpu() for i, t in enumerate(state.pop("shadow_params"))}
-            extra["ema"] = state
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.lr_scheduler,
-                               extra, keep=self.cfg.train.keep_checkpoints, extra_tensors=tensors)
+            ema_tensors = {f"ema.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.ema.tensors())}
+            extra["ema"] = self.ema.state_json()
+        path = None
+        with self.backend.full_weights():
+            if self.is_main:
+                path = save_checkpoint(self.out, self.step, self.model, None, self.lr_scheduler, extra,
+                                       keep=self.cfg.train.keep_checkpoints, extra_tensors=ema_tensors,
+                                       optimizer_state=(tensors, rest))
+        self.backend.barrier()
+        return path
 
     def resume(self, which: str) -> bool:
-        path = latest_valid_checkpoint(self.out) if which == "latest" else Path(which)
-        if path is None:
-            log.info("no checkpoint in %s; starting fresh", self.out)
+        found = latest_valid_checkpoint(self.out) if which == "latest" else Path(which)
+        # Rank 0 decides, so every rank loads the same checkpoint even if files change meanwhile.
+        chosen = self.backend.broadcast_object(str(found) if found is not None else None)
+        if chosen is None:
+            if self.is_main:
+                log.info("no checkpoint in %s; starting fresh", self.out)
             return False
+        path = Path(chosen)
+        state = json.loads((path / "trainer.json").read_text())
         unet_sd = load_file(str(path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
-        self.model.unet.load_state_dict(unet_sd)
         te_sd = load_file(str(path / "model" / "text_encoder" / "model.safetensors"))
-        self.model.text_encoder.load_state_dict(te_sd)
-        state = load_training_state(path, self.optimizer, self.lr_scheduler)
+        with self.backend.writable_full_weights():
+            self.model.unet.load_state_dict(unet_sd)
+            self.model.text_encoder.load_state_dict(te_sd)
+        self.backend.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])
         if self.ema is not None:
             shadow = load_file(str(path / "extra.safetensors"))
-            ema_state = dict(state["ema"])
-            ema_state["shadow_params"] = [shadow[f"ema.{i}"].to(self.device) for i in range(len(shadow))]
-            self.ema.load_state_dict(ema_state)
+            self.ema.load(state["ema"], [shadow[f"ema.{i}"] for i in range(len(shadow))])
+        positions = state.get("data", {}).get("positions")
+        self.source.load_state_dict(self.step, positions[self.rank] if positions and len(positions) == self.world
+                                    else None)
         self._load_history()
-        log.info("resumed from %s at step %d", path, self.step)
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
         return True
 
     def _load_history(self) -> None:
@@ -257,6 +440,8 @@ class Trainer:
                                 if int(float(row["step"])) <= self.step]
 
     def _write_history(self) -> None:
+        if not self.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "seconds"])
@@ -271,11 +456,13 @@ class Trainer:
             self.resume(self.cfg.resume)
         self.model.unet.train()
         self.model.text_encoder.train()
+        metrics = MetricsLogger(self.out, tc, self.cfg.data.batch_size, self.world) if self.is_main else None
         acc = torch.zeros((), device=self.device)
         n_acc = 0
         t0 = time.time()
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not progress, desc=f"train {self.out.name}",
-                   dynamic_ncols=True)
+        t_log, step_log = t0, self.step
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (progress and self.is_main),
+                   desc=f"train {self.out.name}", dynamic_ncols=True)
         while self.step < tc.max_steps:
             loss, gnorm = self.train_step(self.step)
             self.step += 1
@@ -283,9 +470,15 @@ class Trainer:
             n_acc += 1
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                mean = (acc / n_acc).item()  # the loop's only host sync, at log steps
-                self.history.append({"step": self.step, "loss": mean, "lr": self.lr_scheduler.get_last_lr()[0],
-                                     "grad_norm": float(gnorm), "seconds": time.time() - t0})
+                # The loop's only host sync, at log steps (the all-reduce is a no-op in one process).
+                mean = self.backend.all_reduce_mean(acc / n_acc).item()
+                now = time.time()
+                lr, gn = self.backend.last_lr(), float(gnorm)
+                self.history.append({"step": self.step, "loss": mean, "lr": lr, "grad_norm": gn,
+                                     "seconds": now - t0})
+                if metrics is not None:
+                    metrics.log(self.step, mean, lr, gn, (self.step - step_log) / max(now - t_log, 1e-9))
+                t_log, step_log = now, self.step
                 bar.set_postfix(loss=f"{mean:.4f}")
                 acc.zero_()
                 n_acc = 0
@@ -294,19 +487,76 @@ class Trainer:
                 self.save()
             if stop_at is not None and self.step >= stop_at:
                 bar.close()
+                if metrics is not None:
+                    metrics.close()
                 return self.model
         bar.close()
+        if metrics is not None:
+            metrics.close()
         self.save()
-        if self.ema is not None:
-            self.ema.copy_to(self.params)  # the exported model is the moving average
-        uninstall_location_embedding(self.model.text_encoder)
-        self.model.save(self.out / "model")
+        self.export(self.out / "model")
         self._write_history()
-        plot_loss(self.history, self.out / "loss.png")
-        (self.out / "train_summary.json").write_text(json.dumps(
-            {"steps": self.step, "seconds": time.time() - t0, "final_loss": self.history[-1]["loss"] if self.history else None},
-            indent=1))
+        if self.is_main:
+            plot_loss(self.history, self.out / "loss.png")
+            (self.out / "train_summary.json").write_text(json.dumps(
+                {"steps": self.step, "seconds": time.time() - t0, "world_size": self.world,
+                 "backend": self.backend.name,
+                 "final_loss": self.history[-1]["loss"] if self.history else None}, indent=1))
+        self.backend.barrier()
         return self.model
+
+    def export(self, path: Path) -> None:
+        """Write the fine-tuned model (the EMA average when enabled) as a diffusers-layout folder;
+        a latent model is also exported as a ``StableDiffusionPipeline`` folder beside it (``pipeline/``).
+
+        Collective. Afterwards the trainer's model holds those weights, with the stock text
+        embedding module (location rows merged into the table).
+        """
+        values = self.ema.tensors() if self.ema is not None else None
+        with self.backend.full_weights(values, restore=False):
+            if self.is_main:
+                uninstall_location_embedding(self.model.text_encoder)
+                self.model.save(path)
+                if self.model.vae is not None:
+                    from geomerase.core.export import export_pipeline
+
+                    export_pipeline(self.model, path.parent / "pipeline")
+        self.backend.barrier()
+
+
+class MetricsLogger:
+    """Rank-0 scalars: ``metrics.jsonl`` always, tensorboard when asked for and importable."""
+
+    def __init__(self, out: Path, tc: TrainConfig, global_batch: int, world: int):
+        self.global_batch, self.world, self.tc = global_batch, world, tc
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.tb = None
+        if tc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                log.warning("train.tensorboard=true but the tensorboard package is not importable "
+                            "(pip install tensorboard); scalars go to %s only", out / "metrics.jsonl")
+
+    def log(self, step: int, loss: float, lr: float, grad_norm: float, steps_per_s: float) -> None:
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "samples_per_s": steps_per_s * self.global_batch}
+        if self.tc.flops_per_sample and self.tc.peak_flops:
+            row["mfu"] = row["samples_per_s"] * self.tc.flops_per_sample / (self.tc.peak_flops * self.world)
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

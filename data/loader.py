@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -34,12 +34,30 @@ class DataConfig:
     """Use at most this many samples (the first ones, in shard order); None: all."""
     hflip: bool = False
     """Random horizontal flips (off by default: they would move the concept to other cells)."""
+    loader: Literal["memory", "webdataset", "dali"] = "memory"
+    """memory: decode every sample once, batches a pure function of (seed, step) (the reference);
+    webdataset: stream shards (split across ranks and workers) through a shuffle buffer;
+    dali: the same stream decoded by NVIDIA DALI (GPU decode when a GPU is present)."""
+    shuffle_buffer: int = 1000
+    """Streaming loaders: samples held in the shuffle buffer of each stream."""
+    workers: int = 2
+    """Streaming loaders: parallel streams per process (DataLoader workers / DALI pipelines); each
+    reads its own subset of the process's shards. 0 = one stream in the main process."""
+    dali_threads: int = 2
+    """DALI: CPU threads per pipeline."""
+    precompute_latents: bool = False
+    """Latent models, memory loader: encode every image with the frozen VAE once (mean and std are
+    kept; each step samples its latents from ``(seed, step)``)."""
 
     def validate(self) -> None:
         if not self.shards:
             raise ValueError("data.shards is empty: give a glob of annotated shards")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -151,3 +169,97 @@ class StepBatches:
         while True:
             yield self.indices(step)
             step += 1
+
+
+# --------------------------------------------------------------------------- batch sources
+
+
+@dataclass
+class LocalBatch:
+    """The rows of a step's batch that one process / micro-batch works on.
+
+    ``images``: ``(b, 3, R, R)`` uint8; ``masks``: ``(b, G, G)`` bool; ``captions``: b strings.
+    Rows ``[lo, hi)`` of a batch of ``total`` rows: noise and timesteps are drawn for all
+    ``total`` rows from the step's seed and sliced, so any split sees the same draws.
+    """
+
+    images: torch.Tensor
+    captions: list[str]
+    masks: torch.Tensor
+    lo: int
+    hi: int
+    total: int
+    indices: np.ndarray | None = None
+    """Dataset rows (memory loader), for precomputed latents."""
+    stream_salt: int = 0
+    """Added to the noise seed: 0 for the global in-memory batch, distinct per rank for streams."""
+
+    def slice(self, k: int, n: int) -> "LocalBatch":
+        """The k-th of n equal row slices (relative to this batch)."""
+        b = self.hi - self.lo
+        if b % n:
+            raise ValueError(f"cannot split a batch of {b} rows into {n} equal micro-batches")
+        per = b // n
+        s = slice(k * per, (k + 1) * per)
+        return LocalBatch(self.images[s], self.captions[s], self.masks[s], self.lo + k * per,
+                          self.lo + (k + 1) * per, self.total,
+                          None if self.indices is None else self.indices[s], self.stream_salt)
+
+
+CaptionFn = Callable[[str, "str | None", list, random.Random], str]
+
+
+class MemorySource:
+    """Batches of an :class:`InMemoryDataset`: the global batch of ``step`` is a pure function of
+    ``(seed, step)``; ``batch(step, (k, n))`` returns its k-th of n row slices."""
+
+    streaming = False
+
+    def __init__(self, dataset: InMemoryDataset, grid: int, captions: CaptionFn, batch_size: int, seed: int,
+                 hflip: bool = False):
+        self.dataset = dataset
+        self.masks = dataset.cell_masks(grid)
+        self.captions = captions
+        self.hflip = hflip
+        self.batches = StepBatches(len(dataset), batch_size, seed)
+
+    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> LocalBatch:
+        idx = self.batches.indices(step)
+        rng = self.batches.rng(step)
+        # The caption RNG runs over the whole global batch in order, so every split agrees.
+        flips = [rng.random() < 0.5 for _ in idx] if self.hflip else None
+        captions = []
+        for i in idx:
+            r = self.dataset.records[i]
+            captions.append(self.captions(r.caption, r.concept_name, r.cells, rng))
+        k, n = part
+        per = len(idx) // n
+        lo, hi = k * per, (k + 1) * per
+        rows = idx[lo:hi]
+        images = self.dataset.images[rows]
+        if flips is not None:
+            flip = torch.tensor(flips[lo:hi])
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        return LocalBatch(images, captions[lo:hi], self.masks[rows], lo, hi, len(idx), rows)
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """Position: nothing beyond the step (batches are a function of it)."""
+        return {"loader": "memory", "step": step}
+
+    def load_state_dict(self, step: int, state: dict[str, Any] | None) -> None:
+        pass
+
+
+def build_batch_source(cfg: DataConfig, resolution: int, grid: int, captions: CaptionFn, seed: int,
+                       rank: int = 0, world: int = 1, dataset: InMemoryDataset | None = None):
+    """The configured loader: ``memory`` (:class:`MemorySource`), ``webdataset`` or ``dali``."""
+    if cfg.loader == "memory":
+        ds = dataset or InMemoryDataset(cfg.shards, resolution, cfg.max_samples)
+        return MemorySource(ds, grid, captions, cfg.batch_size, seed, cfg.hflip)
+    if dataset is not None:
+        raise ValueError(f"a prebuilt dataset was passed but data.loader={cfg.loader!r} streams shards")
+    if cfg.hflip:
+        raise ValueError("data.hflip is only implemented for data.loader=memory")
+    from geomerase.data.webdataset_loader import StreamSource
+
+    return StreamSource(cfg, resolution, grid, captions, seed, rank, world)

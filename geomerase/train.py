@@ -1,12 +1,18 @@
 """``python -m geomerase.train --config configs/tiny_cpu.yaml [key.sub=value ...] [--resume latest]``.
 
 Loads a :class:`~geomerase.core.trainer.RunConfig` strictly (unknown keys and wrong
-types are errors naming the file and key) and runs the single-process loop.
+types are errors naming the file and key) and runs the loop on the configured backend:
+one process (``train.backend=local``) or DeepSpeed ZeRO (``train.backend=deepspeed``),
+launched as one process or by ``torchrun`` / ``deepspeed``::
+
+    torchrun --nproc_per_node 2 -m geomerase.train --config configs/tiny_cpu_zero2.yaml out_dir=runs/z2
+    deepspeed --hostfile hostfile --num_gpus 8 -m geomerase.train --config configs/sd15_h100_zero2.yaml
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from geomerase.core.config import ConfigError, load_config
@@ -18,21 +24,32 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     ap.add_argument("--config", required=True, help="YAML file or the name of a shipped config")
     ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     ap.add_argument("--no-progress", action="store_true")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key.sub=value")
     a = ap.parse_args(argv)
+    if a.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     overrides = list(a.overrides) + ([f"resume={a.resume}"] if a.resume else [])
     return load_config(RunConfig, a.config, overrides), a
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(levelname)s %(name)s[{rank}]: %(message)s")
     try:
         cfg, a = parse(argv)
     except ConfigError as e:
         print(f"geomerase train: config error: {e}", file=sys.stderr)
         return 2
-    Trainer(cfg).fit(progress=not a.no_progress)
-    print(f"model saved to {cfg.out_dir}/model")
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit(progress=not a.no_progress)
+    finally:
+        trainer.backend.shutdown()
+    if trainer.is_main:
+        print(f"model saved to {cfg.out_dir}/model")
     return 0
 
 

@@ -1,6 +1,8 @@
 """One training step changes only what the mode allows; checkpoints resume exactly."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from geomerase.core.config import load_config
@@ -89,3 +91,63 @@ def test_tampered_checkpoint_falls_back(tiny_icd, tmp_path, caplog):
         f.write(b"\x00\x01\x02")
     assert latest_valid_checkpoint(tmp_path) == ckpts[0]
     assert "checksum mismatch" in caplog.text
+
+
+def test_grad_accumulation_matches_the_full_batch(tiny_icd, tmp_path):
+    one = Trainer(_cfg(tiny_icd, tmp_path / "a", "train.max_steps=2", "train.ema_decay=null"))
+    two = Trainer(_cfg(tiny_icd, tmp_path / "b", "train.max_steps=2", "train.ema_decay=null", "train.grad_accum=2"))
+    for step in range(2):
+        la, ga = one.train_step(step)
+        lb, gb = two.train_step(step)
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=0)
+    for (k, v), (_, w) in zip(one.model.unet.state_dict().items(), two.model.unet.state_dict().items()):
+        torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="divisible"):
+        Trainer(_cfg(tiny_icd, tmp_path / "c", "train.grad_accum=3"))
+
+
+def _tiny_sd(path):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from geomerase.core.tokenizer import base_clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = base_clip_tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=77, projection_dim=32))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                            scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(path))
+
+
+def test_pretrained_latent_model_trains_with_frozen_vae_and_exports_a_pipeline(tiny_icd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _tiny_sd(tmp_path / "sd")
+    cfg = _cfg(tiny_icd, tmp_path / "run", f"model.pretrained={tmp_path / 'sd'}", "model.prediction_type=null",
+               "train.train_text_encoder=false", "train.max_steps=2", "data.precompute_latents=true",
+               "train.reweight_alpha=2.0")
+    tr = Trainer(cfg)
+    assert tr.latent_moments is not None and tr.latent_moments.shape == (len(tr.data), 8, 8, 8)
+    vae_before = {k: v.clone() for k, v in tr.model.vae.state_dict().items()}
+    first = tr.loss(0)
+    assert torch.equal(first, tr.loss(0))  # latents sampled from (seed, step): deterministic
+    tr.fit(progress=False)
+    for k, v in tr.model.vae.state_dict().items():
+        assert torch.equal(v, vae_before[k]), f"VAE changed: {k}"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "run" / "pipeline"), local_files_only=True)
+    assert pipe.tokenizer.convert_tokens_to_ids("<l15>") == len(pipe.tokenizer) - 1
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == len(pipe.tokenizer)
+    img = pipe("a red ring", negative_prompt="qr code <l0> <l5>", num_inference_steps=2, height=16, width=16,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
