@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -232,7 +233,8 @@ class TorchCellDetector(PatchClassifierDetector):
             missing = [a for a in ("resolution", "grid", "overlap_threshold") if not hasattr(model, a)]
             if missing:
                 raise TypeError(f"{model_cls.__name__} lacks cfg or attributes {missing}")
-            model.cfg = model  # type: ignore[attr-defined]
+            model.cfg = SimpleNamespace(resolution=model.resolution, grid=model.grid,  # type: ignore[attr-defined]
+                                        overlap_threshold=model.overlap_threshold)
         if classifier:
             from safetensors.torch import load_file
 

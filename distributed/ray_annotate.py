@@ -128,16 +128,6 @@ def start_ray(cfg: RayAnnotateConfig) -> tuple[bool, float]:
     return True, time.perf_counter() - t0
 
 
-def _alive(actor: Any, timeout: float = 120.0) -> bool:
-    import ray
-
-    try:
-        ray.get(actor.pid.remote(), timeout=timeout)
-        return True
-    except Exception:
-        return False
-
-
 def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], out: str | os.PathLike,
                         cfg: RayAnnotateConfig | None = None) -> dict[str, Any]:
     """Annotate every input shard not yet committed in ``out`` with a Ray actor pool; returns the manifest.
@@ -159,6 +149,11 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
     if not todo:
         return finalize_manifest(out, manifest, shards, engine="ray", shards_done=0, images=0, seconds=0.0)
 
+    # Build the annotator here once first: a missing binary, classifier folder or bad option is then a
+    # plain error before any Ray start-up, not an actor crash loop.
+    t_check = time.perf_counter()
+    spec.build()
+    check = time.perf_counter() - t_check
     started, startup = start_ray(cfg)
     worker_cls = ray.remote(num_cpus=1, max_restarts=cfg.max_retries, max_task_retries=0)(AnnotateWorker)
     t_actors = time.perf_counter()
@@ -171,16 +166,35 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
     queue: deque[str] = deque(todo)
     attempts: dict[str, int] = {}
     pending: dict[Any, tuple[str, Any]] = {}
+    probes: dict[Any, Any] = {}  # pid() call -> actor coming back from a crash (Ray restarts it)
     images = 0
+    replaced = 0
     bar = tqdm(total=len(todo), desc=f"annotate (ray x{n})", unit="shard", disable=not cfg.progress)
     try:
         while queue or pending:
+            if not pending and not idle and not probes:
+                raise RuntimeError("ray annotate: no worker left to run the remaining shards")
             while queue and idle:
                 shard, actor = queue.popleft(), idle.popleft()
                 ref = actor.run.remote(shard, str(out / Path(shard).name), cfg.batch_size)
                 pending[ref] = (shard, actor)
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending) + list(probes), num_returns=1)
             for ref in done:
+                if ref in probes:  # a crashed actor answered (restarted) or is gone for good (replace it)
+                    actor = probes.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except Exception as exc:
+                        replaced += 1
+                        if replaced > cfg.max_retries * n:
+                            raise RuntimeError(f"ray annotate: {replaced} workers failed to come back; last: "
+                                               f"{exc}") from exc
+                        actor = worker_cls.remote(spec)
+                        actors.append(actor)
+                        probes[actor.pid.remote()] = actor
+                        continue
+                    idle.append(actor)
+                    continue
                 shard, actor = pending.pop(ref)
                 try:
                     counts = ray.get(ref)
@@ -191,8 +205,8 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
                                            f"(last: {type(exc).__name__})") from exc
                     log.warning("shard %s: worker died (%s); retry %d/%d", shard, type(exc).__name__,
                                 attempts[shard], cfg.max_retries)
-                    queue.appendleft(shard)
-                    idle.append(actor if _alive(actor) else worker_cls.remote(spec))
+                    queue.appendleft(shard)  # the other workers take it up meanwhile
+                    probes[actor.pid.remote()] = actor
                     continue
                 except RayTaskError as exc:
                     raise RuntimeError(f"shard {shard}: annotation failed: {exc}") from exc
@@ -205,7 +219,7 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
                 bar.set_postfix(img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.1f}")
     finally:
         bar.close()
-        for a in actors + list(idle):
+        for a in actors:
             try:
                 ray.kill(a)
             except Exception:
@@ -216,7 +230,8 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
     clean_stale_temps(out)
     manifest = finalize_manifest(
         out, manifest, shards, engine="ray", workers=n, address=cfg.address or "local",
-        startup_seconds=round(startup, 3), actor_warmup_seconds=round(warmup, 3), shards_done=len(todo), images=images, seconds=round(seconds, 3),
+        startup_seconds=round(startup, 3), actor_warmup_seconds=round(warmup, 3),
+        driver_check_seconds=round(check, 3), shards_done=len(todo), images=images, seconds=round(seconds, 3),
         images_per_s=round(images / seconds, 2) if seconds > 0 else None, retries=sum(attempts.values()))
     if cfg.progress:
         print(throughput_line(images, seconds, f"ray x{n}") +

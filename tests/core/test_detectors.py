@@ -1,0 +1,201 @@
+"""Real detectors (OpenCV QR, Tesseract text, watermark classifier), plug-ins and multi-detector runs."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geomerase.core.annotate import Annotator
+from geomerase.core.classifiers import PatchClassifierConfig, save_classifier
+from geomerase.core.detectors import Detector, MultiDetector, OracleDetector, PatchClassifierDetector, build_detector
+from geomerase.core.detectors_real import QRDetector, TesseractMissing, TextDetector, TorchCellDetector, tesseract_path
+from geomerase.core.geometry import GeometryConfig
+from geomerase.core.tokenizer import build_tokenizer
+from geomerase.data.icd import make_sample
+from geomerase.data.shards import Sample
+
+needs_tesseract = pytest.mark.skipif(tesseract_path() is None,
+                                     reason="the 'tesseract' binary is absent (Debian tesseract-ocr; "
+                                            "bash scripts/setup.sh --test installs it)")
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _big_qr_samples(n: int = 4):
+    """ICD QR samples at 256 px whose code is at least 70 px (well above OpenCV's floor)."""
+    out = []
+    for i in range(40):
+        img, cap, meta = make_sample("qr", 0, i, 256, carry=True)
+        x1, y1, x2, y2 = meta["boxes"][0]
+        if x2 - x1 >= 70:
+            out.append((img, meta))
+        if len(out) == n:
+            return out
+    raise AssertionError("not enough large QR codes in the first 40 samples")
+
+
+def test_qr_detector_finds_codes_with_pixel_boxes():
+    det = build_detector("qr", "qr")
+    assert isinstance(det, QRDetector) and det.concept == "qr"
+    for img, meta in _big_qr_samples():
+        found = det.detect(img)
+        assert len(found) == 1, found
+        d = found[0]
+        assert d.concept == "qr" and d.score == 1.0  # decoded
+        assert _iou(d.box, meta["boxes"][0]) > 0.6, (d.box, meta["boxes"])
+    clean, _, _ = make_sample("qr", 0, 0, 256, carry=False)
+    assert det.detect(clean) == []
+
+
+def test_qr_detector_multi_codes_and_require_decode():
+    (a, ma), (b, mb) = _big_qr_samples(2)
+    canvas = Image.new("RGB", (512, 256), (200, 200, 200))
+    ca = a.crop(tuple(ma["boxes"][0]))
+    cb = b.crop(tuple(mb["boxes"][0]))
+    canvas.paste(ca, (20, 40))
+    canvas.paste(cb, (300, 60))
+    found = build_detector("qr", "qr", require_decode="true").detect(canvas)
+    assert len(found) == 2
+    xs = sorted(d.box[0] for d in found)
+    assert xs[0] < 256 <= xs[1]
+    # A located-but-undecodable code: corrupt the data area of one code (finders kept).
+    arr = np.asarray(canvas).copy()
+    w = ca.width
+    arr[40 + w // 3:40 + 2 * w // 3, 20 + w // 3:20 + 2 * w // 3] = 0
+    damaged = Image.fromarray(arr)
+    strict = build_detector("qr", "qr", require_decode=True).detect(damaged)
+    loose = build_detector("qr", "qr").detect(damaged)
+    assert len(strict) <= len(loose)
+    assert all(d.score == 1.0 for d in strict)
+
+
+def test_detector_options_are_typed_and_checked():
+    with pytest.raises(ValueError, match="unknown option 'colour'"):
+        build_detector("qr", "qr", colour="red")
+    with pytest.raises(ValueError, match="require_decode"):
+        build_detector("qr", "qr", require_decode="maybe")
+    with pytest.raises(KeyError, match="registered"):
+        build_detector("nope", "qr")
+
+
+@needs_tesseract
+def test_text_detector_reads_words_and_filters():
+    img, _, meta = make_sample("text", 5, 3, 256, carry=True)  # 13-px lines, readable
+    det = build_detector("text", "text")
+    assert isinstance(det, TextDetector)
+    found = det.detect(img)
+    assert found and all(d.concept == "text" and 0 < d.score <= 1 for d in found)
+    # Every word box lies in some labelled line box (a few px of slack for OCR boxes).
+    for d in found:
+        assert any(d.box[0] >= b[0] - 4 and d.box[2] <= b[2] + 4 and d.box[1] >= b[1] - 4 and d.box[3] <= b[3] + 4
+                   for b in meta["boxes"]), (d.box, meta["boxes"])
+    assert build_detector("text", "text", min_height="100").detect(img) == []
+    clean, _, _ = make_sample("text", 5, 3, 256, carry=False)
+    assert len(det.detect(clean)) <= 1
+
+
+def test_text_detector_names_missing_binary(monkeypatch):
+    pytest.importorskip("pytesseract")
+    import geomerase.core.detectors_real as real
+
+    monkeypatch.setattr(real.shutil, "which", lambda name: None)
+    with pytest.raises(TesseractMissing, match="'tesseract' binary .*tesseract-ocr"):
+        build_detector("text", "text")
+
+
+def test_watermark_detector_is_the_patch_classifier_path(tmp_path):
+    with pytest.raises(ValueError, match="needs --classifier"):
+        build_detector("watermark", "watermark")
+    model = PatchClassifierConfig(resolution=16, grid=4, context=2, width=8).build()
+    save_classifier(model, tmp_path / "wm", {"concept": "watermark"})
+    save_classifier(model, tmp_path / "qr", {"concept": "qr"})
+    det = build_detector("watermark", "qr", classifier=str(tmp_path / "wm"))
+    assert isinstance(det, PatchClassifierDetector) and det.concept == "watermark"
+    img, _, _ = make_sample("watermark", 0, 0, 64, carry=True)
+    for d in det.detect(img):
+        assert d.concept == "watermark" and len(d.box) == 4
+    with pytest.raises(ValueError, match="trained for concept 'qr'"):
+        build_detector("watermark", "watermark", classifier=str(tmp_path / "qr"))
+
+
+class _CellNet(torch.nn.Module):
+    """A user's own classifier: 2x2 grid, flags the top-left cell when bright."""
+
+    resolution, grid, overlap_threshold = 8, 2, 0.5
+
+    def __init__(self, bias: float = 0.0):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor(float(bias)))
+
+    def cell_probs(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.zeros(x.shape[0], 2, 2)
+        p[:, 0, 0] = torch.sigmoid(x[:, :, :4, :4].mean((1, 2, 3)) * 10 + self.bias)
+        return p
+
+
+class _MyDetector(Detector):
+    name = "mine"
+
+    def __init__(self, concept: str, size: str = "4"):
+        self.concept, self.size = concept, float(size)
+
+    def detect(self, image, meta=None):
+        from geomerase.core.detectors import Detection
+        return [Detection([0, 0, self.size, self.size], 0.9, self.concept)]
+
+
+def test_plugins_by_module_and_class(monkeypatch, tmp_path):
+    mod = types.ModuleType("my_plugins")
+    mod._MyDetector, mod._CellNet = _MyDetector, _CellNet
+    mod.not_a_detector = 3
+    monkeypatch.setitem(sys.modules, "my_plugins", mod)
+    det = build_detector("my_plugins:_MyDetector", "text", size="8")
+    assert det.detect(Image.new("RGB", (16, 16)))[0].box == [0, 0, 8.0, 8.0]
+    from safetensors.torch import save_file
+    save_file({"bias": torch.tensor(5.0)}, str(tmp_path / "w.safetensors"))
+    cells = build_detector("my_plugins:_CellNet", "watermark", classifier=str(tmp_path / "w.safetensors"))
+    assert isinstance(cells, TorchCellDetector) and float(cells.classifier.bias.detach()) == 5.0
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    (d,) = cells.detect(white)
+    assert d.box == [0, 0, 16, 16] and d.concept == "watermark"
+    with pytest.raises(ValueError, match="no attribute"):
+        build_detector("my_plugins:Missing", "qr")
+    with pytest.raises(ValueError, match="cannot import"):
+        build_detector("no_such_module_xyz:Thing", "qr")
+    with pytest.raises(TypeError, match="need a Detector subclass"):
+        build_detector("my_plugins:not_a_detector", "qr")
+    with pytest.raises(ValueError, match="module.path:ClassName"):
+        build_detector("my_plugins:__import__('os')", "qr")
+
+
+def test_multi_detector_records_each_concept_separately():
+    (img, meta), = _big_qr_samples(1)
+    det = build_detector("qr,oracle", "watermark", **{"qr.require_decode": "true"})
+    assert isinstance(det, MultiDetector) and det.concepts == ["qr", "watermark"]
+    ann = Annotator(det, GeometryConfig(grid=4, overlap_threshold=0.25), build_tokenizer(4), {})
+    sample = Sample(key="k0", image=img, caption="a red circle", meta=dict(meta), shard="s.tar")
+    (rec,) = ann.annotate([sample])
+    a = rec["json"]["annotation"]
+    assert set(a["concepts"]) == {"qr", "watermark"}
+    qr_cells, wm_cells = a["concepts"]["qr"]["cells"], a["concepts"]["watermark"]["cells"]
+    assert qr_cells and wm_cells and a["cells"] == sorted(set(qr_cells) | set(wm_cells))
+    assert a["concepts"]["qr"]["detector"] == "qr" and a["concepts"]["watermark"]["detector"] == "oracle"
+    tokens = lambda cs: " ".join(f"<l{c}>" for c in cs)  # noqa: E731
+    assert rec["txt"] == f"a red circle, qr code {tokens(qr_cells)}, watermark {tokens(wm_cells)}"
+    # No detection at all: the caption is left as it was.
+    clean, cap, cmeta = make_sample("qr", 0, 0, 256, carry=False)
+    (rec2,) = ann.annotate([Sample("k1", clean, cap, cmeta, "s.tar")])
+    assert rec2["txt"] == cap and rec2["json"]["annotation"]["cells"] == []
+    with pytest.raises(ValueError, match="share concept"):
+        MultiDetector([OracleDetector("qr"), OracleDetector("qr")])
+    with pytest.raises(ValueError, match="not among"):
+        build_detector("qr,oracle", "text", **{"text.min_conf": "3"})
