@@ -9,6 +9,7 @@ Sub-commands::
     geomerase train --config C [key.sub=value ...]   fine-tune (same as python -m geomerase.train)
     geomerase sample --model DIR --prompt P --negative geom --out grid.png
     geomerase fetch-tokenizer                        cache CLIP's BPE table (set-up does this)
+    geomerase bench erasing --preset cpu --concepts qr,watermark,text --out DIR   erasing benchmark
 """
 from __future__ import annotations
 
@@ -126,6 +127,15 @@ def _sample(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_erasing(a: argparse.Namespace) -> int:
+    from geomerase.benchmarks.erasing import erasing_config, run_erasing
+
+    concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else None
+    cfg = erasing_config(a.preset, list(a.overrides), out=a.out, concepts=concepts)
+    run_erasing(cfg)
+    return 0
+
+
 def _fetch_tokenizer(a: argparse.Namespace) -> int:
     from geomerase.core.tokenizer import main
 
@@ -210,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--out", default="samples.png")
     p.set_defaults(fn=_sample)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    q = bsub.add_parser("erasing", help="Geom-Erasing vs plain fine-tuning, NP, SLD and ESD (ICR, FID, fidelity)")
+    q.add_argument("--preset", default="cpu", help="smoke, cpu or gpu (geomerase.benchmarks.erasing.PRESETS)")
+    q.add_argument("--concepts", default=None, help="comma-separated subset of qr,watermark,text (default: all)")
+    q.add_argument("--out", default=None, help="output folder (default: the preset's)")
+    q.add_argument("overrides", nargs="*", help="ErasingConfig overrides, key=value")
+    q.set_defaults(fn=_bench_erasing)
 
     p = sub.add_parser("fetch-tokenizer", help="cache CLIP's BPE table offline use")
     p.set_defaults(fn=_fetch_tokenizer)

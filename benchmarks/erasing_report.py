@@ -1,0 +1,305 @@
+"""Scoring and reporting of the erasing benchmark.
+
+:func:`score_concept` (run in the main process once a concept's samples exist) scores every
+arm: ICR by the *scorer* patch classifier (not the annotator) with a Wilson interval, the
+per-cell ICR heat-map, ICR by the annotator too (for comparison), FID against the held-out
+concept-free images in the attribute classifier's feature space, prompt fidelity on held-out
+captions, and F·R = FID × ICR; it checks both classifiers against the ground truth of the
+concept's held-out split and draws the figures. :func:`write_outputs` gathers the concepts
+into ``results.json`` (the issue's schema), ``details.json`` and ``report.md``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from geomerase.benchmarks.erasing import ARMS, PROMPT_SETS, ErasingConfig, Layout
+from geomerase.benchmarks.erasing_jobs import atomic_write_text
+from geomerase.core.captions import negative_mixture
+from geomerase.core.classifiers import as_float, degraded, labels_to_index, load_classifier
+from geomerase.core.config import to_dict
+from geomerase.core.fid import DomainFID
+from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
+from geomerase.core.metrics import binary_pr, fidelity, fidelity_chance, icr, sample_grid
+from geomerase.data.concepts import CONCEPT_NAMES
+from geomerase.data.loader import InMemoryDataset
+from geomerase.data.scenes import BACKGROUNDS, SHAPES
+
+MODEL_OF = {arm: spec[0] for arm, spec in ARMS.items()}
+
+
+def _load(lay: Layout, c: str, arm: str, pset: str) -> torch.Tensor:
+    model = MODEL_OF[arm.split("@")[0]]
+    return torch.load(lay.samples(c, model, pset) / f"{arm}.pt")
+
+
+def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int) -> dict[str, Any]:
+    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=pc.cfg.overlap_threshold))
+    true = [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(ds.metas, ds.sizes)]
+    clean, deg = pc.cells(as_float(ds.images)), pc.cells(degraded(ds.images, seed=seed))
+    return {"cells_clean": cell_precision_recall(clean, true), "cells_degraded": cell_precision_recall(deg, true),
+            "images_clean": binary_pr([bool(x) for x in clean], [bool(x) for x in true]),
+            "images_degraded": binary_pr([bool(x) for x in deg], [bool(x) for x in true])}
+
+
+def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
+    """Score every arm of concept ``c``; writes ``<out>/<c>/scores.json`` and the figures."""
+    lay = Layout(Path(cfg.out))
+    cls = lay.concept(c) / "classifiers"
+    scorer, _ = load_classifier(cls / "scorer")
+    annotator, _ = load_classifier(cls / "annotator")
+    attrs, _ = load_classifier(cls / "attributes")
+    ref = InMemoryDataset(lay.glob("clean_heldout", "qr"), scorer.cfg.resolution)
+    fid = DomainFID(attrs.body, ref.images)
+    n = cfg.samples
+    want_bg = labels_to_index([m["attributes"]["background"] for m in ref.metas[:n]], list(BACKGROUNDS), "held-out")
+    want_sh = labels_to_index([m["attributes"]["shape"] for m in ref.metas[:n]], list(SHAPES), "held-out")
+    g = cfg.grid
+    scores: dict[str, dict[str, Any]] = {}
+    images: dict[str, dict[str, torch.Tensor]] = {}
+    cells_of: dict[str, dict[str, list[list[int]]]] = {}
+    for pset in PROMPT_SETS:
+        scores[pset], images[pset], cells_of[pset] = {}, {}, {}
+        for arm in ARMS:
+            imgs = _load(lay, c, arm, pset)
+            x = as_float(imgs)
+            cells = scorer.cells(x)
+            r = icr([bool(cs) for cs in cells])
+            heat = torch.zeros(g * g)
+            for cs in cells:
+                heat[cs] += 1
+            f = fid(imgs)
+            row = {"icr": r["icr"], "ci95": r["ci95"], "k": r["k"], "n": r["n"], "fid": f, "fr": f * r["icr"],
+                   "heatmap": (heat / max(len(cells), 1)).view(g, g).tolist(),
+                   "icr_annotator": icr([bool(cs) for cs in annotator.cells(x)])["icr"], "fidelity": None}
+            if pset == "heldout":
+                pb, ps = attrs.predict(x)
+                fd = fidelity(pb, ps, want_bg[:len(imgs)], want_sh[:len(imgs)])
+                row["fidelity"], row["fidelity_detail"] = fd["fidelity"], fd
+            scores[pset][arm] = row
+            images[pset][arm], cells_of[pset][arm] = imgs, cells
+    curve: dict[str, dict[str, float]] = {}
+    k = cfg.sweep_samples
+    for scale in sorted({*cfg.guidance_sweep, cfg.guidance_scale}):
+        for arm in ("np", "geom"):
+            imgs = (images["heldout"][arm][:k] if scale == cfg.guidance_scale
+                    else _load(lay, c, f"{arm}@{scale:g}", "heldout"))
+            curve.setdefault(f"{scale:g}", {})[arm] = icr([bool(cs) for cs in scorer.cells(as_float(imgs))])["icr"]
+    held = InMemoryDataset(lay.glob(f"{c}_heldout", c), scorer.cfg.resolution)
+    quality = {"scorer": _detector_quality(scorer, held, g, cfg.seed + 7),
+               "annotator": _detector_quality(annotator, held, g, cfg.seed + 7)}
+    figs = lay.root / "figures"
+    draw_concept_figures(cfg, c, scores, images, cells_of, curve, figs)
+    out = {"concept": c, "concept_name": CONCEPT_NAMES[c], "scores": scores, "icr_vs_guidance": curve,
+           "detectors": quality, "fidelity_chance": fidelity_chance(len(BACKGROUNDS), len(SHAPES)),
+           "fid_reference": {"images": fid.n_reference, "split": "clean_heldout",
+                             "features": "attribute classifier penultimate layer"}}
+    atomic_write_text(lay.concept(c) / "scores.json", json.dumps(out, indent=1))
+    return out
+
+
+# -- figures -----------------------------------------------------------------------------------
+def side_by_side(rows: dict[str, torch.Tensor], flagged: dict[str, list[list[int]]], path: Path, grid: int,
+                 cols: int, title: str) -> Path:
+    """One row per arm of the first ``cols`` samples (same seeds across rows), scorer flags framed."""
+    tiles = []
+    for arm, imgs in rows.items():
+        p = path.parent / f".{path.stem}-{arm}.png"
+        sample_grid(imgs[:cols], p, flagged[arm][:cols], grid, cols=cols, title=arm)
+        tiles.append(Image.open(p).convert("RGB"))
+        p.unlink()
+    w = max(t.width for t in tiles)
+    canvas = Image.new("RGB", (w, sum(t.height for t in tiles) + 16), (255, 255, 255))
+    ImageDraw.Draw(canvas).text((2, 2), title, fill=(0, 0, 0))
+    y = 16
+    for t in tiles:
+        canvas.paste(t, (0, y))
+        y += t.height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def draw_concept_figures(cfg: ErasingConfig, c: str, scores: dict, images: dict, cells_of: dict,
+                         curve: dict[str, dict[str, float]], figs: Path) -> None:
+    """Per-arm grids, side-by-side grids, heat-maps and the guidance curve of one concept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs.mkdir(parents=True, exist_ok=True)
+    for pset in PROMPT_SETS:
+        for arm in ARMS:
+            sample_grid(images[pset][arm][:64], figs / "arms" / f"{c}_{pset}_{arm}.png", cells_of[pset][arm][:64],
+                        cfg.grid, title=f"{c} {pset} {arm}: ICR={scores[pset][arm]['icr']:.2f}")
+        side_by_side(images[pset], cells_of[pset], figs / f"grid_{c}_{pset}.png", cfg.grid, cfg.grid_columns,
+                     f"{c}, {pset} prompts: same seeds per column; red = scorer found the concept")
+    fig, axes = plt.subplots(len(PROMPT_SETS), len(ARMS), figsize=(1.5 * len(ARMS), 3.2), dpi=100, squeeze=False)
+    vmax = max(max(max(r) for r in scores[p][a]["heatmap"]) for p in PROMPT_SETS for a in ARMS) or 1.0
+    for i, pset in enumerate(PROMPT_SETS):
+        for j, arm in enumerate(ARMS):
+            ax = axes[i][j]
+            im = ax.imshow(scores[pset][arm]["heatmap"], vmin=0, vmax=vmax, cmap="magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{arm}" if i == 0 else "", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(pset, fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.7, label="share of samples with the concept in the cell")
+    fig.suptitle(f"per-location ICR, {c} (scorer cells)", fontsize=9)
+    fig.savefig(figs / f"heatmap_{c}.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=110)
+    xs = sorted(curve, key=float)
+    for arm, label in (("np", "plain + NP (name)"), ("geom", "geom + geometric negative")):
+        ax.plot([float(s) for s in xs], [curve[s][arm] for s in xs], marker="o", label=label)
+    ax.set_xlabel("CFG scale")
+    ax.set_ylabel("ICR (held-out captions)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"ICR vs guidance, {c} (n={cfg.sweep_samples})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(figs / f"guidance_{c}.png")
+    plt.close(fig)
+
+
+def icr_chart(all_scores: dict[str, dict], path: Path) -> Path:
+    """Bars of ICR per arm (95% CI), one panel per concept and prompt set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concepts = list(all_scores)
+    fig, axes = plt.subplots(len(concepts), len(PROMPT_SETS), figsize=(11, 2.8 * len(concepts)), dpi=100,
+                             squeeze=False)
+    for i, c in enumerate(concepts):
+        for j, pset in enumerate(PROMPT_SETS):
+            ax = axes[i][j]
+            rows = all_scores[c]["scores"][pset]
+            arms = list(ARMS)
+            ys = [rows[a]["icr"] for a in arms]
+            err = [[max(0.0, rows[a]["icr"] - rows[a]["ci95"][0]) for a in arms],
+                   [max(0.0, rows[a]["ci95"][1] - rows[a]["icr"]) for a in arms]]
+            colours = ["#27ae60" if a.startswith("geom") else "#7f8c8d" if a == "oracle" else "#c0392b" for a in arms]
+            ax.bar(range(len(arms)), ys, yerr=err, color=colours, capsize=2)
+            ax.set_xticks(range(len(arms)))
+            ax.set_xticklabels(arms, rotation=30, ha="right", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_title(f"{c}, {pset} prompts (n={rows['plain']['n']})", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("ICR")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- results, details, report ------------------------------------------------------------------
+def _negative_label(cfg: ErasingConfig, c: str, arm: str) -> str:
+    model, kind, sld = ARMS[arm]
+    if sld:
+        return f"SLD-{cfg.sld_preset} on '{CONCEPT_NAMES[c]}'"
+    if kind == "none":
+        return "—"
+    negs, _ = negative_mixture(kind, CONCEPT_NAMES[c], cfg.grid)
+    return f"'{negs[0]}'" if kind == "name" else f"'{CONCEPT_NAMES[c]} <l0> … <l{cfg.grid ** 2 - 1}>'"
+
+
+def _fmt_icr(r: dict) -> str:
+    return f"{r['icr']:.3f} ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})"
+
+
+def targets(s: dict) -> list[tuple[str, bool, str]]:
+    """The issue's targets for one concept: (description, met, measured)."""
+    out = []
+    for pset in PROMPT_SETS:
+        r = s[pset]
+        g, p = r["geom"]["icr"], r["plain"]["icr"]
+        out.append((f"{pset}: geom ICR <= 0.2 x plain ICR", g <= 0.2 * p, f"{g:.3f} vs 0.2 x {p:.3f} = {0.2 * p:.3f}"))
+        for base in ("np", "sld", "esd"):
+            b = r[base]["icr"]
+            out.append((f"{pset}: geom ICR < {base} ICR", g < b, f"{g:.3f} vs {b:.3f}"))
+        fg, fp = r["geom"]["fid"], r["plain"]["fid"]
+        out.append((f"{pset}: geom FID <= 1.1 x plain FID", fg <= 1.1 * fp, f"{fg:.2f} vs 1.1 x {fp:.2f} = {1.1 * fp:.2f}"))
+    r = s["open"]
+    for base in ("np", "sld"):
+        out.append((f"open: geom_mr ICR < {base} ICR", r["geom_mr"]["icr"] < r[base]["icr"],
+                    f"{r['geom_mr']['icr']:.3f} vs {r[base]['icr']:.3f}"))
+    return out
+
+
+def render_report(cfg: ErasingConfig, all_scores: dict[str, dict], timings: dict[str, float], seconds: float) -> str:
+    lines = [f"# Erasing benchmark ({', '.join(all_scores)}; {cfg.samples} samples per arm and prompt set, "
+             f"CFG {cfg.guidance_scale}, {cfg.sample_steps} DDIM steps)", "",
+             "ICR = share of samples in which the **scorer** (a width-"
+             f"{cfg.scorer_width} patch classifier, seed {cfg.seed + 1}, trained on the training split; annotation "
+             f"used a separate width-{cfg.annotator_width} classifier) finds the concept, with 95% Wilson interval. "
+             "FID: Fréchet distance to the held-out concept-free images in the attribute classifier's feature space "
+             "(domain FID, not Inception; comparable only within this run). F·R = FID × ICR. Fidelity: attribute "
+             "accuracy on held-out captions (chance "
+             f"{next(iter(all_scores.values()))['fidelity_chance']:.3f}); open prompts have none.", ""]
+    for c, sc in all_scores.items():
+        s = sc["scores"]
+        lines += [f"## {c} ('{CONCEPT_NAMES[c]}')", "",
+                  "| method | model | negative / guidance | held-out ICR ↓ | FID ↓ | F·R ↓ | fidelity ↑ "
+                  "| open ICR ↓ | FID ↓ | F·R ↓ |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm in ARMS:
+            h, o = s["heldout"][arm], s["open"][arm]
+            lines.append(f"| {arm} | {ARMS[arm][0]} | {_negative_label(cfg, c, arm)} | {_fmt_icr(h)} | {h['fid']:.2f} | "
+                         f"{h['fr']:.2f} | {h['fidelity']:.3f} | {_fmt_icr(o)} | {o['fid']:.2f} | {o['fr']:.2f} |")
+        lines += ["", "Ablation (held-out / open ICR): "
+                  + " → ".join(f"{label} {s['heldout'][a]['icr']:.3f} / {s['open'][a]['icr']:.3f}"
+                               for label, a in (("name only (existence)", "existence"), ("+ geometry (geom)", "geom"),
+                                                ("+ re-weighting", "geom_reweight"), ("oracle (concept-free data)",
+                                                                                      "oracle"))), ""]
+        curve = sc["icr_vs_guidance"]
+        lines += ["ICR vs CFG scale (held-out captions, n="
+                  f"{cfg.sweep_samples}): " + "; ".join(f"s={k}: NP {v['np']:.3f}, geom {v['geom']:.3f}"
+                                                        for k, v in sorted(curve.items(), key=lambda kv: float(kv[0]))),
+                  ""]
+        q = sc["detectors"]
+        lines.append("Detectors on the concept's held-out split vs ground truth (degraded images): scorer cells P "
+                     f"{q['scorer']['cells_degraded']['precision']:.3f} R {q['scorer']['cells_degraded']['recall']:.3f}, "
+                     f"images P {q['scorer']['images_degraded']['precision']:.3f} R "
+                     f"{q['scorer']['images_degraded']['recall']:.3f}; annotator cells P "
+                     f"{q['annotator']['cells_clean']['precision']:.3f} R {q['annotator']['cells_clean']['recall']:.3f} "
+                     "(clean).")
+        lines += ["", "Targets:", ""]
+        lines += [f"- {'met' if ok else '**missed**'}: {d} ({m})" for d, ok, m in targets(s)]
+        lines += ["", f"Figures: `figures/grid_{c}_heldout.png`, `figures/grid_{c}_open.png` (arms side by side, same "
+                  f"seeds), `figures/heatmap_{c}.png`, `figures/guidance_{c}.png`, `figures/arms/{c}_*.png`.", ""]
+    train_s = sum(v for k, v in timings.items() if "/train/" in k or k == "oracle/train")
+    sample_s = sum(v for k, v in timings.items() if "/sample/" in k)
+    lines += [f"Wall time of this invocation {seconds:.0f} s (summed job times: training {train_s:.0f} s, sampling "
+              f"{sample_s:.0f} s; {cfg.workers} worker processes). Per-task seconds in `timings.json`.", "",
+              "`results.json`: `{concept: {heldout|open: {arm: {icr, fid, fidelity, n}}}}`; `details.json`: intervals, "
+              "F·R, heat-maps, annotator ICR, detector quality, guidance curve, config.", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(cfg: ErasingConfig, lay: Layout, timings: dict[str, float], seconds: float) -> dict:
+    """``results.json``, ``details.json``, ``report.md`` and ``icr.png`` from the concepts scored so far."""
+    all_scores = {c: json.loads((lay.concept(c) / "scores.json").read_text()) for c in cfg.concepts
+                  if (lay.concept(c) / "scores.json").exists()}
+    results = {c: {pset: {arm: {"icr": r["icr"], "fid": r["fid"], "fidelity": r["fidelity"], "n": r["n"]}
+                          for arm, r in sc["scores"][pset].items()} for pset in PROMPT_SETS}
+               for c, sc in all_scores.items()}
+    atomic_write_text(lay.root / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(lay.root / "details.json", json.dumps(
+        {"concepts": all_scores, "config": to_dict(cfg), "seconds": seconds, "timings": timings,
+         "targets": {c: [{"target": d, "met": ok, "measured": m} for d, ok, m in targets(sc["scores"])]
+                     for c, sc in all_scores.items()}}, indent=1))
+    if all_scores:
+        icr_chart(all_scores, lay.root / "icr.png")
+        report = render_report(cfg, all_scores, timings, seconds)
+        atomic_write_text(lay.root / "report.md", report)
+        print(report)
+    return results

@@ -1,0 +1,101 @@
+"""The erasing benchmark end to end on the smoke preset (tiny sizes): schema, arms, files, resume."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from geomerase.benchmarks.erasing import ARMS, PRESETS, PROMPT_SETS, ErasingConfig, erasing_config, run_erasing
+from geomerase.benchmarks.erasing_jobs import Task, run_dag
+from geomerase.core.config import ConfigError
+from geomerase.demo_jobs import Job
+
+TINY = ["n_train=48", "n_heldout=8", "image_size=32", "samples=4", "sweep_samples=2", "classifier_steps=5",
+        "steps=2", "batch_size=4", "sample_steps=2", "grid_columns=2"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "erasing"
+    cfg = erasing_config("smoke", TINY, out=str(out), concepts=["qr"])
+    t0 = time.time()
+    results = run_erasing(cfg)
+    return cfg, out, results, time.time() - t0
+
+
+def test_results_schema_and_all_arms(smoke_run):
+    cfg, out, results, _ = smoke_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(on_disk) == {"qr"}
+    assert set(on_disk["qr"]) == set(PROMPT_SETS) == {"heldout", "open"}
+    expected_arms = {"plain", "np", "sld", "existence", "geom", "geom_reweight", "geom_mr", "esd", "oracle"}
+    assert set(ARMS) == expected_arms
+    for pset in PROMPT_SETS:
+        assert set(on_disk["qr"][pset]) == expected_arms
+        for arm, row in on_disk["qr"][pset].items():
+            assert set(row) == {"icr", "fid", "fidelity", "n"}, (pset, arm)
+            assert row["n"] == cfg.samples and 0.0 <= row["icr"] <= 1.0 and row["fid"] >= 0.0
+            assert (row["fidelity"] is None) == (pset == "open")
+
+
+def test_files_written(smoke_run):
+    _, out, _, _ = smoke_run
+    report = (out / "report.md").read_text()
+    assert "## qr" in report and "| geom_mr |" in report and "Targets:" in report and "Ablation" in report
+    for name in ("icr.png", "details.json", "timings.json", "figures/heatmap_qr.png", "figures/guidance_qr.png",
+                 "figures/grid_qr_heldout.png", "figures/grid_qr_open.png", "figures/arms/qr_open_sld.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    details = json.loads((out / "details.json").read_text())
+    row = details["concepts"]["qr"]["scores"]["heldout"]["geom"]
+    assert len(row["heatmap"]) == 4 and len(row["heatmap"][0]) == 4 and len(row["ci95"]) == 2
+    assert row["fr"] == pytest.approx(row["fid"] * row["icr"])
+    curve = details["concepts"]["qr"]["icr_vs_guidance"]
+    assert set(curve) == {"3", "6"} and set(curve["6"]) == {"np", "geom"}
+    assert details["targets"]["qr"] and all({"target", "met", "measured"} <= set(t) for t in details["targets"]["qr"])
+
+
+def test_rerun_resumes_without_recomputing(smoke_run):
+    cfg, out, results, first = smoke_run
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    model = out / "qr" / "models" / "geom" / "model" / "geomerase.json"
+    before = model.stat().st_mtime_ns
+    t0 = time.time()
+    again = run_erasing(cfg)
+    assert again == results
+    assert model.stat().st_mtime_ns == before
+    assert stamp and all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    assert time.time() - t0 < first
+
+
+def test_config_errors_and_presets():
+    assert {"smoke", "cpu", "gpu"} <= set(PRESETS)
+    cpu = erasing_config("cpu")
+    assert cpu.samples >= 128 and cpu.concepts == ["qr", "watermark", "text"]
+    with pytest.raises(ConfigError, match="unknown preset"):
+        erasing_config("huge")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        erasing_config("smoke", ["stepz=3"])
+    with pytest.raises(ConfigError, match="n_heldout"):
+        erasing_config("smoke", ["samples=100", "n_heldout=10"])
+    with pytest.raises(ConfigError, match="concepts"):
+        ErasingConfig(concepts=["logo"]).validate()
+
+
+def _append(log: list, name: str) -> str:
+    log.append(name)
+    return name
+
+
+def test_run_dag_orders_dependencies_and_skips_done(tmp_path):
+    done_file = tmp_path / "done"
+    done_file.write_text("x")
+    log: list[str] = []
+    tasks = {"c": Task(Job(_append, (log, "c")), deps=("a", "b")), "a": Task(Job(_append, (log, "a"))),
+             "b": Task(Job(_append, (log, "b")), deps=("a",)),
+             "skip": Task(Job(_append, (log, "skip")), outputs=(str(done_file),))}
+    res = run_dag(tasks, workers=1, threads=1)
+    assert log == ["a", "b", "c"] and set(res) == {"a", "b", "c"}
+    with pytest.raises(KeyError, match="unknown task"):
+        run_dag({"x": Task(Job(_append, (log, "x")), deps=("nope",))}, 1, 1)
