@@ -27,12 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def degrade(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def degrade(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, noise_std: float = 0.2) -> torch.Tensor:
     """Random blur, resampling, noise and colour shifts, per image.
 
     Args:
         x: ``(B, 3, H, W)`` float in [-1, 1].
         strength: scales every degradation (0 returns ``x``).
+        noise_std: largest standard deviation of the additive per-pixel noise (drawn per image
+            uniformly from ``[0, noise_std]``, times ``strength``).
     Returns:
         Same shape, float, clamped to [-1, 1].
     """
@@ -54,8 +56,8 @@ def degrade(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> tor
         small = F.interpolate(out[resample], scale_factor=0.5, mode="bilinear", align_corners=False)
         out = out.clone()
         out[resample] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-    # Additive Gaussian noise, std in [0, 0.2] (images span 2.0).
-    noise = torch.randn(out.shape, generator=gen) * (u[:, 2] * 0.2 * strength).view(-1, 1, 1, 1)
+    # Additive Gaussian noise, std in [0, noise_std] (images span 2.0).
+    noise = torch.randn(out.shape, generator=gen) * (u[:, 2] * noise_std * strength).view(-1, 1, 1, 1)
     # Contrast / brightness / saturation shifts.
     contrast = 1 + (u[:, 3] - 0.5) * 0.5 * strength
     bright = (u[:, 4] - 0.5) * 0.3 * strength
@@ -231,19 +233,20 @@ def fit(model: nn.Module, loss_fn, n: int, steps: int, batch: int, lr: float, se
 
 
 def _training_batch(images: torch.Tensor, idx: torch.Tensor, gen: torch.Generator,
-                    degrade_prob: float) -> torch.Tensor:
+                    degrade_prob: float, noise_std: float = 0.2) -> torch.Tensor:
     """uint8 images ``idx`` as floats in [-1, 1], a random ``degrade_prob`` share of them degraded."""
     x = images[idx].float() / 127.5 - 1
     mask = torch.rand(len(idx), generator=gen) < degrade_prob
     if mask.any():
         x = x.clone()
-        x[mask] = degrade(x[mask], gen)
+        x[mask] = degrade(x[mask], gen, noise_std=noise_std)
     return x
 
 
 def train_patch_classifier(cfg: PatchClassifierConfig, images: torch.Tensor, coverage: torch.Tensor,
                            steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int = 0,
-                           degrade_prob: float = 0.6, progress: bool = True) -> PatchClassifier:
+                           degrade_prob: float = 0.6, progress: bool = True,
+                           noise_std: float = 0.2) -> PatchClassifier:
     """Train on whole images: every cell of a minibatch image is a patch example.
 
     Args:
@@ -253,7 +256,7 @@ def train_patch_classifier(cfg: PatchClassifierConfig, images: torch.Tensor, cov
     model = cfg.build()
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = _training_batch(images, idx, gen, degrade_prob)
+        x = _training_batch(images, idx, gen, degrade_prob, noise_std)
         target = coverage[idx].flatten().float()
         logits = model(model.patches(x))
         # Soft targets: the classifier regresses coverage, so its threshold means the same as the GT's.

@@ -181,25 +181,51 @@ def train_model_job(run_cfg: Any, progress: bool = False) -> float:
 
 @dataclass
 class Arm:
-    """One sampling arm: prompts and the negative-prompt mixture to guide them with."""
+    """One sampling arm: a model, prompts, and the negative-prompt mixture to guide them with."""
 
     name: str
+    model_dir: str
     prompts: list[str]
     negatives: list[str]
     weights: list[float]
+    guidance_scale: float
+
+    @property
+    def cost(self) -> int:
+        """UNet rows per denoising step: the prompts plus one copy per negative prompt."""
+        return len(self.prompts) * (1 + len(self.negatives))
 
 
-def sample_arms_job(model_dir: str, device: str, backend: str, arms: list[Arm], seeds: list[int],
-                    sampler_cfg: Any) -> dict[str, torch.Tensor]:
-    """Sample every arm of one model with the same seeds; returns ``{arm: (N,3,R,R) uint8}``."""
+def balance(arms: Sequence[Arm], bins: int) -> list[list[Arm]]:
+    """Split arms into at most ``bins`` groups of similar total cost (largest first, into the lightest bin)."""
+    groups: list[list[Arm]] = [[] for _ in range(max(1, bins))]
+    load = [0] * len(groups)
+    for a in sorted(arms, key=lambda a: -a.cost):
+        i = load.index(min(load))
+        groups[i].append(a)
+        load[i] += a.cost
+    return [g for g in groups if g]
+
+
+def sample_arms_job(arms: list[Arm], seeds: list[int], sampler_cfg: Any, device: str,
+                    backend: str) -> dict[str, torch.Tensor]:
+    """Sample every arm with the same seeds; returns ``{arm: (N,3,R,R) uint8}``. Models load once each."""
+    from dataclasses import replace
+
     from geomerase.core.models import load_model
     from geomerase.core.sampling import sample, to_uint8
     from geomerase.core.trainer import resolve_device
 
-    model = load_model(model_dir).to(resolve_device(device))
-    model.set_attention_backend(backend)
-    return {a.name: to_uint8(sample(model, a.prompts, a.negatives, seeds, sampler_cfg, neg_weights=a.weights))
-            for a in arms}
+    models: dict[str, Any] = {}
+    out = {}
+    for a in arms:
+        if a.model_dir not in models:
+            m = load_model(a.model_dir).to(resolve_device(device))
+            m.set_attention_backend(backend)
+            models[a.model_dir] = m
+        scfg = replace(sampler_cfg, guidance_scale=a.guidance_scale)
+        out[a.name] = to_uint8(sample(models[a.model_dir], a.prompts, a.negatives, seeds, scfg, neg_weights=a.weights))
+    return out
 
 
 def progress_file(run_dir: str | Path) -> str:

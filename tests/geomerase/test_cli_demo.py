@@ -26,7 +26,8 @@ def test_miniature_demo_end_to_end(tmp_path):
                "classifier_steps=20", "sample_steps=2", "batch_size=4", "threads=2", "extra_negatives=[geom-cells]"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    for arm in ("plain", "plain_np", "geom_noneg", "geom", "open_noneg", "open_np", "open_geom", "geom[geom-cells]"):
+    for arm in ("plain", "plain_np", "geom_noneg", "geom", "open_noneg", "open_np", "open_geom", "geom[geom-cells]",
+                "probe_geom"):
         assert 0.0 <= m["icr"][arm] <= 1.0, arm
     assert set(m["fidelity"]) >= {"plain", "geom", "chance"}
     assert m["n_samples"] == 4 and m["seconds"] > 0
@@ -34,6 +35,10 @@ def test_miniature_demo_end_to_end(tmp_path):
     for f in ("report.md", "icr.png", "grids/plain.png", "grids/open_geom.png", "models/geom/model/unet/config.json"):
         assert (out / f).is_file(), f
     assert "| geom |" in (out / "report.md").read_text()
+    assert set(m["targets"]) >= {"icr.geom <= 0.3 x icr.plain", "demo seconds <= 1200"}
+    assert all(isinstance(v, bool) for v in m["targets"].values())
+    assert "cells_vs_asked" in m["icr_detail"]["probe_geom"]
+    assert m["workers"] == 2
     # Rerunning resumes: every stage is found done and the metrics are reproduced.
     assert main(["demo", "--out", str(out), "n_train=200", "n_heldout=100", "steps=3", "samples=4",
                  "classifier_steps=20", "sample_steps=2", "batch_size=4", "threads=2",
