@@ -11,9 +11,10 @@
 #   3. bench-attn    - bench_attention over the SD-1.5 shape table (Triton configs compiled
 #                      in parallel first), partial results kept if the stage times out
 #   4. bench-emb     - bench_loc_embedding at CLIP size
+#   4b. train-tput   - SD-1.5-shaped UNet 512 px: ZeRO-2 bf16 vs plain PyTorch loop, img/s and MFU
 #   5. summary       - compact tables, printed last
-# Budget: stage limits add up to 455 s (< 8 minutes). Everything goes to ${OUT:-benchmarks/results}: attention.{json,csv,md},
-# loc_embedding_gpu.{json,csv,md} and gpu_check.log (7 files).
+# Budget: stage limits add up to 565 s (< 10 minutes). Everything goes to ${OUT:-benchmarks/results}: attention.{json,csv,md},
+# loc_embedding_gpu.{json,csv,md}, train_throughput_gpu.json and gpu_check.log (8 files).
 # Without a GPU it still runs (tests in the interpreter, tiny benchmarks): a dry run of the script.
 set -u
 set -o pipefail
@@ -88,6 +89,16 @@ if [ "$HAS_GPU" = 1 ]; then
 else
   run_stage bench-attn 120 "$PY" -m geomerase.benchmarks.bench_attention --tiny --out "$OUT"
   run_stage bench-emb 120 "$PY" -m geomerase.benchmarks.bench_loc_embedding --tiny --out "$OUT"
+fi
+
+# ---- 4b. training throughput: SD-1.5-shaped UNet, 512 px, ZeRO-2 bf16 vs a plain PyTorch loop
+#      (DeepSpeed may be absent from the machine's python: then only the plain loop is reported)
+if [ "$HAS_GPU" = 1 ]; then
+  run_stage train-tput 110 "$PY" -m geomerase.benchmarks.train_throughput --size sd15 --batch 16 --steps 8 \
+    --warmup 3 --precision bf16 --stage 2 --out "$OUT"
+else
+  run_stage train-tput 120 "$PY" -m geomerase.benchmarks.train_throughput --size debug --batch 4 --steps 3 \
+    --warmup 1 --precision fp32 --stage 2 --out "$OUT"
 fi
 
 # ---- 5. summary, last

@@ -36,7 +36,7 @@ def _pipeline(paths: list[str], resolution: int, batch: int, threads: int, seed:
     device_id = _gpu_id()
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2, exec_dynamic=True)
+                  prefetch_queue_depth=2)
     def pipe():
         png, meta = fn.readers.webdataset(paths=paths, ext=["png", "json"], missing_component_behavior="skip",
                                           random_shuffle=False, name="Reader", pad_last_batch=False)

@@ -52,6 +52,20 @@ def ensure_launch_env() -> None:
                        "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
 
 
+def _warn_stale_build_lock(max_age_s: float = 600) -> None:
+    """DeepSpeed's CPU group JIT-builds ``deepspeed_shm_comm`` once; a build killed midway leaves a
+    ``lock`` file that makes every later run wait forever. Say so instead of hanging silently."""
+    import time
+    from pathlib import Path
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    for lock in root.glob("**/deepspeed_shm_comm/lock"):
+        if time.time() - lock.stat().st_mtime > max_age_s and not list(lock.parent.glob("*.so")):
+            log.warning("%s is %.0f s old and no extension was built: an interrupted build left it; the op "
+                        "build will wait forever until it is removed (rm it if no build is running)",
+                        lock, time.time() - lock.stat().st_mtime)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -112,6 +126,8 @@ class DeepSpeedBackend(TrainBackend):
                 raise ValueError(f"train.device={want!r} but torch sees no CUDA device")
             self.device = torch.device("cpu")
         backend = self.zc.comm_backend or ("nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            _warn_stale_build_lock()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         deepspeed.utils.logger.setLevel(logging.WARNING)
         if not dist.is_initialized():
@@ -192,6 +208,39 @@ class DeepSpeedBackend(TrainBackend):
         dist.all_reduce(buf)
         return buf.view(shape)
 
+    def _gather_many(self, items: list[tuple[nn.Parameter, torch.Tensor | None, int, int]],
+                     chunk_elems: int = 1 << 26) -> list[torch.Tensor]:
+        """:meth:`_gather` for many tensors with one all-reduce per ~``chunk_elems`` elements
+        (a per-tensor all-reduce made a debug-model checkpoint take minutes over gloo)."""
+        out: list[torch.Tensor] = []
+        pending: list[tuple[nn.Parameter, torch.Tensor | None, int, int]] = []
+
+        def flush() -> None:
+            sizes = [self._numel_shape(p) for p, *_ in pending]
+            buf = torch.zeros(sum(n for n, _ in sizes), dtype=torch.float32, device=self.device)
+            pos = 0
+            for (p, frag, off, valid), (n, _) in zip(pending, sizes):
+                if valid:
+                    buf[pos + off:pos + off + valid].copy_(frag[:valid])
+                pos += n
+            dist.all_reduce(buf)
+            pos = 0
+            for n, shape in sizes:
+                out.append(buf[pos:pos + n].view(shape).clone())  # safetensors refuses shared storage
+                pos += n
+            pending.clear()
+
+        total = 0
+        for item in items:
+            pending.append(item)
+            total += self._numel_shape(item[0])[0]
+            if total >= chunk_elems:
+                flush()
+                total = 0
+        if pending:
+            flush()
+        return out
+
     @staticmethod
     def _scatter(value: torch.Tensor, frag: torch.Tensor, off: int, valid: int) -> None:
         if valid:
@@ -199,7 +248,7 @@ class DeepSpeedBackend(TrainBackend):
 
     def full_master(self) -> list[torch.Tensor]:
         """Full fp32 master weights of every trainable parameter (collective)."""
-        return [self._gather(p, *self._fragment(p)) for p in self.params]
+        return self._gather_many([(p, *self._fragment(p)) for p in self.params])
 
     def local_masters(self) -> list[torch.Tensor]:
         return [self._fragment(p)[0] for p in self.params]
@@ -217,14 +266,15 @@ class DeepSpeedBackend(TrainBackend):
         tensors: dict[str, torch.Tensor] = {}
         states = [s for s in self._flat_states() if s]
         step = states[0]["step"] if states else None
-        for i, p in enumerate(self.params):
-            for key in ("exp_avg", "exp_avg_sq"):
-                frag, off, valid = self._fragment(p, key)
-                have = torch.tensor([frag is not None], dtype=torch.int32, device=self.device)
-                dist.all_reduce(have, op=dist.ReduceOp.MIN)
-                if have.item():
-                    tensors[f"{i}.{key}"] = self._gather(p, frag, off, valid).cpu()
-            if step is not None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            items = [(p, *self._fragment(p, key)) for p in self.params]
+            have = torch.tensor([all(it[1] is not None for it in items)], dtype=torch.int32, device=self.device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if have.item():  # no Adam state before the first step
+                for i, full in enumerate(self._gather_many(items)):
+                    tensors[f"{i}.{key}"] = full.cpu()
+        if step is not None:
+            for i in range(len(self.params)):
                 tensors[f"{i}.step"] = step.detach().float().cpu().clone()
         groups, index = [], 0
         for meta, n, live in zip(self.group_meta, self.group_lens, self.basic_optimizer.param_groups):
@@ -345,11 +395,11 @@ class FragmentEma(EmaLike):
         return state
 
     def tensors(self) -> list[torch.Tensor]:
-        out = []
+        items = []
         for p, s in zip(self.b.params, self.shadow):
             _, off, valid = self.b._fragment(p)
-            out.append(self.b._gather(p, s, off, valid))
-        return out
+            items.append((p, s, off, valid))
+        return self.b._gather_many(items)
 
     def load(self, state: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         self.book.load_state_dict(dict(state))
