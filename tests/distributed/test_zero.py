@@ -67,7 +67,7 @@ def test_zero2_two_ranks_match_single_process_and_resume_after_sigkill(zero_icd,
     assert not list(ck.rglob("*.pt")) and not list(ck.rglob("*.bin"))  # nothing pickled
     assert (full / "model" / "unet" / "config.json").is_file()
 
-    # Kill both ranks (and the launcher) with SIGKILL once the step-4 checkpoint exists, resume.
+    # Kill both ranks (and the launcher) with SIGKILL once the step-2 checkpoint exists, resume.
     part = tmp_path / "part"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "geomerase.train", "--no-progress", "--config", "configs/tiny_cpu_zero2.yaml",
@@ -76,17 +76,17 @@ def test_zero2_two_ranks_match_single_process_and_resume_after_sigkill(zero_icd,
                             start_new_session=True)
     try:
         deadline = time.time() + 600
-        while not (part / "checkpoints" / "step-000004").is_dir() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
+        while not (part / "checkpoints" / "step-000002").is_dir() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert (part / "checkpoints" / "step-000004").is_dir()
-    assert not (part / "model").exists() or proc.returncode == 0
+    assert (part / "checkpoints" / "step-000002").is_dir()
+    assert not (part / "model").exists(), "the run finished before the kill: nothing was resumed"
     torchrun(2, ["--config", "configs/tiny_cpu_zero2.yaml", "--resume", "latest",
                  *_overrides(zero_icd, part, "train.max_steps=6", "train.save_every=2")])
     a, b = _losses(full), _losses(part)
-    assert [b[s] for s in (5, 6)] == [a[s] for s in (5, 6)]  # bit-identical in fp32 on CPU
+    assert [b[s] for s in (3, 4, 5, 6)] == [a[s] for s in (3, 4, 5, 6)]  # bit-identical in fp32 on CPU
     for k, v in _unet(full).items():
         assert torch.equal(v, _unet(part)[k]), k
 
