@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,17 +84,48 @@ def _compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (torchrun's workers may sit in their own process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def sigkill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and all its descendants, by PID; returns the PIDs signalled."""
+    victims = [pid, *_descendants(pid)]
+    for v in victims:
+        try:
+            os.kill(v, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return victims
+
+
 def _kill_after(cmd: list[str], out: Path, step: int) -> dict:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     target = out / "checkpoints" / f"step-{step:06d}"
     while not target.is_dir() and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    victims = sigkill_tree(proc.pid)
     proc.wait()
+    if (out / "model").exists():
+        sys.exit(f"the run finished before the kill (checkpoint {target} never seen in time); nothing to resume")
     logged = max(_losses(out)) if (out / "loss.csv").is_file() else 0
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
-    return {"killed_with": "SIGKILL (process group: launcher + both ranks)", "last_logged_step_at_kill": logged,
+    return {"killed_with": f"SIGKILL to the launcher and both ranks ({len(victims)} processes)",
+            "last_logged_step_at_kill": logged,
             "checkpoints_at_kill": ckpts, "returncode": proc.returncode}
 
 
@@ -134,11 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name] = _run(_cmd(n, config, [*common, *save, *extra, f"out_dir={out}"]))
     # SIGKILL after step kill_after, then --resume latest.
     killed = work / "zero2_killed"
+    shutil.rmtree(killed, ignore_errors=True)
     kill_cmd = _cmd(2, "configs/tiny_cpu_zero2.yaml", [*common, f"train.save_every={a.kill_after}",
                                                         f"out_dir={killed}"])
     kill_info = _kill_after(kill_cmd, killed, a.kill_after)
     seconds["zero2_resume"] = _run(_cmd(2, "configs/tiny_cpu_zero2.yaml",
                                         [*common, f"train.save_every={a.kill_after}", f"out_dir={killed}"], resume=True))
+    # The same for ZeRO-3 (its optimizer state lives in per-sub-group fp32 partitions).
+    killed3 = work / "zero3_killed"
+    shutil.rmtree(killed3, ignore_errors=True)
+    kill3 = _kill_after(_cmd(2, "configs/tiny_cpu_zero3.yaml", [*common, f"train.save_every={a.kill_after}",
+                                                                 f"out_dir={killed3}"]), killed3, a.kill_after)
+    seconds["zero3_resume"] = _run(_cmd(2, "configs/tiny_cpu_zero3.yaml",
+                                        [*common, f"train.save_every={a.kill_after}", f"out_dir={killed3}"], resume=True))
 
     ref = _losses(work / "single")
     result: dict = {"steps": a.steps, "global_batch": a.batch, "model": "debug", "precision": "fp32",
@@ -158,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                         "losses_uninterrupted": [z2[s] for s in tail], "losses_resumed": [res[s] for s in tail],
                         "bit_identical": all(z2[s] == res[s] for s in tail),
                         "final_state": _compare(_state(work / "zero2", a.steps), _state(killed, a.steps))}
+    z3, res3 = _losses(work / "zero3"), _losses(killed3)
+    result["resume_zero3"] = {**kill3, "steps_compared": tail,
+                              "losses_uninterrupted": [z3[s] for s in tail], "losses_resumed": [res3[s] for s in tail],
+                              "bit_identical": all(z3[s] == res3[s] for s in tail),
+                              "final_state": _compare(_state(work / "zero3", a.steps), _state(killed3, a.steps))}
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "zero_cpu.json").write_text(json.dumps(result, indent=1))
@@ -183,6 +228,11 @@ def _markdown(r: dict) -> str:
               f"steps {rs['steps_compared'][0]}–{rs['steps_compared'][-1]} bit-identical to the uninterrupted run: "
               f"**{rs['bit_identical']}**; final state max abs diff: "
               + ", ".join(f"{k} {v['max_abs_diff']:.1e}" for k, v in rs["final_state"].items()) + ".", "",
+              ]
+    r3 = r["resume_zero3"]
+    lines += [f"The same for ZeRO-3: steps {r3['steps_compared'][0]}–{r3['steps_compared'][-1]} bit-identical: "
+              f"**{r3['bit_identical']}**; final state max abs diff: "
+              + ", ".join(f"{k} {v['max_abs_diff']:.1e}" for k, v in r3["final_state"].items()) + ".", "",
               "| step | single | zero2 | zero3 |", "|---|---|---|---|"]
     for i, (a, b, c) in enumerate(zip(r["losses"]["single"], r["losses"]["zero2"], r["losses"]["zero3"]), 1):
         lines.append(f"| {i} | {a:.8f} | {b:.8f} | {c:.8f} |")

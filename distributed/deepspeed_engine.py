@@ -242,7 +242,9 @@ class DeepSpeedBackend(TrainBackend):
         return out
 
     @staticmethod
+    @torch.no_grad()
     def _scatter(value: torch.Tensor, frag: torch.Tensor, off: int, valid: int) -> None:
+        # The fp32 master partition is a leaf that requires grad: write without autograd.
         if valid:
             frag[:valid].copy_(value.reshape(-1)[off:off + valid].to(frag.dtype))
 
@@ -258,9 +260,15 @@ class DeepSpeedBackend(TrainBackend):
         return FragmentEma(self, decay)
 
     # -- optimizer state ------------------------------------------------------------------------
+    def _flats(self) -> list[torch.Tensor]:
+        """The fp32 master partitions the torch optimizer steps (its state is keyed by them; stage 3
+        only puts them into the optimizer's param groups for the duration of a step)."""
+        zopt = self.engine.optimizer
+        return list(zopt.fp32_partitioned_groups_flat if self.stage == 3 else zopt.single_partition_of_fp32_groups)
+
     def _flat_states(self) -> list[dict]:
         inner = self.engine.optimizer.optimizer
-        return [inner.state.get(q, {}) for g in inner.param_groups for q in g["params"]]
+        return [inner.state.get(q, {}) for q in self._flats()]
 
     def optimizer_state(self):
         tensors: dict[str, torch.Tensor] = {}
@@ -290,12 +298,12 @@ class DeepSpeedBackend(TrainBackend):
         step = next((v for k, v in tensors.items() if k.endswith(".step")), None)
         if step is not None:
             # torch's AdamW creates its state lazily at the first step: create it here.
-            for g in inner.param_groups:
-                for q in g["params"]:
-                    st = inner.state[q]
-                    st["step"] = step.detach().clone().float().to(q.device if g.get("fused") else "cpu")
-                    st.setdefault("exp_avg", torch.zeros_like(q, memory_format=torch.preserve_format))
-                    st.setdefault("exp_avg_sq", torch.zeros_like(q, memory_format=torch.preserve_format))
+            fused = bool(inner.defaults.get("fused"))
+            for q in self._flats():
+                st = inner.state[q]
+                st["step"] = step.detach().clone().float().to(q.device if fused else "cpu")
+                st.setdefault("exp_avg", torch.zeros_like(q, memory_format=torch.preserve_format))
+                st.setdefault("exp_avg_sq", torch.zeros_like(q, memory_format=torch.preserve_format))
             if self.stage < 3 and hasattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
                 self.engine.optimizer._lazy_init_hp_params_optimizer_state()
         for i, p in enumerate(self.params):

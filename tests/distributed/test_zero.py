@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ pytest.importorskip("deepspeed")
 from geomerase.core.config import ConfigError, load_config  # noqa: E402
 from geomerase.core.trainer import RunConfig, Trainer  # noqa: E402
 
-from zero_launch import ROOT, free_port, rank_env, torchrun  # noqa: E402
+from zero_launch import ROOT, free_port, rank_env, sigkill_tree, torchrun  # noqa: E402
 
 
 def _overrides(icd, out, *extra):
@@ -72,14 +70,14 @@ def test_zero2_two_ranks_match_single_process_and_resume_after_sigkill(zero_icd,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "geomerase.train", "--no-progress", "--config", "configs/tiny_cpu_zero2.yaml",
            *_overrides(zero_icd, part, "train.max_steps=6", "train.save_every=2")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
         while not (part / "checkpoints" / "step-000002").is_dir() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        sigkill_tree(proc.pid)  # the launcher and both ranks
         proc.wait()
     assert (part / "checkpoints" / "step-000002").is_dir()
     assert not (part / "model").exists(), "the run finished before the kill: nothing was resumed"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,3 +34,31 @@ def torchrun(nproc: int, args: list[str], timeout: float = 900, **kw) -> subproc
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (torchrun's workers may sit in their own process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def sigkill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and all its descendants, by PID; returns the PIDs signalled."""
+    victims = [pid, *_descendants(pid)]
+    for v in victims:
+        try:
+            os.kill(v, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return victims
