@@ -48,11 +48,13 @@ class Task:
 
 
 def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "bench",
-            timings: dict[str, float] | None = None) -> dict[str, Any]:
+            timings: dict[str, float] | None = None, on_finish: Callable[[str], None] | None = None
+            ) -> dict[str, Any]:
     """Run every task whose outputs are missing, respecting ``deps``; returns ``{name: result}``.
 
     ``workers == 1`` runs everything inline in listing order (dependencies first). A failing
     task stops new submissions; running ones finish, then the first error is raised.
+    ``timings[name]`` receives each task's seconds; ``on_finish(name)`` runs after each task.
     """
     missing = {d for t in tasks.values() for d in t.deps if d not in tasks}
     if missing:
@@ -70,6 +72,8 @@ def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "ben
         timings[name] = time.time() - t0
         finished.add(name)
         bar.update(tasks[name].cost)
+        if on_finish is not None:
+            on_finish(name)
 
     def ready() -> list[str]:
         return [n for n in pending if all(d in finished for d in tasks[n].deps)]
@@ -125,6 +129,8 @@ def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "ben
                     timings[name] = time.time() - t0
                     finished.add(name)
                     bar.update(tasks[name].cost)
+                    if on_finish is not None:
+                        on_finish(name)
         if error is not None:
             raise error
         return results
