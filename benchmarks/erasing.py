@@ -400,18 +400,23 @@ def run_erasing(cfg: ErasingConfig) -> dict:
     invocations.append({"start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "seconds": None,
                         "workers": workers, "threads_per_worker": threads})
 
+    cpu_path = lay.root / "cpu_seconds.json"
+    cpu: dict[str, float] = json.loads(cpu_path.read_text()) if cpu_path.exists() else {}
+
     def save_progress(_: str = "") -> None:
         invocations[-1]["seconds"] = round(time.time() - t0, 1)
         atomic_write_text(timings_path, json.dumps(timings, indent=1))
+        atomic_write_text(cpu_path, json.dumps(cpu, indent=1))
         atomic_write_text(inv_path, json.dumps(invocations, indent=1))
 
     # Data first (the sampling plan needs the held-out captions), then everything else.
     data_plan = {k: v for k, v in plan(cfg, lay, lambda: {"heldout": [""] * cfg.samples, "open": [""] * cfg.samples}).items()
                  if k == "data/clean_heldout"}
     try:
-        run_dag(data_plan, 1, cfg.threads, desc="held-out split", timings=timings, on_finish=save_progress)
+        run_dag(data_plan, 1, cfg.threads, desc="held-out split", timings=timings, on_finish=save_progress,
+                cpu_times=cpu)
         run_dag(plan(cfg, lay, prompts), workers, threads, desc="erasing bench", timings=timings,
-                on_finish=save_progress)
+                on_finish=save_progress, cpu_times=cpu)
     finally:
         save_progress()
-    return write_outputs(cfg, lay, timings, time.time() - t0, invocations)
+    return write_outputs(cfg, lay, timings, time.time() - t0, invocations, cpu)

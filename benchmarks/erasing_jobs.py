@@ -47,15 +47,25 @@ class Task:
         return bool(self.outputs) and all(Path(p).exists() for p in self.outputs)
 
 
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``(fn(*args), CPU seconds of this process spent in it)`` (all its threads; picklable)."""
+    c0 = time.process_time()
+    out = fn(*args)
+    return out, time.process_time() - c0
+
+
 def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "bench",
-            timings: dict[str, float] | None = None, on_finish: Callable[[str], None] | None = None
-            ) -> dict[str, Any]:
+            timings: dict[str, float] | None = None, on_finish: Callable[[str], None] | None = None,
+            cpu_times: dict[str, float] | None = None) -> dict[str, Any]:
     """Run every task whose outputs are missing, respecting ``deps``; returns ``{name: result}``.
 
     ``workers == 1`` runs everything inline in listing order (dependencies first). A failing
     task stops new submissions; running ones finish, then the first error is raised.
-    ``timings[name]`` receives each task's seconds; ``on_finish(name)`` runs after each task.
+    ``timings[name]`` receives each task's wall seconds, ``cpu_times[name]`` its CPU seconds (what it
+    would take alone on a free core with one thread: a measure that contention does not inflate);
+    ``on_finish(name)`` runs after each task.
     """
+    cpu_times = cpu_times if cpu_times is not None else {}
     missing = {d for t in tasks.values() for d in t.deps if d not in tasks}
     if missing:
         raise KeyError(f"tasks depend on unknown task(s) {sorted(missing)}")
@@ -68,7 +78,7 @@ def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "ben
     def run_inline(name: str) -> None:
         t0 = time.time()
         job = tasks[name].job
-        results[name] = job.fn(*job.args)
+        results[name], cpu_times[name] = timed(job.fn, *job.args)
         timings[name] = time.time() - t0
         finished.add(name)
         bar.update(tasks[name].cost)
@@ -109,7 +119,7 @@ def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "ben
                             continue
                         pending.remove(name)
                         job = tasks[name].job
-                        running[ex.submit(job.fn, *job.args)] = (name, time.time())
+                        running[ex.submit(timed, job.fn, *job.args)] = (name, time.time())
                     bar.set_postfix_str(",".join(n for n, _ in running.values())[:80])
                 if not running:
                     if pending and error is None and not ready():
@@ -121,7 +131,7 @@ def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "ben
                 for f in done:
                     name, t0 = running.pop(f)
                     try:
-                        results[name] = f.result()
+                        results[name], cpu_times[name] = f.result()
                     except BaseException as e:  # noqa: BLE001 - re-raised below
                         error = error or RuntimeError(f"task {name!r} failed: {e!r}")
                         error.__cause__ = e

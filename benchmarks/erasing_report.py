@@ -237,7 +237,7 @@ def targets(s: dict) -> list[tuple[str, bool, str]]:
 
 
 def render_report(cfg: ErasingConfig, all_scores: dict[str, dict], timings: dict[str, float], seconds: float,
-                  invocations: list[dict] | None = None) -> str:
+                  invocations: list[dict] | None = None, cpu: dict[str, float] | None = None) -> str:
     lines = [f"# Erasing benchmark ({', '.join(all_scores)}; {cfg.samples} samples per arm and prompt set, "
              f"CFG {cfg.guidance_scale}, {cfg.sample_steps} DDIM steps)", "",
              "ICR = share of samples in which the **scorer** (a width-"
@@ -283,14 +283,16 @@ def render_report(cfg: ErasingConfig, all_scores: dict[str, dict], timings: dict
     total = sum(i["seconds"] or 0 for i in inv)
     lines += [f"Wall time: this invocation {seconds:.0f} s; all {len(inv)} invocation(s) of this folder {total:.0f} s "
               f"(`invocations.json`). Summed job times: training {train_s:.0f} s, sampling {sample_s:.0f} s; "
-              f"{cfg.workers} worker process(es). Per-task seconds in `timings.json`.", "",
+              f"{cfg.workers} worker process(es). Per-task seconds in `timings.json`; CPU seconds in "
+              f"`cpu_seconds.json` (sum {sum((cpu or {}).values()):.0f} s: the wall time of one free core, "
+              "about twice the wall time on two).", "",
               "`results.json`: `{concept: {heldout|open: {arm: {icr, fid, fidelity, n}}}}`; `details.json`: intervals, "
               "F·R, heat-maps, annotator ICR, detector quality, guidance curve, config.", ""]
     return "\n".join(lines)
 
 
 def write_outputs(cfg: ErasingConfig, lay: Layout, timings: dict[str, float], seconds: float,
-                  invocations: list[dict] | None = None) -> dict:
+                  invocations: list[dict] | None = None, cpu: dict[str, float] | None = None) -> dict:
     """``results.json``, ``details.json``, ``report.md`` and ``icr.png`` from the concepts scored so far."""
     all_scores = {c: json.loads((lay.concept(c) / "scores.json").read_text()) for c in cfg.concepts
                   if (lay.concept(c) / "scores.json").exists()}
@@ -300,12 +302,12 @@ def write_outputs(cfg: ErasingConfig, lay: Layout, timings: dict[str, float], se
     atomic_write_text(lay.root / "results.json", json.dumps(results, indent=1))
     atomic_write_text(lay.root / "details.json", json.dumps(
         {"concepts": all_scores, "config": to_dict(cfg), "seconds": seconds, "timings": timings,
-         "invocations": invocations or [],
+         "invocations": invocations or [], "cpu_seconds": cpu or {},
          "targets": {c: [{"target": d, "met": ok, "measured": m} for d, ok, m in targets(sc["scores"])]
                      for c, sc in all_scores.items()}}, indent=1))
     if all_scores:
         icr_chart(all_scores, lay.root / "icr.png")
-        report = render_report(cfg, all_scores, timings, seconds, invocations)
+        report = render_report(cfg, all_scores, timings, seconds, invocations, cpu)
         atomic_write_text(lay.root / "report.md", report)
         print(report)
     return results
