@@ -239,7 +239,8 @@ def _markdown(r: dict) -> str:
     lines += ["| step | single | zero2 | zero3 |", "|---|---|---|---|"]
     for i, (a, b, c) in enumerate(zip(r["losses"]["single"], r["losses"]["zero2"], r["losses"]["zero3"]), 1):
         lines.append(f"| {i} | {a:.8f} | {b:.8f} | {c:.8f} |")
-    lines += ["", "Wall-clock seconds per run (2 shared cores, includes start-up): "
+    lines += ["", "Wall-clock seconds of the runs this invocation made (2 shared, loaded cores; includes start-up; "
+              "runs found complete in `--work` are reused, not re-timed): "
               + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()), ""]
     return "\n".join(lines)
 
