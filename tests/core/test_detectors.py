@@ -199,3 +199,20 @@ def test_multi_detector_records_each_concept_separately():
         MultiDetector([OracleDetector("qr"), OracleDetector("qr")])
     with pytest.raises(ValueError, match="not among"):
         build_detector("qr,oracle", "text", **{"text.min_conf": "3"})
+
+
+def test_cli_annotate_local_with_real_detector_and_options(tmp_path, capsys):
+    from geomerase.cli import main
+    from geomerase.data.icd import build_icd
+
+    build_icd("qr", 6, 0.5, 256, 0, tmp_path / "icd", shard_size=3, progress=False)
+    args = ["annotate", "--input", str(tmp_path / "icd" / "*.tar"), "--detector", "qr", "--concept", "qr",
+            "--option", "require_decode=true", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "images/s (local)" in lines[-2]
+    import json
+    totals = json.loads(lines[-1])
+    assert totals["read"] == totals["annotated"] == 6 and totals["shards"] == 2
+    assert main(args[:-2] + ["--out", str(tmp_path / "o2"), "--address", "auto"]) == 2  # --address needs ray
+    assert main(args[:-4] + ["--option", "nonsense", "--out", str(tmp_path / "o3")]) == 2
