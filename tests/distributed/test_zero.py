@@ -18,6 +18,23 @@ from geomerase.core.trainer import RunConfig, Trainer  # noqa: E402
 from zero_launch import ROOT, free_port, rank_env, sigkill_tree, torchrun  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def zero_icd(tmp_path_factory):
+    """48 annotated 32 px samples in 4 shards (oracle detector, grid 4). Defined here, not in the
+    folder's conftest, which the Ray tests own."""
+    from geomerase.core.annotate import Annotator, annotate_shards
+    from geomerase.core.detectors import OracleDetector
+    from geomerase.core.geometry import GeometryConfig
+    from geomerase.core.tokenizer import build_tokenizer
+    from geomerase.data.icd import build_icd
+
+    root = tmp_path_factory.mktemp("zero_icd")
+    build_icd("qr", 48, 0.5, 32, 0, root / "raw", shard_size=12, progress=False)
+    ann = Annotator(OracleDetector("qr"), GeometryConfig(grid=4, overlap_threshold=0.25), build_tokenizer(4), "qr code")
+    annotate_shards(ann, str(root / "raw" / "*.tar"), root / "ann", progress=False)
+    return root
+
+
 def _overrides(icd, out, *extra):
     return ["model.size=debug", "model.prediction_type=null", f"data.shards={icd}/ann/*.tar", "data.batch_size=8",
             f"out_dir={out}", "train.log_every=1", "train.warmup_steps=2", "train.threads=1",
