@@ -104,7 +104,8 @@ def _annotate(a: argparse.Namespace) -> int:
 def _train(a: argparse.Namespace) -> int:
     from geomerase.train import main as train_main
 
-    return train_main(["--config", a.config, *(["--resume", a.resume] if a.resume else []), *a.overrides])
+    return train_main(["--config", a.config, *(["--resume", a.resume] if a.resume else []),
+                       *(["--no-progress"] if a.no_progress else []), *a.overrides])
 
 
 def _sample(a: argparse.Namespace) -> int:
@@ -202,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector option, repeatable (require_decode=true, min_conf=50, text.min_height=8)")
     p.set_defaults(fn=_annotate)
 
-    p = sub.add_parser("train", help="fine-tune (python -m geomerase.train)")
+    p = sub.add_parser("train", help="fine-tune (python -m geomerase.train; torchrun/deepspeed launch that module)")
     p.add_argument("--config", required=True)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(fn=_train)
 
