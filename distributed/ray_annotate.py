@@ -119,12 +119,21 @@ def start_ray(cfg: RayAnnotateConfig) -> tuple[bool, float]:
     # On a loaded 2-core machine the raylet's wait for its agents can exceed Ray's default
     # (seen: "Timed out waiting for file .../metrics_agent_port"); allow more.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
-    if cfg.address is None:
-        ray.init(address="local", num_cpus=cfg.num_cpus or cfg.num_workers, include_dashboard=False,
-                 object_store_memory=cfg.object_store_mb * 1024 * 1024, logging_level=logging.WARNING,
-                 configure_logging=False)
-    else:
-        ray.init(address=cfg.address, logging_level=logging.WARNING, configure_logging=False)
+    # Ray waits a fixed 30 s for its raylet to register; a starved machine can miss that: retry.
+    for attempt in range(3):
+        try:
+            if cfg.address is None:
+                ray.init(address="local", num_cpus=cfg.num_cpus or cfg.num_workers, include_dashboard=False,
+                         object_store_memory=cfg.object_store_mb * 1024 * 1024, logging_level=logging.WARNING,
+                         configure_logging=False)
+            else:
+                ray.init(address=cfg.address, logging_level=logging.WARNING, configure_logging=False)
+            break
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            log.warning("Ray start-up timed out (attempt %d/3, machine busy?); retrying", attempt + 1)
+            ray.shutdown()
     return True, time.perf_counter() - t0
 
 
