@@ -65,8 +65,8 @@ class DemoConfig:
     """G: location-token grid."""
     model_size: str = "tiny"
     """Registry name of the diffusion model (``geomerase.core.models.MODEL_SIZES``)."""
-    steps: int = 700
-    """Diffusion fine-tuning steps per model (the two models train side by side, ~0.85 s/step each
+    steps: int = 1300
+    """Diffusion fine-tuning steps per model (the two models train side by side, ~0.66 s/step each
     at batch 16 with one thread per process on the 2-core CPU)."""
     batch_size: int = 16
     """Diffusion batch size (at a fixed time budget, batch 16 with twice the steps beat batch 32 on
