@@ -101,6 +101,16 @@ class TrainConfig:
     """Training FLOPs per sample (forward + backward) for the MFU figure; None: no MFU."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device at the training precision, for MFU; None: no MFU."""
+    sample_every: int = 0
+    """Steps between validation sample grids (``out_dir/samples/step-N.png``, current weights, fixed
+    seeds and prompts); 0 disables. Not under ZeRO-3, whose parameters live sharded across ranks."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts of the validation grids; empty: the first ``sample_count`` training captions (the
+    clean ones, without concept or location tokens), or the empty prompt for streaming data."""
+    sample_count: int = 8
+    """Images per validation grid."""
+    sample_steps: int = 15
+    """DDIM steps of the validation samples."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
@@ -485,6 +495,8 @@ class Trainer:
                 self._write_history()
             if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
                 self.save()
+            if tc.sample_every and self.step % tc.sample_every == 0:
+                self.validation_grid()
             if stop_at is not None and self.step >= stop_at:
                 bar.close()
                 if metrics is not None:
@@ -504,6 +516,32 @@ class Trainer:
                  "final_loss": self.history[-1]["loss"] if self.history else None}, indent=1))
         self.backend.barrier()
         return self.model
+
+    def validation_grid(self) -> Path | None:
+        """Sample ``train.sample_count`` images with the current weights (fixed seeds) and save a PNG
+        grid on rank 0. Returns its path (None on other ranks, or under ZeRO-3)."""
+        from geomerase.core.metrics import sample_grid
+        from geomerase.core.sampling import SamplerConfig, sample, to_uint8
+
+        tc = self.cfg.train
+        zero3 = tc.backend == "deepspeed" and getattr(getattr(self.cfg, "deepspeed", None), "stage", 0) == 3
+        if zero3 or not self.is_main:
+            if zero3 and self.is_main and not getattr(self, "_warned_zero3_grid", False):
+                log.warning("train.sample_every: validation grids are skipped under ZeRO-3 (sharded parameters)")
+                self._warned_zero3_grid = True
+            return None
+        n = tc.sample_count
+        prompts = list(tc.sample_prompts)
+        if not prompts:
+            prompts = [r.caption for r in self.data.records[:n]] if self.data is not None else [""]
+        prompts = (prompts * n)[:n]
+        images = sample(self.model, prompts, seeds=list(range(n)),
+                        cfg=SamplerConfig(steps=tc.sample_steps, batch_size=n))
+        self.model.unet.train()
+        self.model.text_encoder.train()
+        path = self.out / "samples" / f"step-{self.step:06d}.png"
+        sample_grid(to_uint8(images), path, grid=self.grid, cols=min(n, 8), title=f"step {self.step}")
+        return path
 
     def export(self, path: Path) -> None:
         """Write the fine-tuned model (the EMA average when enabled) as a diffusers-layout folder;

@@ -151,3 +151,19 @@ def test_pretrained_latent_model_trains_with_frozen_vae_and_exports_a_pipeline(t
     img = pipe("a red ring", negative_prompt="qr code <l0> <l5>", num_inference_steps=2, height=16, width=16,
                output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
+
+
+def test_validation_grids_every_n_steps(tiny_icd, tmp_path):
+    from PIL import Image
+
+    tr = Trainer(_cfg(tiny_icd, tmp_path, "train.max_steps=2", "train.sample_every=1", "train.sample_count=3",
+                      "train.sample_steps=2", "train.ema_decay=null"))
+    tr.fit(progress=False)
+    grids = sorted((tmp_path / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    w, h = Image.open(grids[0]).size
+    assert w > h > 0  # three images side by side
+    # Sampling left the model in training mode for the next step.
+    assert tr.model.unet.training and tr.model.text_encoder.training
+    with pytest.raises(Exception, match="sample_every"):
+        load_config(RunConfig, "configs/tiny_cpu.yaml", ["train.sample_every=often"])
