@@ -273,11 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     jpath = out / "annotate_cpu.json"
     res: dict[str, Any] = json.loads(jpath.read_text()) if jpath.is_file() else {}
     res["environment"] = environment()
-    res["command"] = "OMP_NUM_THREADS=1 nice -n 19 python -m geomerase.benchmarks.bench_annotate " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+    res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} nice -n {os.nice(0)} "
+                      "python -m geomerase.benchmarks.bench_annotate " + " ".join(argv if argv is not None else sys.argv[1:]))
     parts = a.parts.split(",")
     if "quality" in parts:
         res["quality"] = run_quality(work, a.n_quality, a.n_text)
