@@ -9,13 +9,10 @@ folder in the same parent, then rename).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from geomerase.core.models import META_FILE, DiffusionModel
+from geomerase.core.models import DiffusionModel, atomic_dir
 
 
 def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
@@ -29,25 +26,11 @@ def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
 
     uninstall_location_embedding(model.text_encoder)  # stock CLIP module, location rows merged
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_dir(path) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        meta = {"grid": model.grid, "resolution": model.resolution, "space": model.space, "size": model.size,
-                "patch": model.patch}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        model.write_meta(tmp)
     return path

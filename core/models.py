@@ -17,9 +17,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -217,29 +218,40 @@ class DiffusionModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a diffusers-layout folder atomically (temp dir in the same parent, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
+        with atomic_dir(path) as tmp:
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-            meta = {"grid": self.grid, "resolution": self.resolution, "space": self.space, "size": self.size,
-                    "patch": self.patch}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            self.write_meta(tmp)
         return path
+
+    def write_meta(self, folder: Path) -> None:
+        """``folder/geomerase.json``: what diffusers has no field for (grid, resolution, space, size, patch)."""
+        meta = {"grid": self.grid, "resolution": self.resolution, "space": self.space, "size": self.size,
+                "patch": self.patch}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` (renames), on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _resize_for_loc_tokens(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, grid: int, seed: int) -> None:
