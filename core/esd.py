@@ -142,8 +142,9 @@ class ESDTrainer:
         """``(B, C, h, w)`` epsilon target ``e*_u - eta (e*_c - e*_u)`` of the frozen model."""
         b = x_t.shape[0]
         with torch.no_grad():
-            out = self.frozen(x_t.repeat(2, 1, 1, 1), t.repeat(2),
-                              torch.cat([self.emb_u.expand(b, -1, -1), self.emb_c.expand(b, -1, -1)])).sample
+            out = self.model.denoise(x_t.repeat(2, 1, 1, 1), t.repeat(2),
+                                     torch.cat([self.emb_u.expand(b, -1, -1), self.emb_c.expand(b, -1, -1)]),
+                                     unet=self.frozen)
             ac = self.sched.alphas_cumprod
             e_u = pred_to_eps(out[:b], x_t, t, ac, self.kind)
             e_c = pred_to_eps(out[b:], x_t, t, ac, self.kind)
@@ -151,7 +152,7 @@ class ESDTrainer:
 
     def concept_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The trained model's epsilon ``(B, C, h, w)`` conditioned on the concept."""
-        out = self.model.unet(x_t, t, self.emb_c.expand(x_t.shape[0], -1, -1)).sample
+        out = self.model.denoise(x_t, t, self.emb_c.expand(x_t.shape[0], -1, -1))
         return pred_to_eps(out, x_t, t, self.sched.alphas_cumprod, self.kind)
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:

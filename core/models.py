@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -46,6 +46,11 @@ class ModelSize:
     patch: int = 1
     """Pixel space only: the UNet sees ``patch x patch`` pixel blocks folded into channels
     (space-to-depth), so a 32 px image is a 16x16x12 input at patch 2."""
+    coord_channels: int = 0
+    """0 or 2: extra UNet input channels holding each position's (x, y) in [-1, 1]. A conv UNet
+    knows where a pixel is only through its zero padding, so binding a location token to its
+    cell has to be learned from scratch; fixed coordinate planes give every cross-attention
+    query its position from step 0. The UNet's ``in_channels`` counts them (stock layout)."""
     scheduler: dict[str, Any] = field(default_factory=lambda: {
         "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
         "beta_start": 0.00085, "beta_end": 0.012,
@@ -89,6 +94,11 @@ register_size("tiny", ModelSize(
                       max_position_embeddings=77, projection_dim=128),
     scheduler={"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
 ))
+
+# ``tiny`` plus (x, y) coordinate planes at the UNet input (14 = 12 + 2 channels): the
+# location tokens' cells become visible to cross-attention from the first step.
+register_size("tiny-coord", replace(MODEL_SIZES["tiny"], coord_channels=2,
+                                    unet={**MODEL_SIZES["tiny"].unet, "in_channels": 14}))
 
 # Even smaller, for unit tests: seconds per step on CPU.
 register_size("debug", ModelSize(
@@ -169,6 +179,8 @@ class DiffusionModel:
     vae: AutoencoderKL | None = None
     size: str = "custom"
     patch: int = 1
+    coord_channels: int = 0
+    """Coordinate planes appended to the UNet input by :meth:`denoise` (see ``ModelSize``)."""
 
     @property
     def loc_token_ids(self) -> list[int]:
@@ -199,7 +211,15 @@ class DiffusionModel:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         s = self.unet.config.sample_size
-        return (self.unet.config.in_channels, s, s)
+        return (self.unet.config.out_channels, s, s)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                unet: UNet2DConditionModel | None = None) -> torch.Tensor:
+        """UNet prediction ``(B, C, h, w)`` for noisy ``x`` ``(B, C, h, w)``, timesteps ``t`` and text
+        states ``cond`` ``(B, 77, D)``; appends the coordinate planes when the size has them.
+        ``unet`` defaults to ``self.unet`` (ESD passes its frozen copy)."""
+        unet = self.unet if unet is None else unet
+        return unet(with_coords(x, self.coord_channels), t, cond).sample
 
     def set_attention_backend(self, backend: str) -> None:
         """Route every UNet attention through the named backend (stock weights layout kept)."""
@@ -231,8 +251,20 @@ class DiffusionModel:
     def write_meta(self, folder: Path) -> None:
         """``folder/geomerase.json``: what diffusers has no field for (grid, resolution, space, size, patch)."""
         meta = {"grid": self.grid, "resolution": self.resolution, "space": self.space, "size": self.size,
-                "patch": self.patch}
+                "patch": self.patch, "coord_channels": self.coord_channels}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def with_coords(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, C + n, h, w)``: n = 2 appends x and y planes in [-1, 1] (x's dtype)."""
+    if n == 0:
+        return x
+    if n != 2:
+        raise ValueError(f"coord_channels must be 0 or 2, got {n}")
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([x, xs, ys], 1)
 
 
 @contextmanager
@@ -284,8 +316,10 @@ def build_random(size: str, grid: int, seed: int = 0) -> DiffusionModel:
     unet = UNet2DConditionModel(**spec.unet)
     vae = AutoencoderKL(**spec.vae) if spec.vae is not None else None
     scheduler = DDPMScheduler(**spec.scheduler, prediction_type=spec.prediction_type)
+    if unet.config.in_channels != unet.config.out_channels + spec.coord_channels:
+        raise ValueError(f"model size {size!r}: unet in_channels must be out_channels + coord_channels")
     return DiffusionModel(tokenizer, text_encoder, unet, scheduler, grid, spec.resolution, spec.space, vae, size,
-                          spec.patch)
+                          spec.patch, spec.coord_channels)
 
 
 def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0) -> DiffusionModel:
@@ -321,7 +355,11 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0) 
     _resize_for_loc_tokens(text_encoder, tokenizer, grid, seed)
     space = meta.get("space", "latent" if vae is not None else "pixel")
     patch = int(meta.get("patch", 1))
+    coords = int(meta.get("coord_channels", 0))
+    if unet.config.in_channels != unet.config.out_channels + coords:
+        raise ValueError(f"{path}: unet in_channels {unet.config.in_channels} != out_channels "
+                         f"{unet.config.out_channels} + coord_channels {coords} (from {META_FILE})")
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else patch
     resolution = meta.get("resolution", unet.config.sample_size * scale)
     return DiffusionModel(tokenizer, text_encoder, unet, scheduler, grid, resolution, space, vae,
-                          meta.get("size", "pretrained"), patch)
+                          meta.get("size", "pretrained"), patch, coords)

@@ -115,7 +115,7 @@ def sample(
             guidance.start(b)
         for i, t in enumerate(sched.timesteps):
             xin = sched.scale_model_input(x, t)
-            eps = model.unet(xin.repeat(1 + k + len(extra), 1, 1, 1), t, cond).sample
+            eps = model.denoise(xin.repeat(1 + k + len(extra), 1, 1, 1), t, cond)
             eps_pos, eps_neg = eps[:b], (eps[b:b + k * b].view(k, b, *eps.shape[1:]) * w).sum(0)
             if guidance is None:
                 guided = eps_neg + cfg.guidance_scale * (eps_pos - eps_neg)

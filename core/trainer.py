@@ -359,7 +359,7 @@ class Trainer:
         xt = m.noise_scheduler.add_noise(x0, noise.to(x0.dtype), t)
         cond = m.encode_text(m.tokenize(b.captions))
         unet_dtype = m.unet.dtype
-        pred = m.unet(xt.to(unet_dtype), t, cond.to(unet_dtype)).sample
+        pred = m.denoise(xt.to(unet_dtype), t, cond.to(unet_dtype))
         target = diffusion_target(m.noise_scheduler, x0, noise.to(x0.dtype), t)
         weights = None
         if self.cfg.train.reweight_alpha is not None:

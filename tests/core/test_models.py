@@ -99,3 +99,34 @@ def test_tiny_space_to_depth_round_trip():
     z = m.to_model_space(x)
     assert z.shape == (2, 12, 16, 16)
     torch.testing.assert_close(m.to_images(z), x)
+
+
+def test_coordinate_planes_reach_the_unet_and_survive_save_load(tmp_path):
+    from geomerase.core.models import with_coords
+
+    m = build_random("tiny-coord", grid=4)
+    assert m.coord_channels == 2 and m.unet.config.in_channels == 14 and m.sample_shape == (12, 16, 16)
+    x = torch.randn(2, 12, 16, 16)
+    xc = with_coords(x, 2)
+    assert xc.shape == (2, 14, 16, 16)
+    torch.testing.assert_close(xc[:, :12], x)
+    assert xc[0, 12, 0, 0] == -1 and xc[0, 12, 0, -1] == 1 and xc[0, 13, -1, 0] == 1  # x across, y down
+    t = torch.tensor([5, 500])
+    cond = m.encode_text(m.tokenize(["a red circle", "qr code <l5>"]))
+    with torch.no_grad():
+        y = m.denoise(x, t, cond)
+        # the planes are an input, not a constant: the same x at other coordinates predicts differently
+        y_flipped = m.unet(torch.cat([x, -xc[:, 12:]], 1), t, cond).sample
+    assert y.shape == x.shape and not torch.allclose(y, y_flipped)
+    m.save(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "geomerase.json").read_text())["coord_channels"] == 2
+    m2 = load_model(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(m2.denoise(x, t, cond), y)
+    meta = json.loads((tmp_path / "ckpt" / "geomerase.json").read_text())
+    meta["coord_channels"] = 0
+    (tmp_path / "ckpt" / "geomerase.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="coord_channels"):
+        load_model(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="0 or 2"):
+        with_coords(x, 3)
