@@ -1,7 +1,6 @@
 """Geometry encoding: boxes -> cells -> location tokens, edge cases."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from geomerase.core.geometry import (GeometryConfig, all_loc_tokens, cell_precision_recall, clip_box,

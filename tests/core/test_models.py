@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from geomerase.core.models import MODEL_SIZES, ModelConfig, build_random, load_model
-from geomerase.core.tokenizer import CLIP_VOCAB_SIZE, base_clip_tokenizer
+from geomerase.core.tokenizer import CLIP_VOCAB_SIZE
 
 
 def test_registry_has_cpu_and_sd_sizes():
@@ -40,35 +40,15 @@ def test_random_model_has_location_rows_and_saves_in_diffusers_layout(tmp_path):
     torch.testing.assert_close(a, b)
 
 
-def _tiny_sd_pipeline(path):
-    """A tiny random Stable Diffusion pipeline saved in the standard diffusers layout."""
-    torch.manual_seed(0)
-    tok = base_clip_tokenizer()
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=77, projection_dim=32))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16)
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(path))
-    return pipe
-
-
-def test_load_local_stable_diffusion_folder(tmp_path):
-    pipe = _tiny_sd_pipeline(tmp_path / "sd")
-    assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
-    m = ModelConfig(pretrained=str(tmp_path / "sd"), grid=2).build()
+def test_load_local_stable_diffusion_folder(tiny_sd_dir, tmp_path):
+    assert json.loads((tiny_sd_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    stock = CLIPTextModel.from_pretrained(str(tiny_sd_dir / "text_encoder"), local_files_only=True)
+    m = ModelConfig(pretrained=str(tiny_sd_dir), grid=2).build()
     assert m.space == "latent" and m.vae is not None and m.resolution == 16
     emb = m.text_encoder.get_input_embeddings().weight
     assert emb.shape[0] == CLIP_VOCAB_SIZE + 4
     # Pretrained rows are untouched; new rows start near the mean embedding.
-    torch.testing.assert_close(emb[:CLIP_VOCAB_SIZE], pipe.text_encoder.get_input_embeddings().weight)
+    torch.testing.assert_close(emb[:CLIP_VOCAB_SIZE], stock.get_input_embeddings().weight)
     assert torch.isfinite(emb[CLIP_VOCAB_SIZE:]).all()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():

@@ -107,34 +107,10 @@ def test_grad_accumulation_matches_the_full_batch(tiny_icd, tmp_path):
         Trainer(_cfg(tiny_icd, tmp_path / "c", "train.grad_accum=3"))
 
 
-def _tiny_sd(path):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from geomerase.core.tokenizer import base_clip_tokenizer
-
-    torch.manual_seed(0)
-    tok = base_clip_tokenizer()
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=77, projection_dim=32))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16)
-    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                            scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(path))
-
-
-def test_pretrained_latent_model_trains_with_frozen_vae_and_exports_a_pipeline(tiny_icd, tmp_path):
+def test_pretrained_latent_model_trains_with_frozen_vae_and_exports_a_pipeline(tiny_icd, tiny_sd_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    _tiny_sd(tmp_path / "sd")
-    cfg = _cfg(tiny_icd, tmp_path / "run", f"model.pretrained={tmp_path / 'sd'}", "model.prediction_type=null",
+    cfg = _cfg(tiny_icd, tmp_path / "run", f"model.pretrained={tiny_sd_dir}", "model.prediction_type=null",
                "train.train_text_encoder=false", "train.max_steps=2", "data.precompute_latents=true",
                "train.reweight_alpha=2.0")
     tr = Trainer(cfg)
