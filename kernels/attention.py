@@ -14,25 +14,32 @@ Design choices (the why):
 * ``exp2`` with the softmax scale pre-multiplied by log2(e): one FMA per score.
 * Strides are passed with an alignment hint (``ALIGN``), so a 40-wide head (row stride 40,
   which the JIT does not mark as divisible by 16) is still read with 16-byte pipelined loads.
-* Backward is the atomic-free two-kernel scheme: one kernel owns a key block and sweeps
-  the queries for dK/dV, another owns a query block and sweeps the keys for dQ;
-  ``delta = rowsum(dO * O)`` is computed once by a tiny kernel.
+* Backward is the atomic-free two-kernel scheme: one kernel owns a query block and sweeps
+  the keys for dQ, computing ``delta = rowsum(dO * O)`` for its rows in its prologue (no
+  separate launch) and storing it; the other, launched after it, owns a key block and sweeps
+  the queries for dK/dV. One launch per forward, two per backward (three when split).
+* Host cost: the small SD shapes take ~10 µs of GPU work, so the Python side matters. All
+  per-shape launch metadata (head chunks, alignment, split, strides, grid, the chosen
+  config) lives in a plan keyed by shapes/strides/dtype/device; after a plan's first call
+  (which may autotune) each launch calls the plain JIT function with frozen arguments,
+  without the autotuner/heuristics wrappers, and no driver query is on the hot path.
 * Cross-attention has only 77 keys, so the dK/dV grid would be ~2 programs per (b, h) and
   leave most SMs idle; there the query sweep is split over ``n_split`` programs that write
-  fp32 partials, summed afterwards (a few MB).
+  fp32 partials, summed and cast by one more small kernel (a few MB).
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import Any, Callable
 
 import torch
 import triton
 
 from .attention_kernels import (
-    _attn_bwd_delta_kernel,
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
+    _attn_bwd_split_sum_kernel,
     _attn_fwd_kernel,
 )
 from .attention_ref import check_attention_inputs
@@ -93,7 +100,17 @@ _HEURISTICS = {
     "EVEN_M": lambda a: a["SEQ_Q"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["SEQ_K"] % a["BLOCK_N"] == 0,
 }
-_launcher_cache: dict[tuple[str, str, bool], object] = {}
+# Everything derived from _KERNELS/_CONFIGS: the (autotuned) launchers and the per-shape
+# plans. One dict, so whoever swaps _KERNELS (benchmarks/check_seq1.py) resets all with .clear().
+_launcher_cache: dict[tuple, Any] = {}
+_SM_COUNT: dict[int, int] = {}
+# Kernel launches issued by this module since import (tests and the profiler read it).
+_LAUNCHES = [0]
+
+
+def launch_count() -> int:
+    """Number of Triton kernel launches made by this module so far."""
+    return _LAUNCHES[0]
 
 
 def _autotune_enabled() -> bool:
@@ -141,12 +158,19 @@ def _head_meta(head_dim: int, dtype: torch.dtype) -> tuple[str, dict]:
     return hd_class, meta
 
 
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:  # a driver query: once per device, never per call
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device) -> int:
     if _DKDV_SPLIT_OVERRIDE is not None:
         return _DKDV_SPLIT_OVERRIDE
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     programs = triton.cdiv(seq_k, 64) * bh
     if programs >= sms:
         return 1
@@ -184,93 +208,176 @@ def _check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise TypeError(f"flash_attention supports fp16/bf16/fp32, got {q.dtype}")
 
 
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+# --------------------------------------------------------------------------- launch plans
+class _Launch:
+    """One kernel with its tile config resolved: the plain JIT function, a fixed grid and
+    frozen keyword arguments. Calling it is a single ``JITFunction.run``, no wrapper."""
+
+    __slots__ = ("fn", "grid", "kwargs")
+
+    def __init__(self, fn: Any, grid: tuple[int, int], kwargs: dict[str, Any]) -> None:
+        self.fn, self.grid, self.kwargs = fn, grid, kwargs
+
+    def __call__(self, *args: Any) -> None:
+        _LAUNCHES[0] += 1
+        self.fn.run(*args, grid=self.grid, warmup=False, **self.kwargs)
+
+
+def _first_launch(kind: str, hd_class: str, grid_of: Callable[[dict], tuple[int, int]],
+                  seq_q: int, seq_k: int, args: tuple, const: dict[str, Any]) -> _Launch:
+    """A plan's first call: launch through the autotuner (or the pinned/interpreter config)
+    and freeze what it picked, so later calls skip the autotuner and heuristics."""
+    kernel, fixed = _launcher(kind, hd_class)
+    _LAUNCHES[0] += 1
+    kernel[grid_of](*args, **const, **fixed)
+    best = getattr(kernel, "best_config", None)
+    if fixed:
+        picked = dict(fixed)
+    elif best is not None:  # the autotuner's pick for this key, with every option it launched with
+        picked = best.all_kwargs()
+    else:  # a Triton without ``best_config``: correct but slower, stay on the autotuner
+        return _Launch(kernel, grid_of, dict(const))
+    kwargs = dict(const, **picked)
+    kwargs["EVEN_M"] = seq_q % kwargs["BLOCK_M"] == 0
+    kwargs["EVEN_N"] = seq_k % kwargs["BLOCK_N"] == 0
+    return _Launch(_KERNELS[kind], grid_of(kwargs), kwargs)
+
+
+def _mode() -> tuple:
+    # test/tuning switches that change which config a plan freezes
+    return (_FIXED_CONFIG_INDEX, _DKDV_SPLIT_OVERRIDE, _autotune_enabled())
+
+
+class _FwdPlan:
+    """Per (shapes, strides, dtypes, devices): everything the forward launch needs but the
+    tensors and the scale; plus the backward plans of this forward, keyed by dO's strides."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        _check_kernel_inputs(q, k, v)
+        # SDPA-style strided views are read in place; only a non-unit last stride is copied
+        self.copy_q, self.copy_k, self.copy_v = (t.stride(-1) != 1 for t in (q, k, v))
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+        bsz, heads, seq_q, head_dim = q.shape
+        seq_k = k.shape[2]
+        self.head_dim, self.heads, self.seq_q, self.seq_k = head_dim, heads, seq_q, seq_k
+        self.default_scale = 1.0 / math.sqrt(head_dim)
+        self.hd_class, self.meta = _head_meta(head_dim, q.dtype)
+        o = torch.empty_like(q)  # what every call's empty_like(q) will give: same strides
+        self.o_strides = o.stride()[:3]
+        self.lse_shape = (bsz * heads, seq_q)
+        self.strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *self.o_strides)
+        self.const = dict(self.meta, ALIGN=_align(q, k, v, o))
+        self.launch: _Launch | None = None
+        self.bwd: dict[tuple[int, ...], _BwdPlan] = {}
+
+    def grid(self, m: dict) -> tuple[int, int]:
+        return (triton.cdiv(self.seq_q, m["BLOCK_M"]), self.lse_shape[0])
+
+
+class _BwdPlan:
+    """Backward launch metadata for one forward plan and one dO stride pattern."""
+
+    def __init__(self, fp: _FwdPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 do: torch.Tensor) -> None:
+        bsz, heads, seq_q, head_dim = q.shape
+        seq_k, bh = fp.seq_k, bsz * heads
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self.n_split = n_split = _dkdv_splits(bh, seq_q, seq_k, q.device)
+        if n_split > 1:
+            # dK and dV fp32 partials in one allocation: (2, n_split, B, H, Sk, D)
+            self.part_shape = (2, n_split, bsz, heads, seq_k, head_dim)
+            part = torch.empty(self.part_shape, device=q.device, dtype=torch.float32)
+            dk_out, dv_out = part[0], part[1]
+            dk_strides = dv_strides = part.stride()[1:5]
+        else:
+            dk_out, dv_out = dk, dv
+            dk_strides, dv_strides = (0,) + dk.stride()[:3], (0,) + dv.stride()[:3]
+        # one ALIGN for all backward kernels: every tensor any of them touches (o via the
+        # forward's value; both are powers of two, so the smaller divides everything)
+        align = min(_align(q, k, v, do, dq, dk, dv, dk_out, dv_out), fp.const["ALIGN"])
+        self.const = dict(fp.meta, ALIGN=align)
+        self.dkdv_const = dict(self.const, N_SPLIT=n_split)
+        qkv_do = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        self.dq_strides = (*qkv_do, *fp.o_strides, *do.stride()[:3], *dq.stride()[:3])
+        self.dkdv_strides = (*qkv_do, *do.stride()[:3], *dk_strides, *dv_strides)
+        self.bh, self.seq_q, self.seq_k, self.heads = bh, seq_q, seq_k, heads
+        self.dq: _Launch | None = None
+        self.dkdv: _Launch | None = None
+        self.sum: _Launch | None = None
+        if n_split > 1:
+            block_d = triton.next_power_of_2(head_dim)
+            block_n = max(16, min(64, 4096 // block_d))
+            sum_kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, N_SPLIT=n_split, ALIGN=align, BLOCK_N=block_n)
+            self.sum = _Launch(_attn_bwd_split_sum_kernel, (triton.cdiv(seq_k, block_n), bh), sum_kwargs)
+            self.sum_strides = (*part.stride()[1:5], *dk.stride()[:3], *dv.stride()[:3])
+
+    def grid_q(self, m: dict) -> tuple[int, int]:
+        return (triton.cdiv(self.seq_q, m["BLOCK_M"]), self.bh)
+
+    def grid_kv(self, m: dict) -> tuple[int, int]:
+        return (triton.cdiv(self.seq_k, m["BLOCK_N"]) * self.n_split, self.bh)
+
+
+def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _FwdPlan:
+    """The cached plan for these inputs; building it validates them (a hit implies valid)."""
+    try:
+        key = ("plan", _mode(), q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
+               q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+    except AttributeError:  # not tensors: let the shared check raise its TypeError
+        check_attention_inputs(q, k, v)
+        raise
+    plan = _launcher_cache.get(key)
+    if plan is None:
+        plan = _launcher_cache[key] = _FwdPlan(q, k, v)
+    return plan
+
+
+# --------------------------------------------------------------------------- entry points
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               plan: _FwdPlan | None = None):
     """Returns ``o`` (q's shape, strides and dtype) and ``lse`` ``(B*H, Sq)`` fp32, base 2."""
-    bsz, heads, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
-    hd_class, meta = _head_meta(head_dim, q.dtype)
-    kernel, fixed = _launcher("fwd", hd_class)
+    if plan is None:
+        plan = _fwd_plan(q, k, v)
     o = torch.empty_like(q)  # keeps q's layout, e.g. the (B, S, H, D) memory diffusers uses
-    lse = torch.empty((bsz * heads, seq_q), device=q.device, dtype=torch.float32)
-
-    def grid(m):
-        return (triton.cdiv(seq_q, m["BLOCK_M"]), bsz * heads)
-
-    kernel[grid](
-        q, k, v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        heads, seq_q, seq_k, scale * LOG2E,
-        **meta, ALIGN=_align(q, k, v, o), **fixed,
-    )
+    lse = torch.empty(plan.lse_shape, device=q.device, dtype=torch.float32)
+    args = (q, k, v, o, lse, *plan.strides, plan.heads, plan.seq_q, plan.seq_k, scale * LOG2E)
+    if plan.launch is None:
+        plan.launch = _first_launch("fwd", plan.hd_class, plan.grid, plan.seq_q, plan.seq_k, args, plan.const)
+    else:
+        plan.launch(*args)
     return o, lse
 
 
-def _flash_bwd(do, q, k, v, o, lse, scale: float):
+def _flash_bwd(do, q, k, v, o, lse, scale: float, plan: _FwdPlan | None = None):
     """Gradients ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``."""
-    bsz, heads, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
-    bh = bsz * heads
+    if plan is None:
+        plan = _fwd_plan(q, k, v)
     do = _unit_last_stride(do)
-    hd_class, meta = _head_meta(head_dim, q.dtype)
-
+    bp = plan.bwd.get(do.stride())
+    if bp is None:
+        bp = plan.bwd[do.stride()] = _BwdPlan(plan, q, k, v, do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    n_split = _dkdv_splits(bh, seq_q, seq_k, q.device)
-    if n_split > 1:
-        dk_out = torch.empty((n_split, bsz, heads, seq_k, head_dim), device=q.device, dtype=torch.float32)
-        dv_out = torch.empty_like(dk_out)
-        dk_strides, dv_strides = dk_out.stride()[:4], dv_out.stride()[:4]
+    delta = torch.empty(plan.lse_shape, device=q.device, dtype=torch.float32)
+    if bp.n_split > 1:
+        part = torch.empty(bp.part_shape, device=q.device, dtype=torch.float32)
+        dk_out, dv_out = part[0], part[1]
     else:
         dk_out, dv_out = dk, dv
-        dk_strides, dv_strides = (0,) + dk.stride()[:3], (0,) + dv.stride()[:3]
-    align = _align(q, k, v, o, do, dq, dk_out, dv_out)
+    dims = (bp.heads, bp.seq_q, bp.seq_k, scale * LOG2E, scale)
 
-    delta = torch.empty_like(lse)
-    block_d = triton.next_power_of_2(head_dim)
-    block_md = max(16, min(128, 8192 // block_d))
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, block_md), bh)](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        heads, seq_q, HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGN=align, BLOCK_M=block_md,
-    )
-
-    kernel, fixed = _launcher("dkdv", hd_class)
-
-    def grid_kv(m):
-        return (triton.cdiv(seq_k, m["BLOCK_N"]) * n_split, bh)
-
-    kernel[grid_kv](
-        q, k, v, do, lse, delta, dk_out, dv_out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        *dk_strides, *dv_strides,
-        heads, seq_q, seq_k, scale * LOG2E, scale,
-        **meta, N_SPLIT=n_split, ALIGN=align, **fixed,
-    )
-    if n_split > 1:
-        dk.copy_(dk_out.sum(0))
-        dv.copy_(dv_out.sum(0))
-
-    kernel, fixed = _launcher("dq", hd_class)
-
-    def grid_q(m):
-        return (triton.cdiv(seq_q, m["BLOCK_M"]), bh)
-
-    kernel[grid_q](
-        q, k, v, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        heads, seq_q, seq_k, scale * LOG2E, scale,
-        **meta, ALIGN=align, **fixed,
-    )
+    # dQ first: it writes delta, which the dK/dV kernel reads (same stream, so ordered)
+    args = (q, k, v, o, do, lse, delta, dq, *bp.dq_strides, *dims)
+    if bp.dq is None:
+        bp.dq = _first_launch("dq", plan.hd_class, bp.grid_q, bp.seq_q, bp.seq_k, args, bp.const)
+    else:
+        bp.dq(*args)
+    args = (q, k, v, do, lse, delta, dk_out, dv_out, *bp.dkdv_strides, *dims)
+    if bp.dkdv is None:
+        bp.dkdv = _first_launch("dkdv", plan.hd_class, bp.grid_kv, bp.seq_q, bp.seq_k, args, bp.dkdv_const)
+    else:
+        bp.dkdv(*args)
+    if bp.sum is not None:
+        bp.sum(dk_out, dv_out, dk, dv, *bp.sum_strides, bp.heads, bp.seq_k)
     return dq, dk, dv
 
 
@@ -278,23 +385,26 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves ``q, k, v, o`` and the fp32 log-sum-exp for the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        o, lse = _flash_fwd(q, k, v, scale)
+    def forward(ctx, q, k, v, scale: float, plan: _FwdPlan | None = None):
+        o, lse = _flash_fwd(q, k, v, scale, plan)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
+        ctx.plan = plan
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.scale, ctx.plan)
+        return dq, dk, dv, None, None
 
 
 def _prepare(q, k, v, scale):
-    _check_kernel_inputs(q, k, v)
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), scale
+    plan = _fwd_plan(q, k, v)
+    if plan.copy_q or plan.copy_k or plan.copy_v:  # rare: a non-unit last stride
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    scale = plan.default_scale if scale is None else float(scale)
+    return q, k, v, scale, plan
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -308,14 +418,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     Returns:
         ``(B, H, Sq, D)`` in ``q.dtype``, with ``q``'s memory layout.
     """
-    q, k, v, scale = _prepare(q, k, v, scale)
-    return FlashAttentionFunction.apply(q, k, v, scale)
+    q, k, v, scale, plan = _prepare(q, k, v, scale)
+    if plan.copy_q or plan.copy_k or plan.copy_v:
+        plan = None  # the plan describes the raw inputs; the copies get their own
+    return FlashAttentionFunction.apply(q, k, v, scale, plan)
 
 
 def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward only: output and the natural-log log-sum-exp ``(B, H, Sq)`` fp32 of the scaled scores."""
-    q, k, v, scale = _prepare(q, k, v, scale)
+    q, k, v, scale, _ = _prepare(q, k, v, scale)
     with torch.no_grad():
         o, lse = _flash_fwd(q, k, v, scale)
     return o, (lse / LOG2E).view(q.shape[0], q.shape[1], q.shape[2])
@@ -364,7 +476,7 @@ def register_flash_attention_op(name: str = "geomerase::flash_attention"):
     _fwd.register_autograd(backward, setup_context=setup_context)
 
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        q, k, v, scale = _prepare(q, k, v, scale)
+        q, k, v, scale, _ = _prepare(q, k, v, scale)
         return _fwd(q, k, v, scale)[0]
 
     _LIBRARY_OP = op

@@ -174,32 +174,41 @@ def _attn_fwd_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["SEQ_Q"])
-def _attn_bwd_delta_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    H, SEQ_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+@triton.jit(do_not_specialize=["SEQ_K"])
+def _attn_bwd_split_sum_kernel(
+    DK_PART, DV_PART, DK, DV,
+    stride_ps, stride_pb, stride_ph, stride_pn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, SEQ_K,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, N_SPLIT: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    stride_ob = _hint(stride_ob, ALIGN)
-    stride_oh = _hint(stride_oh, ALIGN)
-    stride_om = _hint(stride_om, ALIGN)
-    stride_dob = _hint(stride_dob, ALIGN)
-    stride_doh = _hint(stride_doh, ALIGN)
-    stride_dom = _hint(stride_dom, ALIGN)
-    pid_m = tl.program_id(0)
+    # Sums the fp32 dK/dV partials of the query-split path and casts them into dk/dv (any
+    # strides): one launch for both, where ``dk.copy_(part.sum(0))`` twice was four.
+    stride_dkb = _hint(stride_dkb, ALIGN)
+    stride_dkh = _hint(stride_dkh, ALIGN)
+    stride_dkn = _hint(stride_dkn, ALIGN)
+    stride_dvb = _hint(stride_dvb, ALIGN)
+    stride_dvh = _hint(stride_dvh, ALIGN)
+    stride_dvn = _hint(stride_dvn, ALIGN)
+    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
+    mask = (offs_n[:, None] < SEQ_K) & (offs_d[None, :] < HEAD_DIM)
+    part = b * stride_pb + h * stride_ph + offs_n[:, None] * stride_pn + offs_d[None, :]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for s in range(N_SPLIT):
+        dk += tl.load(DK_PART + s * stride_ps + part, mask=mask, other=0.0)
+        dv += tl.load(DV_PART + s * stride_ps + part, mask=mask, other=0.0)
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @_SEQ_JIT
@@ -314,10 +323,11 @@ def _attn_bwd_dkdv_kernel(
 
 @_SEQ_JIT
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     H, SEQ_Q, SEQ_K, qk_scale, sm_scale,
@@ -336,6 +346,9 @@ def _attn_bwd_dq_kernel(
     stride_vb = _hint(stride_vb, ALIGN)
     stride_vh = _hint(stride_vh, ALIGN)
     stride_vn = _hint(stride_vn, ALIGN)
+    stride_ob = _hint(stride_ob, ALIGN)
+    stride_oh = _hint(stride_oh, ALIGN)
+    stride_om = _hint(stride_om, ALIGN)
     stride_dob = _hint(stride_dob, ALIGN)
     stride_doh = _hint(stride_doh, ALIGN)
     stride_dom = _hint(stride_dom, ALIGN)
@@ -358,15 +371,22 @@ def _attn_bwd_dq_kernel(
     do_rows = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
     q_a = _load2d(q_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
     do_a = _load2d(do_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
+    # delta = rowsum(dO * O) for this program's rows (it owns all their columns): computed
+    # here instead of by a separate launch, and stored for the dK/dV kernel that runs after.
+    o_rows = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+    o_a = _load2d(o_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
+    delta = tl.sum(o_a.to(tl.float32) * do_a.to(tl.float32), 1)
     if HAS_B:
         q_b = _load2d(q_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
         do_b = _load2d(do_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
+        o_b = _load2d(o_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
+        delta += tl.sum(o_b.to(tl.float32) * do_b.to(tl.float32), 1)
     if EVEN_M:
         lse = tl.load(LSE + bh * SEQ_Q + offs_m)
-        delta = tl.load(DELTA + bh * SEQ_Q + offs_m)
+        tl.store(DELTA + bh * SEQ_Q + offs_m, delta)
     else:
         lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + bh * SEQ_Q + offs_m, mask=m_ok, other=0.0)
+        tl.store(DELTA + bh * SEQ_Q + offs_m, delta, mask=m_ok)
     dq_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
 

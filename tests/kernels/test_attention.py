@@ -198,7 +198,7 @@ def test_sequence_lengths_are_not_specialised():
     code = (
         "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
         "from geomerase.kernels import attention_kernels as K\n"
-        "for f in (K._attn_fwd_kernel, K._attn_bwd_dkdv_kernel, K._attn_bwd_dq_kernel, K._attn_bwd_delta_kernel):\n"
+        "for f in (K._attn_fwd_kernel, K._attn_bwd_dkdv_kernel, K._attn_bwd_dq_kernel, K._attn_bwd_split_sum_kernel):\n"
         "    flags = {p.name: p.do_not_specialize for p in f.params if p.name.startswith('SEQ_')}\n"
         "    assert flags and all(flags.values()), (f.__name__, flags)\n"
         "print('ok')\n"
@@ -221,3 +221,26 @@ def test_dkdv_split_with_empty_programs(monkeypatch):
     monkeypatch.setattr(attn_mod, "_FIXED_CONFIG_INDEX", 0)
     monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 4)
     check_against_reference(1, 2, 40, 77, 160, torch.float16, seed=11)
+
+
+def test_launch_counts_and_plan_reuse(monkeypatch):
+    # host overhead: one launch per forward, two per backward (delta is fused into dQ), three
+    # with the dK/dV query split (one sum kernel for both partials); the second call of a
+    # shape reuses its plan (no new cache entries) and gives the same numbers
+    q, k, v, do = make_inputs(1, 2, 7, 77, 64, torch.float32, seed=12)
+    first = fwd_bwd(flash_attention, q, k, v, do)
+    entries = len(attn_mod._launcher_cache)
+    n0 = attn_mod.launch_count()
+    xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = flash_attention(*xs)
+    assert attn_mod.launch_count() - n0 == 1
+    out.backward(do)
+    assert attn_mod.launch_count() - n0 == 3
+    assert len(attn_mod._launcher_cache) == entries
+    for a, b in zip(first, [out.detach()] + [t.grad for t in xs]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 2)
+    fwd_bwd(flash_attention, q, k, v, do)
+    n0 = attn_mod.launch_count()
+    fwd_bwd(flash_attention, q, k, v, do)
+    assert attn_mod.launch_count() - n0 == 1 + 3
