@@ -36,3 +36,18 @@ def _numbers(obj):
             yield from _numbers(v)
     elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
         yield float(obj)
+
+
+def test_attention_profile_runs_without_gpu(tmp_path):
+    # the gpu_check.sh profile stage on a CPU: Triton launches mocked, host cost and launch
+    # counts per call recorded (one forward launch, two backward launches without a split)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "geomerase.benchmarks.profile_attention", "--out", str(tmp_path),
+            "--batch", "1", "--calls", "5", "--shapes", "self-64-hd160"]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "attention_profile_cpu.json").read_text())
+    (row,) = data["rows"]
+    assert row["backend"] == "triton" and row["fwd_launches"] == 1 and row["bwd_launches"] == 2
+    assert row["fwd_host_us"] > 0 and row["bwd_host_us"] > 0
+    assert not data["errors"], data["errors"]
