@@ -131,10 +131,12 @@ def bench_one(name, fn, shape, args, device, errors, reference):
             errors.append(f"{label}/reference: {type(exc).__name__}: {exc}")
 
     def check():
-        res = run_once(fn)
+        # two calls: Triton's first call of a shape goes through the autotuner, later ones
+        # through the frozen launch plan that the timings use; both must be right
+        runs = [run_once(fn), run_once(fn)]
         if reference[label] is None:
             return NAN
-        return max(_rel(x, r) for x, r in zip(res, reference[label]))
+        return max(_rel(x, r) for res in runs for x, r in zip(res, reference[label]))
 
     row["rel_err_vs_sdpa"] = common.try_measure(check, errors, f"{label}/{name}/check")
     if math.isnan(row["rel_err_vs_sdpa"]) and reference[label] is not None:
