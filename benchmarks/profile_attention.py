@@ -141,18 +141,20 @@ def _graph_us(body: Callable[[], Any], reps: int, per_graph: int) -> float:
 
 
 def _triton_config(attn: Any, q, k, v) -> str:
-    """The frozen launch config per kernel of this shape's plan, e.g. ``fwd 128x64 w8s3``."""
+    """The frozen launch config per kernel of this shape's plan, e.g. ``fwd 128x64 w8s3 g8x64``
+    (tile, warps, stages, grid: the grid shows how many programs fill the SMs)."""
     plan = attn._fwd_plan(q, k, v)
 
     def cfg(launch: Any) -> str:
         if launch is None:
             return "-"
         kw = launch.kwargs
-        return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{kw.get('num_warps', '?')}s{kw.get('num_stages', '?')}"
+        grid = "x".join(str(g) for g in launch.grid) if isinstance(launch.grid, tuple) else "auto"
+        return f"{kw.get('BLOCK_M', '?')}x{kw.get('BLOCK_N', '?')} w{kw.get('num_warps', '?')}s{kw.get('num_stages', '?')} g{grid}"
     parts = [f"fwd {cfg(plan.launch)}"]
     for bp in plan.bwd.values():
         parts.append(f"dq {cfg(bp.dq)} dkdv {cfg(bp.dkdv)} split {bp.n_split}")
-    return " | ".join(parts)
+    return "; ".join(parts)  # no "|": the cell sits in a Markdown table
 
 
 def profile_one(name: str, shape: tuple, args: argparse.Namespace, on_gpu: bool, attn: Any,
