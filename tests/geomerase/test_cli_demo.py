@@ -38,6 +38,9 @@ def test_miniature_demo_end_to_end(tmp_path):
     assert set(m["targets"]) >= {"icr.geom <= 0.3 x icr.plain", "demo seconds <= 1200"}
     assert all(isinstance(v, bool) for v in m["targets"].values())
     assert "cells_vs_asked" in m["icr_detail"]["probe_geom"]
+    tl = m["binding"]["tag_localisation"]
+    assert set(tl) == {"300", "500", "700", "900"} and all(r["in"] >= 0 and r["out"] >= 0 for r in tl.values())
+    assert "Binding probe" in (out / "report.md").read_text()
     assert m["workers"] == 2
     # Rerunning resumes: every stage is found done and the metrics are reproduced.
     assert main(["demo", "--out", str(out), "n_train=200", "n_heldout=100", "steps=3", "samples=4",
