@@ -85,6 +85,8 @@ class ErasingConfig:
     """ICD render size (area-downsampled to the model's 32 px)."""
     grid: int = 4
     """G: location-token grid."""
+    model_size: str = "tiny"
+    """Registry size of every fine-tuned model (``core.models.MODEL_SIZES``)."""
     steps: int = 200
     """Fine-tuning steps of every data-removal model (plain, existence, geom, geom_reweight, oracle)."""
     batch_size: int = 16
@@ -230,7 +232,7 @@ def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionC
     steps = steps or cfg.steps
     return RunConfig(
         out_dir=str(run_dir),
-        model=ModelConfig(size="tiny", grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend,
+        model=ModelConfig(size=cfg.model_size, grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend,
                           pretrained=pretrained),
         data=DataConfig(shards=shards, batch_size=cfg.batch_size),
         captions=captions,
