@@ -211,6 +211,15 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
+def _seeded_build(cfg, seed: int) -> nn.Module:
+    """``cfg.build()`` with weights drawn from ``seed`` alone. The global RNG of a pool worker
+    holds whatever earlier jobs in that process left, which made two identical benchmark runs
+    train different classifiers; the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cfg.build()
+
+
 def fit(model: nn.Module, loss_fn, n: int, steps: int, batch: int, lr: float, seed: int, desc: str,
         progress: bool = True) -> list[float]:
     """Generic AdamW loop: ``loss_fn(indices, gen) -> loss`` on random minibatches of ``range(n)``."""
@@ -253,7 +262,7 @@ def train_patch_classifier(cfg: PatchClassifierConfig, images: torch.Tensor, cov
         images: ``(N, 3, R, R)`` uint8 training images.
         coverage: ``(N, G, G)`` float ground-truth share of each cell covered by the concept.
     """
-    model = cfg.build()
+    model = _seeded_build(cfg, seed)
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = _training_batch(images, idx, gen, degrade_prob, noise_std)
@@ -270,7 +279,7 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig, images: torch.Ten
                                shapes: torch.Tensor, steps: int = 1200, batch: int = 64, lr: float = 2e-3,
                                seed: int = 0, degrade_prob: float = 0.6, progress: bool = True) -> AttributeClassifier:
     """Train on ``(N,3,R,R)`` uint8 images with int64 background and shape labels ``(N,)``."""
-    model = cfg.build()
+    model = _seeded_build(cfg, seed)
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         a, b = model(_training_batch(images, idx, gen, degrade_prob))
