@@ -20,7 +20,6 @@ import logging
 import os
 import tarfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -30,8 +29,8 @@ from tqdm.auto import tqdm
 from geomerase.core.captions import concept_phrase, rewrite_caption
 from geomerase.core.detectors import Detection, Detector, MultiDetector
 from geomerase.core.geometry import GeometryConfig
-from geomerase.data.shards import (Sample, SkipCounter, _build_sample, encode_png, expand_urls,
-                                   split_member_name, write_shard)
+from geomerase.data.shards import (TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, encode_png,
+                                   expand_urls, iter_key_groups, split_member_name, write_shard)
 
 log = logging.getLogger("geomerase.annotate")
 
@@ -149,9 +148,6 @@ class Annotator:
 
 # ------------------------------------------------------------------ reading, exactly once
 
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
-
-
 def scan_keys(shard: str) -> tuple[list[str], set[str]]:
     """Member keys of ``shard`` in order of first appearance, and the keys whose members are
     not adjacent (a key that reappears after another key). Reads headers only; stops quietly at
@@ -174,7 +170,7 @@ def scan_keys(shard: str) -> tuple[list[str], set[str]]:
                     seen.add(key)
                     order.append(key)
                 last = key
-    except _TAR_ERRORS:
+    except TAR_ERRORS:
         pass
     return order, split
 
@@ -188,8 +184,6 @@ def iter_shard_once(shard: str, skips: SkipCounter, require: tuple[str, ...] = (
         return
     _, split = scan_keys(shard)
     reported: set[str] = set()
-    key: str | None = None
-    fields: dict[str, bytes] = {}
 
     def finish(k: str, f: dict[str, bytes]) -> Sample | None:
         if k in split:
@@ -203,33 +197,14 @@ def iter_shard_once(shard: str, skips: SkipCounter, require: tuple[str, ...] = (
             return None
         return s
 
-    try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                mkey, ext = split_member_name(member.name)
-                if not ext:
-                    continue
-                fh = tar.extractfile(member)
-                data = fh.read() if fh is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name!r} truncated")
-                if mkey != key:
-                    if key is not None:
-                        s = finish(key, fields)
-                        if s is not None:
-                            yield s
-                    key, fields = mkey, {}
-                fields[ext] = data
-    except _TAR_ERRORS as exc:
-        where = key if key is not None else "<start of shard>"
-        if where in split and where in reported:
-            where = f"{where}<after>"  # its skip is already recorded; name the damage separately
-        skips.skip(shard, where, "corrupt shard", f"{type(exc).__name__}: {exc}; rest of shard skipped")
-        return
-    if key is not None:
-        s = finish(key, fields)
+    for item in iter_key_groups(shard):
+        if isinstance(item, TarDamage):
+            where = item.key if item.key is not None else "<start of shard>"
+            if where in split and where in reported:
+                where = f"{where}<after>"  # its skip is already recorded; name the damage separately
+            skips.skip(shard, where, "corrupt shard", f"{item.describe()}; rest of shard skipped")
+            return
+        s = finish(*item)
         if s is not None:
             yield s
 

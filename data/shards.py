@@ -233,12 +233,33 @@ def _build_sample(key: str, fields: dict[str, bytes], shard: str, require: tuple
     return Sample(key=key, image=image, caption=caption, meta=meta, shard=shard, extras=extras)
 
 
-def _iter_shard(shard: str, require: tuple[str, ...], skips: SkipCounter) -> Iterator[Sample]:
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
+"""What reading a damaged or truncated (possibly compressed) tar can raise."""
+
+
+@dataclass
+class TarDamage:
+    """Last item of :func:`iter_key_groups` when the shard is damaged: ``key`` is the sample
+    being read when the damage was met (its fields are lost), None at the start of the shard."""
+
+    key: str | None
+    error: BaseException
+
+    def describe(self) -> str:
+        return f"{type(self.error).__name__}: {self.error}"
+
+
+def iter_key_groups(shard: str) -> Iterator[tuple[str, dict[str, bytes]] | TarDamage]:
+    """``(key, {ext: bytes})`` for each run of adjacent members sharing a key, in tar order.
+
+    The tar is read in stream mode, so everything before a damaged header or a truncated
+    member is still delivered; the damage ends the iteration with one :class:`TarDamage`.
+    Members without an extension and non-files are ignored. A key whose members are not
+    adjacent comes out as several groups (callers that care detect it).
+    """
     key: str | None = None
     fields: dict[str, bytes] = {}
     try:
-        # Stream mode reads members in order, so everything before a damaged
-        # header or a truncated member is still delivered.
         with tarfile.open(shard, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
@@ -253,19 +274,25 @@ def _iter_shard(shard: str, require: tuple[str, ...], skips: SkipCounter) -> Ite
                     raise tarfile.ReadError(f"member {member.name!r} truncated")
                 if mkey != key:
                     if key is not None:
-                        sample = _build_sample(key, fields, shard, require, skips)
-                        if sample is not None:
-                            yield sample
+                        yield key, fields
                     key, fields = mkey, {}
                 fields[ext] = data
-    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
-        # The pending sample may be cut short: report it as part of the damage
-        # instead of as a misleading "missing field".
-        where = key if key is not None else "<start of shard>"
-        skips.skip(shard, where, "corrupt shard", f"{type(exc).__name__}: {exc}; rest of shard skipped")
+    except TAR_ERRORS as exc:
+        yield TarDamage(key, exc)
         return
     if key is not None:
-        sample = _build_sample(key, fields, shard, require, skips)
+        yield key, fields
+
+
+def _iter_shard(shard: str, require: tuple[str, ...], skips: SkipCounter) -> Iterator[Sample]:
+    for item in iter_key_groups(shard):
+        if isinstance(item, TarDamage):
+            # The pending sample may be cut short: report it as part of the damage
+            # instead of as a misleading "missing field".
+            skips.skip(shard, item.key or "<start of shard>", "corrupt shard",
+                       f"{item.describe()}; rest of shard skipped")
+            return
+        sample = _build_sample(item[0], item[1], shard, require, skips)
         if sample is not None:
             yield sample
 

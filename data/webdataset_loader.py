@@ -28,9 +28,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -39,7 +37,7 @@ import torch
 from PIL import Image
 
 from geomerase.data.loader import DataConfig, LocalBatch, Record, _annotation, image_to_tensor
-from geomerase.data.shards import SkipCounter, expand_urls, split_member_name
+from geomerase.data.shards import SkipCounter, TarDamage, expand_urls, iter_key_groups
 
 log = logging.getLogger("geomerase.data")
 
@@ -67,35 +65,16 @@ def epoch_order(paths: list[str], seed: int, rank: int, stream: int, epoch: int)
 
 def iter_raw(shard: str, skips: SkipCounter, require: tuple[str, ...] = ("png", "json")) -> Iterator[RawSample]:
     """Undecoded samples of one tar shard; a damaged shard yields what precedes the damage."""
-    key, fields = None, {}
-    try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                mkey, ext = split_member_name(member.name)
-                if not ext:
-                    continue
-                fh = tar.extractfile(member)
-                data = fh.read() if fh is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name!r} truncated")
-                if mkey != key:
-                    if key is not None:
-                        if all(r in fields for r in require):
-                            yield RawSample(key, fields, shard)
-                        else:
-                            skips.skip(shard, key, f"missing field '{next(r for r in require if r not in fields)}'")
-                    key, fields = mkey, {}
-                fields[ext] = data
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        skips.skip(shard, key or "<start of shard>", "corrupt shard", f"{type(exc).__name__}: {exc}")
-        return
-    if key is not None:
-        if all(r in fields for r in require):
-            yield RawSample(key, fields, shard)
+    for item in iter_key_groups(shard):
+        if isinstance(item, TarDamage):
+            skips.skip(shard, item.key or "<start of shard>", "corrupt shard", item.describe())
+            return
+        key, fields = item
+        missing = [r for r in require if r not in fields]
+        if missing:
+            skips.skip(shard, key, f"missing field '{missing[0]}'")
         else:
-            skips.skip(shard, key, f"missing field '{next(r for r in require if r not in fields)}'")
+            yield RawSample(key, fields, shard)
 
 
 class ShuffleBuffer:
