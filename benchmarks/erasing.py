@@ -87,6 +87,11 @@ class ErasingConfig:
     """G: location-token grid."""
     model_size: str = "tiny"
     """Registry size of every fine-tuned model (``core.models.MODEL_SIZES``)."""
+    base_steps: int = 0
+    """Steps of a shared *base* model trained once on the concept-free training split (clean
+    captions); every data-removal arm (plain, existence, geom, geom_reweight, oracle) then
+    fine-tunes from it, as a user fine-tunes a pretrained model. 0: each arm starts from
+    random init (a from-scratch model of ``steps`` steps, which on the CPU preset drew noise)."""
     steps: int = 200
     """Fine-tuning steps of every data-removal model (plain, existence, geom, geom_reweight, oracle)."""
     batch_size: int = 16
@@ -166,6 +171,8 @@ class ErasingConfig:
             raise ConfigError("esd_method must be x|u and esd_source data|model")
         if not self.open_prompts:
             raise ConfigError("open_prompts is empty")
+        if self.base_steps < 0:
+            raise ConfigError("base_steps must be >= 0")
         if min(self.steps, self.mr_steps, self.esd_steps, self.samples, self.classifier_steps) < 1:
             raise ConfigError("steps, mr_steps, esd_steps, samples and classifier_steps must be >= 1")
 
@@ -219,7 +226,9 @@ class Layout:
         return self.root / c
 
     def model_dir(self, c: str, model: str) -> Path:
-        return self.root / "shared" / "models" / "oracle" if model == "oracle" else self.concept(c) / "models" / model
+        if model in ("oracle", "base"):
+            return self.root / "shared" / "models" / model
+        return self.concept(c) / "models" / model
 
     def samples(self, c: str, model: str, pset: str) -> Path:
         base = self.root / "shared" if model == "oracle" else self.concept(c)
@@ -287,6 +296,15 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
     tasks["data/clean_train"] = Task(Job(build_icd_job, ("qr", n_tr, 0.0, cfg.image_size, seed,
                                                          str(lay.icd("clean_train")))), outputs=meta("clean_train", "qr"), cost=3)
     res = 32
+    base_deps: tuple[str, ...] = ()
+    base_model: str | None = None
+    if cfg.base_steps:
+        rc = _train_rc(cfg, lay.model_dir("", "base"), lay.glob("clean_train", "qr"),
+                       CaptionConfig(mode="clean", dropout=0.1), steps=cfg.base_steps)
+        tasks["base/train"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.base_steps),
+                                   deps=("data/clean_train",), outputs=(f"{rc.out_dir}/model/geomerase.json",),
+                                   cost=cfg.base_steps / 10)
+        base_deps, base_model = ("base/train",), f"{rc.out_dir}/model"
     for i, c in enumerate(cfg.concepts):
         name = CONCEPT_NAMES[c]
         cd = lay.concept(c)
@@ -303,20 +321,22 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                                                          str(cd / "annotated"))),
                                       deps=(f"{c}/annotator",), outputs=(str(cd / "annotated" / "_manifest.json"),))
         ann = str(cd / "annotated" / "*.tar")
-        runs = {"plain": _train_rc(cfg, lay.model_dir(c, "plain"), ann, CaptionConfig(mode="clean", dropout=0.1)),
-                "geom": _train_rc(cfg, lay.model_dir(c, "geom"), ann, geom_captions()),
+        runs = {"plain": _train_rc(cfg, lay.model_dir(c, "plain"), ann, CaptionConfig(mode="clean", dropout=0.1),
+                                   pretrained=base_model),
+                "geom": _train_rc(cfg, lay.model_dir(c, "geom"), ann, geom_captions(), pretrained=base_model),
                 "existence": _train_rc(cfg, lay.model_dir(c, "existence"), ann, CaptionConfig(
-                    mode="existence", concept_first_prob=0.2, concept_only_prob=0.1, dropout=0.1)),
+                    mode="existence", concept_first_prob=0.2, concept_only_prob=0.1, dropout=0.1),
+                    pretrained=base_model),
                 "geom_reweight": _train_rc(cfg, lay.model_dir(c, "geom_reweight"), ann, geom_captions(),
-                                           alpha=cfg.reweight_alpha)}
+                                           alpha=cfg.reweight_alpha, pretrained=base_model)}
         for model, rc in runs.items():
             tasks[f"{c}/train/{model}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
-                                               deps=(f"{c}/annotate",), outputs=(f"{rc.out_dir}/model/geomerase.json",),
-                                               cost=cfg.steps / 10)
+                                               deps=(f"{c}/annotate", *base_deps),
+                                               outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
         if i == 0:
             rc = _train_rc(cfg, lay.model_dir(c, "oracle"), lay.glob("clean_train", "qr"),
-                           CaptionConfig(mode="clean", dropout=0.1))
-            tasks["oracle/train"] = Task(Job(train_model_job, (rc, False)), deps=("data/clean_train",),
+                           CaptionConfig(mode="clean", dropout=0.1), pretrained=base_model)
+            tasks["oracle/train"] = Task(Job(train_model_job, (rc, False)), deps=("data/clean_train", *base_deps),
                                          outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
         plain_model = str(lay.model_dir(c, "plain") / "model")
         esd_cfg = dict(concept=name, method=cfg.esd_method, eta=cfg.esd_eta, steps=cfg.esd_steps, lr=cfg.esd_lr,

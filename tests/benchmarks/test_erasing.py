@@ -12,7 +12,7 @@ from geomerase.core.config import ConfigError
 from geomerase.demo_jobs import Job
 
 TINY = ["n_train=48", "n_heldout=8", "image_size=32", "samples=4", "sweep_samples=2", "classifier_steps=5",
-        "steps=2", "batch_size=4", "sample_steps=2", "grid_columns=2"]
+        "steps=2", "batch_size=4", "sample_steps=2", "grid_columns=2", "base_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,11 @@ def test_files_written(smoke_run):
     curve = details["concepts"]["qr"]["icr_vs_guidance"]
     assert set(curve) == {"3", "6"} and set(curve["6"]) == {"np", "geom"}
     assert details["targets"]["qr"] and all({"target", "met", "measured"} <= set(t) for t in details["targets"]["qr"])
+    # base_steps > 0: one shared base model, and every data-removal arm fine-tuned from it
+    assert (out / "shared" / "models" / "base" / "model" / "geomerase.json").is_file()
+    for arm in ("plain", "geom", "existence", "geom_reweight"):
+        state = sorted((out / "qr" / "models" / arm / "checkpoints").glob("step-*/trainer.json"))[-1]
+        assert json.loads(state.read_text())["config"]["model"]["pretrained"].endswith("shared/models/base/model"), arm
 
 
 def test_rerun_resumes_without_recomputing(smoke_run):
