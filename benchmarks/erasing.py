@@ -185,7 +185,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   classifier_steps=20, workers=1, threads=1, grid_columns=4),
     # Sized for <= 60 min for all three concepts on the 2-core CPU with 128 samples per arm
     # (see benchmarks/results/erasing_cpu for the measured run).
-    "cpu": dict(),
+    # The arms fine-tune 200 steps from a shared 1000-step base model trained on concept-free data:
+    # without it every arm was a 200-step from-scratch model whose samples were noise.
+    "cpu": dict(base_steps=1000),
     # One GPU: larger data, longer fine-tunes, more samples and DDIM steps, inline (no process pool).
     "gpu": dict(n_train=6000, n_heldout=1024, steps=3000, batch_size=64, mr_steps=1000, esd_steps=400,
                 esd_batch=16, esd_source="model", samples=1024, sample_steps=25, sample_batch=256,

@@ -106,6 +106,11 @@ register_size("tiny-coord", replace(MODEL_SIZES["tiny"], coord_channels=2,
 # real caption to the pooled path left the held-out loss at t=900 unchanged (0.178 vs 0.176),
 # the reverse gave the empty-caption loss (0.402 vs 0.433): all conditioning went through the
 # global pool, which has no spatial axis, so location tokens could not bind to cells.
+# Measured with the same 1300-step demo (2026-11-28), ``tiny-xattn-coord`` did not fix that:
+# its geom model's x0 reacts to the tag (5-10% of the caption's own effect, vs 0.02-0.4%) but
+# everywhere alike (in/out-of-cell ratio 0.9-1.1), and ICR (held-out 0.45, open 0.52-0.58) and
+# fidelity (0.30 vs 0.37) were worse. ``tiny`` stays the default; these sizes stay for
+# experiments at larger budgets.
 _NO_POOL = {k: v for k, v in MODEL_SIZES["tiny"].unet.items()
             if k not in ("addition_embed_type", "addition_embed_type_num_heads")}
 register_size("tiny-xattn", replace(MODEL_SIZES["tiny"], unet=_NO_POOL))
