@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from geomerase.benchmarks.common import RESULTS_DIR, environment
 

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from geomerase.core.detectors import Detection, Detector, PatchClassifierDetector, register_detector

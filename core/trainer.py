@@ -42,7 +42,7 @@ from geomerase.core.config import to_dict
 from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
 from geomerase.core.models import DiffusionModel, ModelConfig
 from geomerase.core.text_embedding import install_location_embedding, uninstall_location_embedding
-from geomerase.data.loader import DataConfig, InMemoryDataset, LocalBatch, StepBatches, build_batch_source
+from geomerase.data.loader import DataConfig, InMemoryDataset, LocalBatch, build_batch_source
 
 log = logging.getLogger("geomerase.train")
 

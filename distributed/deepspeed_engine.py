@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from geomerase.core.config import ConfigError
 
@@ -109,7 +108,6 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _sample(a: argparse.Namespace) -> int:
-    import torch
 
     from geomerase.core.captions import NEGATIVE_KINDS, negative_mixture
     from geomerase.core.metrics import sample_grid
