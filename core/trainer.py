@@ -446,8 +446,8 @@ class Trainer:
         path = self.out / "loss.csv"
         if path.is_file():
             with open(path) as f:
-                self.history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)
-                                if int(float(row["step"])) <= self.step]
+                self.history = [{k: int(float(v)) if k == "step" else float(v) for k, v in row.items()}
+                                for row in csv.DictReader(f) if int(float(row["step"])) <= self.step]
 
     def _write_history(self) -> None:
         if not self.is_main:

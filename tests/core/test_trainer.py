@@ -72,6 +72,9 @@ def test_resume_reproduces_uninterrupted_losses(tiny_icd, tmp_path):
     resumed = Trainer(_cfg(tiny_icd, tmp_path / "part", "train.max_steps=4", "resume=latest"))
     resumed.fit(progress=False)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    # the resumed run's loss.csv reads like the uninterrupted one's (integer steps, not "2.0")
+    steps = [line.split(",")[0] for line in (tmp_path / "part" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [line.split(",")[0] for line in (tmp_path / "full" / "loss.csv").read_text().splitlines()[1:]]
     a = load_model(tmp_path / "full" / "model")
     b = load_model(tmp_path / "part" / "model")
     for (k, v), (_, w) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
