@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -100,6 +100,12 @@ class DemoConfig:
     """Stop after the data, classifier and annotation stages (no diffusion training)."""
     guidance_sweep: list[float] = field(default_factory=list)
     """Extra CFG scales at which the open-prompt arms are re-scored (ICR-vs-guidance curve)."""
+    base_steps: int = 0
+    """Steps of a base model trained first on a concept-free split (same scenes, clean captions);
+    plain and geom then fine-tune ``steps`` from it, as a user fine-tunes a pretrained model.
+    0: both start from random init."""
+    reweight_alpha: float | None = None
+    """Region re-weighting alpha of the geom fine-tune (None: plain MSE)."""
     device: str = "cpu"
     """Diffusion training/sampling device ('auto' uses a GPU when present); classifiers stay on the CPU."""
     attention_backend: str = "sdpa"
@@ -133,9 +139,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 1. data: the two splits side by side -------------------------------------------------
     t = time.time()
-    splits = {"train": (cfg.n_train, cfg.seed), "heldout": (cfg.n_heldout, cfg.seed + 1000)}
-    cpu_pool.run({name: Job(build_icd_job, (cfg.concept, n, cfg.ratio, cfg.image_size, seed, str(out / "icd" / name)))
-                  for name, (n, seed) in splits.items()
+    splits = {"train": (cfg.n_train, cfg.seed, cfg.ratio), "heldout": (cfg.n_heldout, cfg.seed + 1000, cfg.ratio)}
+    if cfg.base_steps:
+        splits["clean"] = (cfg.n_train, cfg.seed, 0.0)
+    cpu_pool.run({name: Job(build_icd_job, (cfg.concept, n, ratio, cfg.image_size, seed, str(out / "icd" / name)))
+                  for name, (n, seed, ratio) in splits.items()
                   if not _stage_done(out / "icd" / name / f"icd-{cfg.concept}-meta.json")}, desc="build ICD")
     train_glob = str(out / "icd" / "train" / f"icd-{cfg.concept}-*.tar")
     held_glob = str(out / "icd" / "heldout" / f"icd-{cfg.concept}-*.tar")
@@ -152,7 +160,24 @@ def run_demo(cfg: DemoConfig) -> dict:
     if not _stage_done(ac_dir / "model.safetensors"):
         jobs["attributes"] = Job(attribute_classifier_job, (train_glob, res, cfg.classifier_steps, cfg.seed,
                                                             str(ac_dir), bgs, shapes))
-    cpu_pool.run(jobs, desc="classifiers")
+    # The base model (concept-free data) needs no annotation: it trains beside the classifiers.
+    model_cfg = ModelConfig(size=cfg.model_size, grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend)
+    base_dir = out / "models" / "base"
+    base_job = {}
+    if cfg.base_steps and not _stage_done(base_dir / "model" / "geomerase.json"):
+        rc = RunConfig(out_dir=str(base_dir), model=model_cfg,
+                       data=DataConfig(shards=str(out / "icd" / "clean" / f"icd-{cfg.concept}-*.tar"),
+                                       batch_size=cfg.batch_size),
+                       captions=CaptionConfig(mode="clean", dropout=cfg.captions.dropout),
+                       train=TrainConfig(mode="data-removal", max_steps=cfg.base_steps, lr=cfg.lr, seed=cfg.seed,
+                                         warmup_steps=min(50, max(cfg.base_steps // 10, 1)), device=cfg.device,
+                                         log_every=25, save_every=max(cfg.base_steps // 4, 1)),
+                       resume="latest")
+        base_job["base"] = Job(train_model_job, (rc, cpu_pool.workers == 1), progress_file(base_dir), cfg.base_steps)
+    on_cpu = device.type == "cpu"
+    cpu_pool.run({**jobs, **(base_job if on_cpu else {})}, desc="classifiers" + (" + base model" if base_job else ""))
+    if base_job and not on_cpu:
+        pool.run(base_job, desc="base model")
     pc, pc_meta = load_classifier(pc_dir)
     ac, _ = load_classifier(ac_dir)
     enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=thr))
@@ -174,7 +199,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 3. annotate ---------------------------------------------------------------------------
     t = time.time()
-    model_cfg = ModelConfig(size=cfg.model_size, grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend)
     ann_dir = out / "annotated"
     if not _stage_done(ann_dir / "_manifest.json") or \
             json.loads((ann_dir / "_manifest.json").read_text()).get("totals", {}).get("annotated", 0) < cfg.n_train:
@@ -194,10 +218,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         run_dir = out / "models" / name
         if _stage_done(run_dir / "model" / "geomerase.json"):
             continue
-        rc = RunConfig(out_dir=str(run_dir), model=model_cfg,
+        mcfg = replace(model_cfg, pretrained=str(base_dir / "model")) if cfg.base_steps else model_cfg
+        rc = RunConfig(out_dir=str(run_dir), model=mcfg,
                        data=DataConfig(shards=str(ann_dir / "*.tar"), batch_size=cfg.batch_size),
                        captions=caps,
                        train=TrainConfig(mode="data-removal", max_steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                                         reweight_alpha=cfg.reweight_alpha if name == "geom" else None,
                                          warmup_steps=min(50, max(cfg.steps // 10, 1)), device=cfg.device,
                                          log_every=25, save_every=max(cfg.steps // 4, 1)),
                        resume="latest")

@@ -23,7 +23,8 @@ def test_cli_bad_demo_key_is_an_error(capsys, tmp_path):
 def test_miniature_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "n_train=200", "n_heldout=100", "steps=3", "samples=4",
-               "classifier_steps=20", "sample_steps=2", "batch_size=4", "threads=2", "extra_negatives=[geom-cells]"])
+               "classifier_steps=20", "sample_steps=2", "batch_size=4", "threads=2", "extra_negatives=[geom-cells]",
+               "base_steps=2", "reweight_alpha=2.0"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     for arm in ("plain", "plain_np", "geom_noneg", "geom", "open_noneg", "open_np", "open_geom", "geom[geom-cells]",
@@ -42,9 +43,16 @@ def test_miniature_demo_end_to_end(tmp_path):
     assert set(tl) == {"300", "500", "700", "900"} and all(r["in"] >= 0 and r["out"] >= 0 for r in tl.values())
     assert "Binding probe" in (out / "report.md").read_text()
     assert m["workers"] == 2
+    # base_steps: a base model on concept-free data; plain and geom fine-tune from it (geom re-weighted)
+    assert (out / "models" / "base" / "model" / "geomerase.json").is_file()
+    assert json.loads((out / "icd" / "clean" / "icd-qr-meta.json").read_text())
+    for name, alpha in (("plain", None), ("geom", 2.0)):
+        state = sorted((out / "models" / name / "checkpoints").glob("step-*/trainer.json"))[-1]
+        cfg = json.loads(state.read_text())["config"]
+        assert cfg["model"]["pretrained"].endswith("models/base/model") and cfg["train"]["reweight_alpha"] == alpha
     # Rerunning resumes: every stage is found done and the metrics are reproduced.
     assert main(["demo", "--out", str(out), "n_train=200", "n_heldout=100", "steps=3", "samples=4",
                  "classifier_steps=20", "sample_steps=2", "batch_size=4", "threads=2",
-                 "extra_negatives=[geom-cells]"]) == 0
+                 "extra_negatives=[geom-cells]", "base_steps=2", "reweight_alpha=2.0"]) == 0
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["icr"] == m["icr"]
