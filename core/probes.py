@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from geomerase.core.captions import rewrite_caption
+from geomerase.core.guidance import eps_to_pred, pred_to_eps
 from geomerase.core.losses import diffusion_target
 from geomerase.core.models import DiffusionModel
 
@@ -50,14 +51,9 @@ def cell_masks(cells: Sequence[Sequence[int]], grid: int, size: int) -> torch.Te
 
 def _x0(model: DiffusionModel, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """The model's x0 estimate ``(B, C, h, w)`` whatever its prediction type."""
-    out = model.denoise(xt, t, cond)
-    ac = model.noise_scheduler.alphas_cumprod.to(xt.device)[t].view(-1, 1, 1, 1).to(xt.dtype)
-    kind = model.noise_scheduler.config.prediction_type
-    if kind == "v_prediction":
-        return ac.sqrt() * xt - (1 - ac).sqrt() * out
-    if kind == "epsilon":
-        return (xt - (1 - ac).sqrt() * out) / ac.sqrt()
-    return out  # "sample"
+    ac, kind = model.noise_scheduler.alphas_cumprod, model.noise_scheduler.config.prediction_type
+    eps = pred_to_eps(model.denoise(xt, t, cond), xt, t, ac, kind)
+    return eps_to_pred(eps, xt, t, ac, "sample")
 
 
 @torch.no_grad()
