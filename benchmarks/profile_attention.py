@@ -37,24 +37,18 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import benchmarks._bootstrap  # noqa: F401
     from geomerase.benchmarks import common
+    from geomerase.benchmarks.bench_attention import SD15_SHAPES
 else:
     from . import common
+    from .bench_attention import SD15_SHAPES
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 NAN = float("nan")
-# small shapes first: they are the host-overhead question, and a budget cut drops the big ones
-SHAPES = [  # (name, heads, Sq, Sk, head_dim), batch 8 (bench_attention's SD-1.5 table)
-    ("self-64-hd160", 8, 64, 64, 160),
-    ("cross-64x77-hd160", 8, 64, 77, 160),
-    ("cross-1024x77-hd80", 8, 1024, 77, 80),
-    ("self-256-hd160", 8, 256, 256, 160),
-    ("cross-256x77-hd160", 8, 256, 77, 160),
-    ("self-1024-hd80", 8, 1024, 1024, 80),
-    ("cross-4096x77-hd40", 8, 4096, 77, 40),
-    ("self-4096-hd40", 8, 4096, 4096, 40),
-]
+# bench_attention's SD-1.5 table, small shapes first: they are the host-overhead question, and a
+# budget cut drops the big ones. (name, heads, Sq, Sk, head_dim), batch 8.
+SHAPES = sorted(SD15_SHAPES, key=lambda s: s[1] * s[2] * s[3] * s[4])
 SDPA_FLAGS = {"sdpa-cudnn": "cudnn", "sdpa-flash": "flash"}
 COLS = ["shape", "backend", "fwd_host_us", "fwd_eager_us", "fwd_graph_us", "fwd_host_bound",
         "bwd_host_us", "bwd_eager_us", "bwd_graph_us", "bwd_host_bound", "fwd_launches", "bwd_launches",
