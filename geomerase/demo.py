@@ -123,6 +123,18 @@ def _pool(cfg: DemoConfig, device: torch.device) -> JobPool:
     return JobPool(cfg.workers, max(1, cfg.threads // cfg.workers))
 
 
+def _train_job(cfg: DemoConfig, run_dir: Path, model_cfg: ModelConfig, shards: str, captions: CaptionConfig,
+               steps: int, progress: bool, reweight_alpha: float | None = None) -> Job:
+    """A data-removal training job of ``steps`` (resumes from ``run_dir``'s latest checkpoint)."""
+    rc = RunConfig(out_dir=str(run_dir), model=model_cfg, data=DataConfig(shards=shards, batch_size=cfg.batch_size),
+                   captions=captions,
+                   train=TrainConfig(mode="data-removal", max_steps=steps, lr=cfg.lr, seed=cfg.seed,
+                                     reweight_alpha=reweight_alpha, warmup_steps=min(50, max(steps // 10, 1)),
+                                     device=cfg.device, log_every=25, save_every=max(steps // 4, 1)),
+                   resume="latest")
+    return Job(train_model_job, (rc, progress), progress_file(run_dir), steps)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
@@ -165,15 +177,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     base_dir = out / "models" / "base"
     base_job = {}
     if cfg.base_steps and not _stage_done(base_dir / "model" / "geomerase.json"):
-        rc = RunConfig(out_dir=str(base_dir), model=model_cfg,
-                       data=DataConfig(shards=str(out / "icd" / "clean" / f"icd-{cfg.concept}-*.tar"),
-                                       batch_size=cfg.batch_size),
-                       captions=CaptionConfig(mode="clean", dropout=cfg.captions.dropout),
-                       train=TrainConfig(mode="data-removal", max_steps=cfg.base_steps, lr=cfg.lr, seed=cfg.seed,
-                                         warmup_steps=min(50, max(cfg.base_steps // 10, 1)), device=cfg.device,
-                                         log_every=25, save_every=max(cfg.base_steps // 4, 1)),
-                       resume="latest")
-        base_job["base"] = Job(train_model_job, (rc, cpu_pool.workers == 1), progress_file(base_dir), cfg.base_steps)
+        base_job["base"] = _train_job(cfg, base_dir, model_cfg, str(out / "icd" / "clean" / f"icd-{cfg.concept}-*.tar"),
+                                      CaptionConfig(mode="clean", dropout=cfg.captions.dropout), cfg.base_steps,
+                                      cpu_pool.workers == 1)
     on_cpu = device.type == "cpu"
     cpu_pool.run({**jobs, **(base_job if on_cpu else {})}, desc="classifiers" + (" + base model" if base_job else ""))
     if base_job and not on_cpu:
@@ -219,15 +225,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         if _stage_done(run_dir / "model" / "geomerase.json"):
             continue
         mcfg = replace(model_cfg, pretrained=str(base_dir / "model")) if cfg.base_steps else model_cfg
-        rc = RunConfig(out_dir=str(run_dir), model=mcfg,
-                       data=DataConfig(shards=str(ann_dir / "*.tar"), batch_size=cfg.batch_size),
-                       captions=caps,
-                       train=TrainConfig(mode="data-removal", max_steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
-                                         reweight_alpha=cfg.reweight_alpha if name == "geom" else None,
-                                         warmup_steps=min(50, max(cfg.steps // 10, 1)), device=cfg.device,
-                                         log_every=25, save_every=max(cfg.steps // 4, 1)),
-                       resume="latest")
-        jobs[name] = Job(train_model_job, (rc, pool.workers == 1), progress_file(run_dir), cfg.steps)
+        jobs[name] = _train_job(cfg, run_dir, mcfg, str(ann_dir / "*.tar"), caps, cfg.steps, pool.workers == 1,
+                                cfg.reweight_alpha if name == "geom" else None)
     pool.run(jobs, desc="fine-tune plain+geom")
     timings["train"] = time.time() - t
 
