@@ -324,6 +324,29 @@ def calibrate_threshold(model: PatchClassifier, images_u8: torch.Tensor, coverag
     return best
 
 
+def fpr_threshold(negative_scores: torch.Tensor, fpr: float) -> float:
+    """Lowest decision threshold that flags at most a share ``fpr`` of known negatives.
+
+    Args:
+        negative_scores: ``(N,)`` float scores of images known not to show the concept (an image
+            is flagged when its score reaches the threshold, ``score >= t``).
+        fpr: allowed false-positive share in [0, 1).
+    Returns:
+        ``t`` with ``mean(negative_scores >= t) <= fpr``; the next float above the
+        ``floor(fpr * N) + 1``-th largest score, so no lower threshold meets the bound.
+    """
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+    # float32 throughout: the scores it is compared with are float32, and a float64 step above
+    # the k-th score could round back onto it.
+    s = negative_scores.detach().float().flatten()
+    if s.numel() == 0:
+        raise ValueError("fpr_threshold: no negative scores")
+    k = math.floor(fpr * s.numel() + 1e-9)  # flagged negatives allowed
+    kth = torch.sort(s, descending=True).values[k]
+    return torch.nextafter(kth, torch.tensor(math.inf)).item()
+
+
 def degraded(images_u8: torch.Tensor, seed: int, strength: float = 1.0) -> torch.Tensor:
     """Deterministically degraded float copy of uint8 images, for held-out evaluation."""
     gen = torch.Generator().manual_seed(seed)

@@ -41,7 +41,7 @@ def test_results_schema_and_all_arms(smoke_run):
 
 
 def test_files_written(smoke_run):
-    _, out, _, _ = smoke_run
+    cfg, out, _, _ = smoke_run
     report = (out / "report.md").read_text()
     assert "## qr" in report and "| geom_mr |" in report and "Targets:" in report and "Ablation" in report
     for name in ("icr.png", "details.json", "timings.json", "figures/heatmap_qr.png", "figures/guidance_qr.png",
@@ -53,6 +53,16 @@ def test_files_written(smoke_run):
     assert row["fr"] == pytest.approx(row["fid"] * row["icr"])
     curve = details["concepts"]["qr"]["icr_vs_guidance"]
     assert set(curve) == {"3", "6"} and set(curve["6"]) == {"np", "geom"}
+    # The scorer's threshold per prompt set: never below the F1 one, and holding the oracle's
+    # calibration samples (other seeds) to the false-positive bound.
+    th = details["concepts"]["qr"]["scorer_thresholds"]
+    assert set(th) == set(PROMPT_SETS)
+    for pset, t in th.items():
+        assert t["threshold"] >= t["f1_threshold"] and t["flagged"] <= t["flagged_at_f1"]
+        assert t["flagged"] <= cfg.scorer_fpr + 1e-9 and t["n"] == cfg.calibration_samples, (pset, t)
+    assert {"scorer", "scorer_open", "scorer_f1", "annotator"} <= set(details["concepts"]["qr"]["detectors"])
+    assert "Scorer threshold: F1-calibrated" in report
+    assert (out / "shared" / "samples" / "calibration" / "heldout.pt").is_file()
     assert details["targets"]["qr"] and all({"target", "met", "measured"} <= set(t) for t in details["targets"]["qr"])
     # base_steps > 0: one shared base model, and every data-removal arm fine-tuned from it
     assert (out / "shared" / "models" / "base" / "model" / "geomerase.json").is_file()

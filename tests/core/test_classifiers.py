@@ -1,9 +1,13 @@
 """Patch classifier: threshold calibration, and that the calibrated threshold survives save/load."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from geomerase.core.classifiers import PatchClassifierConfig, calibrate_threshold, load_classifier, save_classifier
+from geomerase.core.classifiers import (PatchClassifierConfig, calibrate_threshold, fpr_threshold, load_classifier,
+                                        save_classifier)
 
 
 def _fixed_probs(model, probs: torch.Tensor):
@@ -74,3 +78,21 @@ def test_training_depends_on_the_seed_not_on_the_global_rng():
     assert not torch.equal(runs[0][2], runs[1][2])  # the caller's global RNG stream is untouched
     other = train_patch_classifier(pcfg, images, cov, steps=3, batch=4, seed=8, progress=False)
     assert any(not torch.equal(v, other.state_dict()[k]) for k, v in runs[0][0].items())
+
+
+def test_fpr_threshold_bounds_false_positives_and_is_the_lowest_such():
+    gen = torch.Generator().manual_seed(3)
+    for n, fpr in ((100, 0.05), (37, 0.05), (128, 0.0), (10, 0.25), (1, 0.5)):
+        scores = torch.rand(n, generator=gen)
+        t = fpr_threshold(scores, fpr)
+        allowed = math.floor(fpr * n + 1e-9)
+        assert (scores >= t).sum().item() <= allowed, (n, fpr)
+        # One float step lower flags one more negative than allowed.
+        lower = torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(-1.0)).item()
+        assert (scores >= lower).sum().item() == allowed + 1, (n, fpr)
+    # Ties: all equal scores; any flag would flag all, so the bound excludes every one.
+    assert (torch.full((20,), 0.5) >= fpr_threshold(torch.full((20,), 0.5), 0.1)).sum() == 0
+    with pytest.raises(ValueError, match="fpr"):
+        fpr_threshold(torch.rand(4), 1.0)
+    with pytest.raises(ValueError, match="no negative"):
+        fpr_threshold(torch.empty(0), 0.1)
