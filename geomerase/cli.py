@@ -10,6 +10,7 @@ Sub-commands::
     geomerase sample --model DIR --prompt P --negative geom --out grid.png
     geomerase fetch-tokenizer                        cache CLIP's BPE table (set-up does this)
     geomerase bench erasing --preset cpu --concepts qr,watermark,text --out DIR   erasing benchmark
+    geomerase bench compare RUN_A RUN_B [--tol 0]                                 same table twice?
 """
 from __future__ import annotations
 
@@ -135,6 +136,12 @@ def _bench_erasing(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_compare(a: argparse.Namespace) -> int:
+    from geomerase.benchmarks.compare_results import main
+
+    return main(a.a, a.b, a.tol)
+
+
 def _fetch_tokenizer(a: argparse.Namespace) -> int:
     from geomerase.core.tokenizer import main
 
@@ -229,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="output folder (default: the preset's)")
     q.add_argument("overrides", nargs="*", help="ErasingConfig overrides, key=value")
     q.set_defaults(fn=_bench_erasing)
+    q = bsub.add_parser("compare", help="are two erasing runs the same table? (exit 1 listing differences)")
+    q.add_argument("a", help="run folder or results.json")
+    q.add_argument("b", help="run folder or results.json")
+    q.add_argument("--tol", type=float, default=0.0, help="absolute tolerance on fid and fidelity (icr exact)")
+    q.set_defaults(fn=_bench_compare)
 
     p = sub.add_parser("fetch-tokenizer", help="cache CLIP's BPE table offline use")
     p.set_defaults(fn=_fetch_tokenizer)
