@@ -110,7 +110,13 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
             f"valid keys under '{where or '<root>'}': {sorted(names)}"
         )
     kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
+        default = _default_of(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default) and not isinstance(default, type):
+            # A partial section changes only the keys it names: the rest keep the *field's*
+            # default (e.g. a default_factory's tuned values), not the nested class's defaults.
+            value = _deep_merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     try:
         obj = cls(**kwargs)
@@ -120,6 +126,23 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if callable(validate):
         validate()
     return obj
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    """The value a dataclass field takes when not given (None when it has no default)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s keys replaced, recursing where both hold a mapping."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(obj: Any) -> Any:

@@ -39,6 +39,23 @@ def test_wrong_types_are_errors():
         load_config(RunConfig, "configs/tiny_cpu.yaml", ["train=5"])
 
 
+def test_partial_section_keeps_the_fields_default_not_the_class_default():
+    # DemoConfig.captions defaults to tuned values (a default_factory); overriding one key
+    # must keep the others. Before the fix, captions.concept_only_prob=0.3 silently reset
+    # concept_first_prob to 0 and shuffle_cells to False (CaptionConfig's own defaults).
+    from geomerase.demo import DemoConfig
+
+    default = DemoConfig().captions
+    assert default.concept_first_prob > 0 and default.shuffle_cells
+    cfg = load_config(DemoConfig, None, ["captions.concept_only_prob=0.3"])
+    assert cfg.captions.concept_only_prob == 0.3
+    assert cfg.captions.concept_first_prob == default.concept_first_prob
+    assert cfg.captions.shuffle_cells is True and cfg.captions.mode == default.mode
+    # Nested unknown keys are still errors, named with their path.
+    with pytest.raises(ConfigError, match="captions.concept_only"):
+        load_config(DemoConfig, None, ["captions.concept_only=0.3"])
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config(RunConfig, "configs/nope.yaml")
