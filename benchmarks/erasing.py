@@ -150,6 +150,11 @@ class ErasingConfig:
     one that flags at most this share of the oracle model's calibration samples (other seeds than
     the evaluation's). Without it, speckle in small-model samples read as watermark or text in
     every arm, the oracle's included. 0 keeps the F1 threshold."""
+    inception_weights: str = ""
+    """Local file of Inception weights for torchmetrics' FID feature extractor (the user's own
+    copy; nothing is downloaded). When set, every arm also gets an Inception FID against the
+    held-out clean images (``fid_inception`` in details.json and the report); needs
+    ``torchmetrics[image]`` and ``torch-fidelity``. Empty: the domain FID only."""
     calibration_samples: int = 128
     """Oracle samples per prompt set for the scorer's false-positive calibration (the prompt set's
     prompts, cycled)."""
@@ -175,6 +180,14 @@ class ErasingConfig:
                               "caption per sample")
         if self.sweep_samples > self.samples:
             raise ConfigError("sweep_samples must be <= samples")
+        if self.inception_weights:
+            if not Path(self.inception_weights).is_file():
+                raise ConfigError(f"inception_weights: {self.inception_weights!r} is not a file")
+            try:
+                import torchmetrics.image.fid  # noqa: F401
+            except ImportError:
+                raise ConfigError("inception_weights is set but torchmetrics[image] (with torch-fidelity) is not "
+                                  "installed; install it or leave inception_weights empty") from None
         if self.calibration_samples < 1:
             raise ConfigError("calibration_samples must be >= 1")
         if not 0.0 <= self.scorer_fpr < 1.0:

@@ -22,7 +22,7 @@ from geomerase.benchmarks.erasing_jobs import atomic_write_text
 from geomerase.core.captions import negative_mixture
 from geomerase.core.classifiers import as_float, degraded, fpr_threshold, labels_to_index, load_classifier
 from geomerase.core.config import to_dict
-from geomerase.core.fid import DomainFID
+from geomerase.core.fid import DomainFID, inception_fid
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
 from geomerase.core.metrics import binary_pr, fidelity, fidelity_chance, icr, sample_grid
 from geomerase.data.concepts import CONCEPT_NAMES
@@ -102,6 +102,8 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
             row = {"icr": r["icr"], "ci95": r["ci95"], "k": r["k"], "n": r["n"], "fid": f, "fr": f * r["icr"],
                    "heatmap": (heat / max(len(cells), 1)).view(g, g).tolist(),
                    "icr_annotator": icr([bool(cs) for cs in annotator.cells(x)])["icr"], "fidelity": None}
+            if cfg.inception_weights:
+                row["fid_inception"] = inception_fid(imgs, ref.images, cfg.inception_weights)
             if pset == "heldout":
                 pb, ps = attrs.predict(x)
                 fd = fidelity(pb, ps, want_bg[:len(imgs)], want_sh[:len(imgs)])
@@ -333,6 +335,11 @@ def render_report(cfg: ErasingConfig, all_scores: dict[str, dict], timings: dict
                   f"{cfg.sweep_samples}): " + "; ".join(f"s={k}: NP {v['np']:.3f}, geom {v['geom']:.3f}"
                                                         for k, v in sorted(curve.items(), key=lambda kv: float(kv[0]))),
                   ""]
+        if "fid_inception" in s["heldout"]["plain"]:
+            lines += ["Inception FID (held-out / open; torchmetrics, weights `"
+                      f"{Path(cfg.inception_weights).name}`): "
+                      + "; ".join(f"{a} {s['heldout'][a]['fid_inception']:.2f} / {s['open'][a]['fid_inception']:.2f}"
+                                  for a in ARMS), ""]
         lines += scorer_lines(sc, cfg)
         lines += ["", "Targets:", ""]
         lines += [f"- {'met' if ok else '**missed**'}: {d} ({m})" for d, ok, m in targets(s)]

@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from geomerase.benchmarks.erasing import ARMS, PRESETS, PROMPT_SETS, ErasingConfig, erasing_config, run_erasing
 from geomerase.benchmarks.erasing_jobs import Task, run_dag
@@ -96,6 +97,10 @@ def test_config_errors_and_presets():
         erasing_config("smoke", ["samples=100", "n_heldout=10"])
     with pytest.raises(ConfigError, match="concepts"):
         ErasingConfig(concepts=["logo"]).validate()
+    with pytest.raises(ConfigError, match="inception_weights: '/nope.pt' is not a file"):
+        erasing_config("smoke", ["inception_weights=/nope.pt"])
+    with pytest.raises(ConfigError, match="scorer_fpr"):
+        erasing_config("smoke", ["scorer_fpr=1.0"])
 
 
 def _append(log: list, name: str) -> str:
@@ -114,3 +119,30 @@ def test_run_dag_orders_dependencies_and_skips_done(tmp_path):
     assert log == ["a", "b", "c"] and set(res) == {"a", "b", "c"}
     with pytest.raises(KeyError, match="unknown task"):
         run_dag({"x": Task(Job(_append, (log, "x")), deps=("nope",))}, 1, 1)
+
+
+def test_inception_fid_is_scored_per_arm_when_weights_are_given(smoke_run, monkeypatch):
+    # torchmetrics and Inception weights are not installable on these machines: the metric is
+    # replaced by a stand-in that records its inputs, to check what the benchmark feeds it.
+    import dataclasses
+
+    from geomerase.benchmarks import erasing_report
+
+    cfg, out, _, _ = smoke_run
+    calls = []
+
+    def fake_fid(images, reference, weights):
+        calls.append((tuple(images.shape), tuple(reference.shape), weights, images.dtype))
+        return float(len(calls))
+
+    monkeypatch.setattr(erasing_report, "inception_fid", fake_fid)
+    with_weights = dataclasses.replace(cfg, inception_weights="/models/pt_inception.pth")
+    scores = erasing_report.score_concept(with_weights, "qr")
+    assert len(calls) == 2 * len(ARMS)
+    for shape, ref_shape, weights, dtype in calls:
+        assert shape[0] == cfg.samples and shape[1:] == ref_shape[1:] and weights == "/models/pt_inception.pth"
+        assert dtype == torch.uint8 and ref_shape[0] == cfg.n_heldout
+    values = sorted(scores["scores"][p][a]["fid_inception"] for p in PROMPT_SETS for a in ARMS)
+    assert values == [float(i) for i in range(1, 2 * len(ARMS) + 1)]
+    report = erasing_report.render_report(with_weights, {"qr": scores}, {}, 1.0)
+    assert "Inception FID (held-out / open; torchmetrics, weights `pt_inception.pth`)" in report
