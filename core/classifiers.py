@@ -236,7 +236,7 @@ def fit(model: nn.Module, loss_fn, n: int, steps: int, batch: int, lr: float, se
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            losses.append(float(loss))
+            losses.append(loss.detach().item())  # log steps only
     model.eval()
     return losses
 
