@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from geomerase.benchmarks.common import RESULTS_DIR, environment
 
 GRID, THRESH = 4, 0.25

@@ -112,11 +112,12 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     kwargs = {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
-        default = _default_of(fields[key])
-        if isinstance(value, dict) and dataclasses.is_dataclass(default) and not isinstance(default, type):
-            # A partial section changes only the keys it names: the rest keep the *field's*
-            # default (e.g. a default_factory's tuned values), not the nested class's defaults.
-            value = _deep_merge(to_dict(default), value)
+        if isinstance(value, dict):
+            default = _default_of(fields[key])
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                # A partial section changes only the keys it names: the rest keep the *field's*
+                # default (e.g. a default_factory's tuned values), not the nested class's defaults.
+                value = _deep_merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     try:
         obj = cls(**kwargs)
