@@ -158,9 +158,6 @@ def bench_one(name, fn, shape, args, device, errors, reference):
     for kind, mult in (("fwd", 1.0), ("bwd", 2.5), ("both", 3.5)):
         ms = row[f"{kind}_ms"]
         row[f"{kind}_tflops"] = flops * mult / (ms * 1e-3) / 1e12 if ms == ms and ms > 0 else NAN
-    del q, k, v, do
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -300,6 +297,8 @@ def main(argv=None) -> int:
                              **{f"{k}_{u}": NAN for k in ("fwd", "bwd", "both") for u in ("ms", "tflops")}})
                 continue
             row = bench_one(name, fn, shape, args, device, errors, reference)
+            if device == "cuda":  # this backend's inputs and grads are gone with bench_one's frame
+                torch.cuda.empty_cache()
             rows.append(row)
             print(f"{row['shape']:>22} {name:>15}  fwd {row['fwd_ms']:.4g} ms ({row['fwd_tflops']:.3g} TF/s)  "
                   f"bwd {row['bwd_ms']:.4g} ms ({row['bwd_tflops']:.3g} TF/s)  err {row['rel_err_vs_sdpa']:.2e}",

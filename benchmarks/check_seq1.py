@@ -11,7 +11,6 @@ import torch
 import triton
 
 from geomerase.kernels import attention as A
-from geomerase.kernels import attention_kernels as K
 from geomerase.kernels import flash_attention
 from geomerase.kernels.attention_ref import attention_ref
 

@@ -6,7 +6,7 @@ before any device time is spent, whether each autotune candidate compiles, wheth
 became ``wgmma`` (Hopper tensor-core instructions), whether K/V loads are software-pipelined
 (``cp.async``) and 16-byte wide, and which configs spill.
 
-Run:  python -m geomerase.benchmarks.compile_check [--kinds fwd,dkdv,dq] [--hd 40,80,160]
+Run:  python -m geomerase.benchmarks.compile_check [--kinds fwd,dkdv,dq,fused] [--hd 40,80,160]
 Writes ``compile_check.{json,csv,md}`` under ``--out`` (default benchmarks/results).
 Numbers come from the local Triton version; the device may run another (a lead, not a reading).
 """
@@ -57,7 +57,7 @@ def lower(kind: str, head_dim: int, cfg, dtype: str, even: bool, row_stride: int
 
     fn = A._KERNELS[kind]
     _, meta = A._head_meta(head_dim, {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-    partial = kind == "dkdv" and n_split > 1
+    partial = kind in ("dkdv", "fused") and n_split > 1
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
@@ -75,9 +75,12 @@ def lower(kind: str, head_dim: int, cfg, dtype: str, even: bool, row_stride: int
         if sig[name].startswith("*") or (name.startswith("stride") and name[-1] in "bh") or \
                 (name.startswith("stride") and name[-1] in "mn" and row_stride % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    consts = dict(meta, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], EVEN_M=even, EVEN_N=even,
+    block_n, even_n = cfg.kwargs.get("BLOCK_N"), even
+    if kind == "fused":  # every key in one tile: SD-1.5's cross-attention, 77 keys
+        block_n, even_n = A._fused_block_n(77, meta["DA"] + meta["DB"] * meta["HAS_B"]), False
+    consts = dict(meta, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n, EVEN_M=even, EVEN_N=even_n,
                   ALIGN=A._align(torch.empty(1, 1, 2, row_stride)) if row_stride else 16)
-    if kind == "dkdv":
+    if kind in ("dkdv", "fused"):
         consts["N_SPLIT"] = n_split
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
@@ -108,7 +111,7 @@ def lower(kind: str, head_dim: int, cfg, dtype: str, even: bool, row_stride: int
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default="fwd,dkdv,dq")
+    ap.add_argument("--kinds", default="fwd,dkdv,dq,fused")
     ap.add_argument("--hd", default="40,80,160")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--ragged", action="store_true", help="also lower the masked (odd-length) variants")
@@ -120,13 +123,16 @@ def main(argv=None) -> int:
     for kind in args.kinds.split(","):
         for hd in (int(x) for x in args.hd.split(",")):
             hd_class, _ = A._head_meta(hd, torch.bfloat16)
-            for i, cfg in enumerate(A._CONFIGS[kind][hd_class]):
+            # (the fused backward has no list for hd classes it does not take)
+            for i, cfg in enumerate(A._CONFIGS[kind].get(hd_class, [])):
                 for even in ((True, False) if args.ragged else (True,)):
+                    # fused: the query range split (fp32 partials) of SD-1.5's cross shapes
+                    n_split = 4 if kind == "fused" else 1
                     row = {"kernel": kind, "hd": hd, "cfg": i, "block_m": cfg.kwargs["BLOCK_M"],
-                           "block_n": cfg.kwargs["BLOCK_N"], "warps": cfg.num_warps, "stages": cfg.num_stages,
-                           "even": even}
+                           "block_n": cfg.kwargs.get("BLOCK_N", "all"), "warps": cfg.num_warps,
+                           "stages": cfg.num_stages, "even": even}
                     try:
-                        row.update(lower(kind, hd, cfg, args.dtype, even, row_stride=hd))
+                        row.update(lower(kind, hd, cfg, args.dtype, even, row_stride=hd, n_split=n_split))
                     except Exception as exc:  # noqa: BLE001
                         errors.append(f"{kind}/hd{hd}/cfg{i}: {type(exc).__name__}: {str(exc)[:300]}")
                         row["error"] = type(exc).__name__

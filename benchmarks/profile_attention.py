@@ -146,7 +146,10 @@ def _triton_config(attn: Any, q, k, v) -> str:
         return f"{kw.get('BLOCK_M', '?')}x{kw.get('BLOCK_N', '?')} w{kw.get('num_warps', '?')}s{kw.get('num_stages', '?')} g{grid}"
     parts = [f"fwd {cfg(plan.launch)}"]
     for bp in plan.bwd.values():
-        parts.append(f"dq {cfg(bp.dq)} dkdv {cfg(bp.dkdv)} split {bp.n_split}")
+        # the backward scheme the plan chose (and, when it timed them, each candidate's ms)
+        timed = " ".join(f"{n}={ms * 1e3:.0f}us" for n, ms in bp.scheme_ms.items())
+        kernels = " ".join(f"{n} {cfg(launch)}" for n, launch in bp.launches.items())
+        parts.append(f"bwd {bp.scheme} split {bp.n_split} ({timed or 'not timed'}): {kernels}")
     return "; ".join(parts)  # no "|": the cell sits in a Markdown table
 
 
@@ -158,7 +161,11 @@ def profile_one(name: str, shape: tuple, args: argparse.Namespace, on_gpu: bool,
     q, k, v = (torch.randn(args.batch, h, s, d, generator=g).to(device, dtype).requires_grad_(True)
                for s in (sq, sk, sk))
     do = torch.randn(args.batch, h, sq, d, generator=g).to(device, dtype)
-    if name == "triton":
+    if name.startswith("triton"):
+        # "triton-fused" / "triton-two_kernel": one backward scheme forced (else the plan's pick)
+        scheme = name.partition("-")[2] or None
+        if scheme and hasattr(attn, "_BWD_SCHEME_OVERRIDE"):
+            attn._BWD_SCHEME_OVERRIDE = scheme
         fn = attn.flash_attention
         count = mock_count or attn.launch_count
     else:
@@ -200,15 +207,17 @@ def profile_one(name: str, shape: tuple, args: argparse.Namespace, on_gpu: bool,
             for kind in ("fwd", "bwd"):
                 dev = row[f"{kind}_graph_us"]
                 row[f"{kind}_host_bound"] = row[f"{kind}_eager_us"] / dev if dev == dev and dev > 0 else NAN
-        if name == "triton" and hasattr(attn, "_fwd_plan"):
+        if name.startswith("triton") and hasattr(attn, "_fwd_plan"):
             row["triton_config"] = _triton_config(attn, q, k, v)
     except Exception as exc:  # noqa: BLE001 - one failing backend must not cost the others
         errors.append(f"{label}/{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
         if on_gpu:
             torch.cuda.synchronize()
     finally:
-        if name != "triton":
+        if not name.startswith("triton"):
             _set_sdpa(None)
+        elif hasattr(attn, "_BWD_SCHEME_OVERRIDE"):
+            attn._BWD_SCHEME_OVERRIDE = None
     return row
 
 
@@ -218,7 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--calls", type=int, default=None, help="calls per host/eager timing (default 30 GPU, 20 CPU)")
     ap.add_argument("--shapes", default=None, help="comma list of shape names to keep")
-    ap.add_argument("--backends", default="triton,sdpa-cudnn,sdpa-flash")
+    ap.add_argument("--backends", default="triton,sdpa-cudnn,sdpa-flash",
+                    help="also triton-fused / triton-two_kernel: one backward scheme forced")
     ap.add_argument("--budget-s", type=float, default=30, help="start no new shape after this many seconds")
     ap.add_argument("--mock-launch", action="store_true", help="Triton launches become no-ops (default on CPU)")
     ap.add_argument("--module", default="geomerase.kernels.attention",
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args.calls = args.calls or (30 if on_gpu else 20)
     attn = importlib.import_module(args.module)
     mock_count = _mock_launches() if mock else None
-    names = [n for n in args.backends.split(",") if n == "triton" or (on_gpu and n in SDPA_FLAGS)]
+    names = [n for n in args.backends.split(",") if n.startswith("triton") or (on_gpu and n in SDPA_FLAGS)]
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
     errors: list[str] = []
     rows: list[dict[str, Any]] = []

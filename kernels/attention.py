@@ -14,18 +14,20 @@ Design choices (the why):
 * ``exp2`` with the softmax scale pre-multiplied by log2(e): one FMA per score.
 * Strides are passed with an alignment hint (``ALIGN``), so a 40-wide head (row stride 40,
   which the JIT does not mark as divisible by 16) is still read with 16-byte pipelined loads.
-* Backward is the atomic-free two-kernel scheme: one kernel owns a query block and sweeps
-  the keys for dQ, computing ``delta = rowsum(dO * O)`` for its rows in its prologue (no
-  separate launch) and storing it; the other, launched after it, owns a key block and sweeps
-  the queries for dK/dV. One launch per forward, two per backward (three when split).
+* Backward has two atomic-free schemes. ``two_kernel``: one kernel owns a query block and
+  sweeps the keys for dQ, computing ``delta = rowsum(dO * O)`` for its rows in its prologue
+  (no separate launch); the other, launched after it, owns a key block and sweeps the
+  queries for dK/dV. ``fused``, when all keys fit one tile (cross-attention's 77, the
+  64-token level): one program holds every key, computes P and dS once per query block
+  and writes dQ, dK and dV; five matmuls instead of seven, one launch instead of two. On a
+  GPU with tuning on, a plan times both on its first backward and keeps the faster.
 * Host cost: the small SD shapes take ~10 µs of GPU work, so the Python side matters. All
   per-shape launch metadata (head chunks, alignment, split, strides, grid, the chosen
   config) lives in a plan keyed by shapes/strides/dtype/device; after a plan's first call
   (which may autotune) each launch calls the plain JIT function with frozen arguments,
   without the autotuner/heuristics wrappers, and no driver query is on the hot path.
-* Cross-attention has only 77 keys, so the dK/dV grid would be ~2 programs per (b, h) and
-  leave most SMs idle; there the query sweep is split over ``n_split`` programs that write
-  fp32 partials, summed and cast by one more small kernel (a few MB).
+* With 77 keys the key-block grids leave most SMs idle: the query sweep is then split over
+  ``n_split`` programs writing fp32 partials, which one small kernel sums and casts.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import triton
 from .attention_kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
+    _attn_bwd_fused_kernel,
     _attn_bwd_split_sum_kernel,
     _attn_fwd_kernel,
 )
@@ -54,11 +57,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # entry i of every config list (instead of tuning / the interpreter tile) to check each one.
 _DKDV_SPLIT_OVERRIDE: int | None = None
 _FIXED_CONFIG_INDEX: int | None = None
+# ... and force one backward scheme ("fused" or "two_kernel") instead of the plan's choice.
+_BWD_SCHEME_OVERRIDE: str | None = None
+# The fused backward holds every key of a (b, h) on chip: K and V tiles plus two fp32
+# (keys x D) accumulators. Up to 128 keys and 80 columns (hd 40/64/80 with SD's 77 keys)
+# lower for sm_90a without spills (benchmarks/compile_check.py); hd 160 spilled even at 64.
+_FUSED_MAX_KEYS, _FUSED_MAX_WIDTH = 128, 80
 
 
 # --------------------------------------------------------------------------- launch configs
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _fcfg(bm: int, warps: int, stages: int) -> triton.Config:
+    # fused backward: BLOCK_N is every key (set by the plan), only the query tile is tuned
+    return triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
 
 
 # Per head-dim class (columns of MMA work DA+DB: <=64, <=128, >128). The first entry is
@@ -86,15 +100,24 @@ _CONFIGS = {
         "m": [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)],
         "l": [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 3)],
     },
+    # fused backward (all keys held, <= 80 columns: no "l" class): the (keys x queries) score
+    # tiles and two (keys x D) fp32 accumulators share the register file, so 8 warps; the
+    # 64 x 4-warp and 32 x 4-warp (hd 80) tiles spilled in the sm_90a lowering
+    "fused": {
+        "s": [_fcfg(64, 8, 3), _fcfg(64, 8, 2), _fcfg(32, 8, 3), _fcfg(32, 4, 3)],
+        "m": [_fcfg(64, 8, 2), _fcfg(64, 8, 3), _fcfg(32, 8, 3), _fcfg(32, 8, 2)],
+    },
 }
 # 64x64 halves interpreter time vs 32x32 while 77/130-long tests still span several tiles
 _INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
+            "fused": _attn_bwd_fused_kernel}
 _TUNE_KEY = {
     "fwd": ["SEQ_Q", "SEQ_K", "HEAD_DIM"],
     "dkdv": ["SEQ_Q", "SEQ_K", "HEAD_DIM", "N_SPLIT"],
     "dq": ["SEQ_Q", "SEQ_K", "HEAD_DIM"],
+    "fused": ["SEQ_Q", "SEQ_K", "HEAD_DIM", "N_SPLIT"],
 }
 _HEURISTICS = {
     "EVEN_M": lambda a: a["SEQ_Q"] % a["BLOCK_M"] == 0,
@@ -128,7 +151,8 @@ def _launcher(kind: str, hd_class: str):
         if tune:
             _launcher_cache[key] = (triton.autotune(_CONFIGS[kind][hd_class], key=_TUNE_KEY[kind])(base), {})
         elif _INTERPRET and pinned is None:
-            _launcher_cache[key] = (base, dict(_INTERPRET_CONFIG))
+            fixed = {"BLOCK_M": _INTERPRET_CONFIG["BLOCK_M"]} if kind == "fused" else dict(_INTERPRET_CONFIG)
+            _launcher_cache[key] = (base, fixed)
         else:
             c = _CONFIGS[kind][hd_class][pinned or 0]
             meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -177,6 +201,22 @@ def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device) -> int:
     # ~4 programs per SM to hide load latency, but keep >= 256 queries per program so the
     # fp32 partials stay small next to the Q/dO traffic
     return max(1, min(triton.cdiv(4 * sms, programs), seq_q // 256, 16))
+
+
+def _fused_block_n(seq_k: int, width: int) -> int | None:
+    """Key tile of the fused backward (all keys in one), or None when they do not fit."""
+    block_n = max(16, triton.next_power_of_2(seq_k))
+    return block_n if block_n <= _FUSED_MAX_KEYS and width <= _FUSED_MAX_WIDTH else None
+
+
+def _fused_splits(bh: int, seq_q: int, device: torch.device) -> int:
+    if _DKDV_SPLIT_OVERRIDE is not None:
+        return _DKDV_SPLIT_OVERRIDE
+    if device.type != "cuda":
+        return 1
+    # The grid is (n_split, B*H): ~4 programs per SM, but >= 256 queries per program so the
+    # fp32 dK/dV partials (2 x Sk x D each) stay small next to its Q/O/dO/dQ traffic.
+    return max(1, min(triton.cdiv(4 * _sm_count(device), bh), seq_q // 256, 32))
 
 
 # --------------------------------------------------------------------------- host side
@@ -245,7 +285,7 @@ def _first_launch(kind: str, hd_class: str, grid_of: Callable[[dict], tuple[int,
 
 def _mode() -> tuple:
     # test/tuning switches that change which config a plan freezes
-    return (_FIXED_CONFIG_INDEX, _DKDV_SPLIT_OVERRIDE, _autotune_enabled())
+    return (_FIXED_CONFIG_INDEX, _DKDV_SPLIT_OVERRIDE, _BWD_SCHEME_OVERRIDE, _autotune_enabled())
 
 
 class _FwdPlan:
@@ -262,6 +302,7 @@ class _FwdPlan:
         self.head_dim, self.heads, self.seq_q, self.seq_k = head_dim, heads, seq_q, seq_k
         self.default_scale = 1.0 / math.sqrt(head_dim)
         self.hd_class, self.meta = _head_meta(head_dim, q.dtype)
+        self.width = self.meta["DA"] + (self.meta["DB"] if self.meta["HAS_B"] else 0)
         o = torch.empty_like(q)  # what every call's empty_like(q) will give: same strides
         self.o_strides = o.stride()[:3]
         self.lse_shape = (bsz * heads, seq_q)
@@ -275,47 +316,83 @@ class _FwdPlan:
 
 
 class _BwdPlan:
-    """Backward launch metadata for one forward plan and one dO stride pattern."""
+    """Backward launch metadata for one forward plan and one dO stride pattern: the
+    candidate schemes for this shape (``two_kernel``; ``fused`` when all keys fit one tile,
+    see ``_fused_block_n``), each with its query split, partial buffers and launches; which
+    one runs is decided on the plan's first backward (``_flash_bwd``)."""
 
     def __init__(self, fp: _FwdPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  do: torch.Tensor) -> None:
         bsz, heads, seq_q, head_dim = q.shape
         seq_k, bh = fp.seq_k, bsz * heads
+        self.bh, self.seq_q, self.seq_k, self.heads = bh, seq_q, seq_k, heads
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        self.n_split = n_split = _dkdv_splits(bh, seq_q, seq_k, q.device)
-        if n_split > 1:
-            # dK and dV fp32 partials in one allocation: (2, n_split, B, H, Sk, D)
-            self.part_shape = (2, n_split, bsz, heads, seq_k, head_dim)
-            part = torch.empty(self.part_shape, device=q.device, dtype=torch.float32)
-            dk_out, dv_out = part[0], part[1]
-            dk_strides = dv_strides = part.stride()[1:5]
+        block_n = _fused_block_n(seq_k, fp.width)
+        if _BWD_SCHEME_OVERRIDE is not None:
+            if _BWD_SCHEME_OVERRIDE not in ("fused", "two_kernel"):
+                raise ValueError(f"unknown backward scheme {_BWD_SCHEME_OVERRIDE!r}")
+            if _BWD_SCHEME_OVERRIDE == "fused" and block_n is None:
+                raise ValueError(f"the fused backward needs all keys in one tile (<= {_FUSED_MAX_KEYS} keys, "
+                                 f"<= {_FUSED_MAX_WIDTH} columns); got Sk={seq_k} at hd {head_dim}")
+            self.candidates = [_BWD_SCHEME_OVERRIDE]
         else:
-            dk_out, dv_out = dk, dv
-            dk_strides, dv_strides = (0,) + dk.stride()[:3], (0,) + dv.stride()[:3]
+            # without timing, fused wins by construction: fewer launches and matmuls
+            self.candidates = ["fused", "two_kernel"] if block_n is not None else ["two_kernel"]
+        self.splits = {
+            "two_kernel": _dkdv_splits(bh, seq_q, seq_k, q.device),
+            "fused": _fused_splits(bh, seq_q, q.device),
+        }
+        # fp32 dK/dV partials of a split scheme, in one allocation: (2, n_split, B, H, Sk, D)
+        self.part_shape = {
+            name: (2, n, bsz, heads, seq_k, head_dim)
+            for name, n in self.splits.items() if n > 1 and name in self.candidates
+        }
+        parts = {name: torch.empty(shape, device=q.device, dtype=torch.float32)
+                 for name, shape in self.part_shape.items()}
         # one ALIGN for all backward kernels: every tensor any of them touches (o via the
         # forward's value; both are powers of two, so the smaller divides everything)
-        align = min(_align(q, k, v, do, dq, dk, dv, dk_out, dv_out), fp.const["ALIGN"])
+        align = min(_align(q, k, v, do, dq, dk, dv, *parts.values()), fp.const["ALIGN"])
         self.const = dict(fp.meta, ALIGN=align)
-        self.dkdv_const = dict(self.const, N_SPLIT=n_split)
-        qkv_do = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-        self.dq_strides = (*qkv_do, *fp.o_strides, *do.stride()[:3], *dq.stride()[:3])
-        self.dkdv_strides = (*qkv_do, *do.stride()[:3], *dk_strides, *dv_strides)
-        self.bh, self.seq_q, self.seq_k, self.heads = bh, seq_q, seq_k, heads
-        self.dq: _Launch | None = None
-        self.dkdv: _Launch | None = None
-        self.sum: _Launch | None = None
-        if n_split > 1:
+        self.kv_const = {name: dict(self.const, N_SPLIT=self.splits[name]) for name in self.candidates}
+        if "fused" in self.candidates:
+            self.kv_const["fused"]["BLOCK_N"] = block_n
+        out_strides = {}
+        for name in self.candidates:
+            if name in parts:
+                part_strides = parts[name].stride()[1:5]
+                out_strides[name] = (*part_strides, *part_strides)
+            else:
+                out_strides[name] = ((0,) + dk.stride()[:3]) + ((0,) + dv.stride()[:3])
+        qkv = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        self.dq_strides = (*qkv, *fp.o_strides, *do.stride()[:3], *dq.stride()[:3])
+        self.dkdv_strides = (*qkv, *do.stride()[:3], *out_strides.get("two_kernel", ()))
+        self.fused_strides = (*qkv, *fp.o_strides, *do.stride()[:3], *dq.stride()[:3],
+                              *out_strides.get("fused", ()))
+        self.launches: dict[str, _Launch] = {}
+        self.sums: dict[str, _Launch] = {}
+        for name, part in parts.items():
             block_d = triton.next_power_of_2(head_dim)
-            block_n = max(16, min(64, 4096 // block_d))
-            sum_kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, N_SPLIT=n_split, ALIGN=align, BLOCK_N=block_n)
-            self.sum = _Launch(_attn_bwd_split_sum_kernel, (triton.cdiv(seq_k, block_n), bh), sum_kwargs)
-            self.sum_strides = (*part.stride()[1:5], *dk.stride()[:3], *dv.stride()[:3])
+            bn = max(16, min(64, 4096 // block_d))
+            sum_kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, N_SPLIT=self.splits[name], ALIGN=align, BLOCK_N=bn)
+            self.sums[name] = _Launch(_attn_bwd_split_sum_kernel, (triton.cdiv(seq_k, bn), bh), sum_kwargs)
+        self.sum_strides = {name: (*part.stride()[1:5], *dk.stride()[:3], *dv.stride()[:3])
+                            for name, part in parts.items()}
+        self.scheme: str | None = None
+        self.scheme_ms: dict[str, float] = {}
+
+    @property
+    def n_split(self) -> int:
+        """The query split of the chosen scheme (1: no partials)."""
+        return self.splits[self.scheme or self.candidates[0]]
 
     def grid_q(self, m: dict) -> tuple[int, int]:
         return (triton.cdiv(self.seq_q, m["BLOCK_M"]), self.bh)
 
     def grid_kv(self, m: dict) -> tuple[int, int]:
-        return (triton.cdiv(self.seq_k, m["BLOCK_N"]) * self.n_split, self.bh)
+        return (triton.cdiv(self.seq_k, m["BLOCK_N"]) * self.splits["two_kernel"], self.bh)
+
+    def grid_fused(self, m: dict) -> tuple[int, int]:
+        return (self.splits["fused"], self.bh)
 
 
 def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _FwdPlan:
@@ -348,6 +425,52 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return o, lse
 
 
+def _run_bwd(bp: _BwdPlan, scheme: str, do, q, k, v, o, lse, scale: float, hd_class: str):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if scheme in bp.part_shape:
+        part = torch.empty(bp.part_shape[scheme], device=q.device, dtype=torch.float32)
+        dk_out, dv_out = part[0], part[1]
+    else:
+        dk_out, dv_out = dk, dv
+    dims = (bp.heads, bp.seq_q, bp.seq_k, scale * LOG2E, scale)
+    launches = bp.launches
+    if scheme == "fused":
+        args = (q, k, v, o, do, lse, dq, dk_out, dv_out, *bp.fused_strides, *dims)
+        if "fused" not in launches:
+            launches["fused"] = _first_launch("fused", hd_class, bp.grid_fused, bp.seq_q, bp.seq_k,
+                                              args, bp.kv_const["fused"])
+        else:
+            launches["fused"](*args)
+    else:
+        delta = torch.empty((bp.bh, bp.seq_q), device=q.device, dtype=torch.float32)
+        # dQ first: it writes delta, which the dK/dV kernel reads (same stream, so ordered)
+        args = (q, k, v, o, do, lse, delta, dq, *bp.dq_strides, *dims)
+        if "dq" not in launches:
+            launches["dq"] = _first_launch("dq", hd_class, bp.grid_q, bp.seq_q, bp.seq_k, args, bp.const)
+        else:
+            launches["dq"](*args)
+        args = (q, k, v, do, lse, delta, dk_out, dv_out, *bp.dkdv_strides, *dims)
+        if "dkdv" not in launches:
+            launches["dkdv"] = _first_launch("dkdv", hd_class, bp.grid_kv, bp.seq_q, bp.seq_k,
+                                             args, bp.kv_const["two_kernel"])
+        else:
+            launches["dkdv"](*args)
+    if scheme in bp.sums:
+        bp.sums[scheme](dk_out, dv_out, dk, dv, *bp.sum_strides[scheme], bp.heads, bp.seq_k)
+    return dq, dk, dv
+
+
+def _time_schemes(device: torch.device) -> bool:
+    # Measuring needs a GPU and is part of tuning: tests (tuning off) take the first candidate.
+    return device.type == "cuda" and _autotune_enabled()
+
+
+def _scheme_ms(fn: Callable[[], Any]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
 def _flash_bwd(do, q, k, v, o, lse, scale: float, plan: _FwdPlan | None = None):
     """Gradients ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``."""
     if plan is None:
@@ -356,29 +479,17 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float, plan: _FwdPlan | None = None):
     bp = plan.bwd.get(do.stride())
     if bp is None:
         bp = plan.bwd[do.stride()] = _BwdPlan(plan, q, k, v, do)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty(plan.lse_shape, device=q.device, dtype=torch.float32)
-    if bp.n_split > 1:
-        part = torch.empty(bp.part_shape, device=q.device, dtype=torch.float32)
-        dk_out, dv_out = part[0], part[1]
-    else:
-        dk_out, dv_out = dk, dv
-    dims = (bp.heads, bp.seq_q, bp.seq_k, scale * LOG2E, scale)
-
-    # dQ first: it writes delta, which the dK/dV kernel reads (same stream, so ordered)
-    args = (q, k, v, o, do, lse, delta, dq, *bp.dq_strides, *dims)
-    if bp.dq is None:
-        bp.dq = _first_launch("dq", plan.hd_class, bp.grid_q, bp.seq_q, bp.seq_k, args, bp.const)
-    else:
-        bp.dq(*args)
-    args = (q, k, v, do, lse, delta, dk_out, dv_out, *bp.dkdv_strides, *dims)
-    if bp.dkdv is None:
-        bp.dkdv = _first_launch("dkdv", plan.hd_class, bp.grid_kv, bp.seq_q, bp.seq_k, args, bp.dkdv_const)
-    else:
-        bp.dkdv(*args)
-    if bp.sum is not None:
-        bp.sum(dk_out, dv_out, dk, dv, *bp.sum_strides, bp.heads, bp.seq_k)
-    return dq, dk, dv
+    if bp.scheme is None:
+        # a plan's first backward: when tuning on a GPU, run every candidate (each tunes its
+        # own tiles on its first call) and keep the fastest; the gradients come from it
+        bp.scheme = bp.candidates[0]
+        if len(bp.candidates) > 1 and _time_schemes(q.device):
+            for name in bp.candidates:
+                _run_bwd(bp, name, do, q, k, v, o, lse, scale, plan.hd_class)
+                bp.scheme_ms[name] = _scheme_ms(
+                    lambda name=name: _run_bwd(bp, name, do, q, k, v, o, lse, scale, plan.hd_class))
+            bp.scheme = min(bp.scheme_ms, key=bp.scheme_ms.get)
+    return _run_bwd(bp, bp.scheme, do, q, k, v, o, lse, scale, plan.hd_class)
 
 
 class FlashAttentionFunction(torch.autograd.Function):

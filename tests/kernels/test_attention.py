@@ -115,7 +115,67 @@ def test_transposed_layout_is_read_in_place():
 def test_dkdv_query_split_partials(monkeypatch):
     # the cross-attention path: several programs share one key block and sum fp32 partials
     monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 3)
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
     check_against_reference(1, 2, 130, 7, 80, torch.float32, seed=5)
+
+
+def _scheme_of(q, k, v) -> str:
+    (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+    return bp.scheme
+
+
+# The fused single-pass backward (all keys in one tile) against the reference, without and
+# with the query-range split (fp32 partials + sum kernel), at both tile-size classes; every
+# case also runs the two-kernel scheme on the same inputs, so both stay covered.
+@pytest.mark.parametrize("scheme", ["fused", "two_kernel"])
+@pytest.mark.parametrize("d,sq,sk,dtype,split", [
+    (40, 130, 77, torch.bfloat16, None), (80, 77, 7, torch.float16, 3),
+    (64, 1, 1, torch.float32, None), (80, 130, 128, torch.float32, 2),
+], ids=["hd40-bf16", "hd80-fp16-split3", "hd64-len1", "hd80-128keys-split2"])
+def test_backward_schemes_match_reference(monkeypatch, scheme, d, sq, sk, dtype, split):
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", scheme)
+    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", split)
+    check_against_reference(1, 2, sq, sk, d, dtype, seed=d + sq + sk)
+    q, k, v, _ = make_inputs(1, 2, sq, sk, d, dtype, seed=d + sq + sk)
+    assert _scheme_of(q, k, v) == scheme
+
+
+def test_backward_scheme_candidates(monkeypatch):
+    # fused only where every key fits one tile of <= 80 columns; it is the untimed default
+    def candidates(sk, d):
+        q, k, v, do = make_inputs(1, 1, 3, sk, d, torch.float32)
+        fwd_bwd(flash_attention, q, k, v, do)
+        (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+        return bp.candidates, bp.scheme
+
+    assert candidates(77, 40) == (["fused", "two_kernel"], "fused")
+    assert candidates(128, 80) == (["fused", "two_kernel"], "fused")
+    assert candidates(129, 40) == (["two_kernel"], "two_kernel")  # 256-key tile
+    assert candidates(64, 160) == (["two_kernel"], "two_kernel")  # hd 160 spills
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "fused")
+    with pytest.raises(ValueError, match="fused backward needs all keys in one tile"):
+        candidates(130, 40)
+
+
+@pytest.mark.parametrize("faster", ["fused", "two_kernel"])
+def test_backward_scheme_timed_choice(monkeypatch, faster):
+    # with timing on (a GPU with tuning), the plan runs each candidate once, times it and
+    # keeps the faster; later calls launch only that scheme's kernels
+    # candidates are timed in order (fused first); a query length per case, so each builds
+    # its own plan (plans are cached per shape across tests)
+    timings = iter({"fused": [1.0, 2.0], "two_kernel": [2.0, 1.0]}[faster])
+    monkeypatch.setattr(attn_mod, "_time_schemes", lambda device: True)
+    monkeypatch.setattr(attn_mod, "_scheme_ms", lambda fn: (fn(), next(timings))[1])
+    sq = {"fused": 9, "two_kernel": 10}[faster]
+    got = check_against_reference(1, 2, sq, 77, 40, torch.float32, seed=13)
+    q, k, v, do = make_inputs(1, 2, sq, 77, 40, torch.float32, seed=13)
+    (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+    assert bp.scheme == faster and set(bp.scheme_ms) == {"fused", "two_kernel"}
+    n0 = attn_mod.launch_count()
+    again = fwd_bwd(flash_attention, q, k, v, do)
+    assert attn_mod.launch_count() - n0 == 1 + (1 if faster == "fused" else 2)
+    for a, b in zip(got, again):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("index", range(4))
@@ -124,7 +184,8 @@ def test_every_tuning_config_is_correct(monkeypatch, index):
     # on a GPU this also proves every candidate compiles
     assert all(len(per_class) == 4 for kind in attn_mod._CONFIGS.values() for per_class in kind.values())
     monkeypatch.setattr(attn_mod, "_FIXED_CONFIG_INDEX", index)
-    for d, sq, sk in ((40, 130, 77), (80, 77, 130), (160, 130, 77)):
+    # 77 keys at hd 40/80: the fused backward's lists; 130 keys and hd 160: two-kernel's
+    for d, sq, sk in ((40, 130, 77), (40, 77, 130), (80, 130, 77), (80, 77, 130), (160, 130, 77)):
         check_against_reference(1, 1, sq, sk, d, torch.float16, seed=index + d)
 
 
@@ -185,6 +246,16 @@ def test_gpu_sd15_shapes_bf16(d, seq_q, seq_k):
     check_against_reference(2, 4, seq_q, seq_k, d, torch.bfloat16, seed=d + seq_q + seq_k)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,seq_q", [(40, 4096), (80, 1024)])
+def test_gpu_sd15_cross_two_kernel_bf16(monkeypatch, d, seq_q):
+    # the cross shapes above take the fused backward (untimed default); the other scheme too
+    if not ON_GPU:
+        pytest.skip("kernels run in the interpreter")
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
+    check_against_reference(2, 4, seq_q, 77, d, torch.bfloat16, seed=d + seq_q)
+
+
 # Length-1 sequences and the GPU's default tiles. On an H200 (Triton 3.6) hd 160 gave wrong
 # dQ at Sk == 1 and wrong dK at Sq == 1: Triton made SEQ_K/SEQ_Q == 1 a compile-time constant,
 # the key/query loop became a folded single trip without the cp.async pipeline, and that
@@ -198,7 +269,8 @@ def test_sequence_lengths_are_not_specialised():
     code = (
         "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
         "from geomerase.kernels import attention_kernels as K\n"
-        "for f in (K._attn_fwd_kernel, K._attn_bwd_dkdv_kernel, K._attn_bwd_dq_kernel, K._attn_bwd_split_sum_kernel):\n"
+        "for f in (K._attn_fwd_kernel, K._attn_bwd_dkdv_kernel, K._attn_bwd_dq_kernel, K._attn_bwd_split_sum_kernel,\n"
+        "          K._attn_bwd_fused_kernel):\n"
         "    flags = {p.name: p.do_not_specialize for p in f.params if p.name.startswith('SEQ_')}\n"
         "    assert flags and all(flags.values()), (f.__name__, flags)\n"
         "print('ok')\n"
@@ -223,10 +295,16 @@ def test_dkdv_split_with_empty_programs(monkeypatch):
     check_against_reference(1, 2, 40, 77, 160, torch.float16, seed=11)
 
 
-def test_launch_counts_and_plan_reuse(monkeypatch):
-    # host overhead: one launch per forward, two per backward (delta is fused into dQ), three
-    # with the dK/dV query split (one sum kernel for both partials); the second call of a
-    # shape reuses its plan (no new cache entries) and gives the same numbers
+@pytest.mark.parametrize("scheme,split,bwd_launches", [
+    ("fused", None, 1), ("fused", 2, 2), ("two_kernel", None, 2), ("two_kernel", 2, 3),
+])
+def test_launch_counts_and_plan_reuse(monkeypatch, scheme, split, bwd_launches):
+    # host overhead: one launch per forward; per backward one (fused), two (two-kernel:
+    # delta is fused into dQ), plus one sum kernel for both fp32 partials with a query
+    # split; the second call of a shape reuses its plan (no new cache entries) and gives
+    # the same numbers
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", scheme)
+    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", split)
     q, k, v, do = make_inputs(1, 2, 7, 77, 64, torch.float32, seed=12)
     first = fwd_bwd(flash_attention, q, k, v, do)
     entries = len(attn_mod._launcher_cache)
@@ -235,12 +313,7 @@ def test_launch_counts_and_plan_reuse(monkeypatch):
     out = flash_attention(*xs)
     assert attn_mod.launch_count() - n0 == 1
     out.backward(do)
-    assert attn_mod.launch_count() - n0 == 3
+    assert attn_mod.launch_count() - n0 == 1 + bwd_launches
     assert len(attn_mod._launcher_cache) == entries
     for a, b in zip(first, [out.detach()] + [t.grad for t in xs]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 2)
-    fwd_bwd(flash_attention, q, k, v, do)
-    n0 = attn_mod.launch_count()
-    fwd_bwd(flash_attention, q, k, v, do)
-    assert attn_mod.launch_count() - n0 == 1 + 3
