@@ -81,7 +81,7 @@ def lower(kind: str, head_dim: int, cfg, dtype: str, even: bool, row_stride: int
     consts = dict(meta, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n, EVEN_M=even, EVEN_N=even_n,
                   ALIGN=A._align(torch.empty(1, 1, 2, row_stride)) if row_stride else 16)
     if kind in ("dkdv", "fused"):
-        consts["N_SPLIT"] = n_split
+        consts.update(N_SPLIT=n_split, FUSED=kind == "fused")
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     t0 = time.time()

@@ -81,11 +81,9 @@ def plain(unet, batch, steps, warmup, device, precision) -> float:
 def zero(unet, batch, steps, warmup, device, precision, stage) -> float:
     import deepspeed
 
-    from geomerase.distributed.deepspeed_engine import ensure_launch_env
+    from geomerase.distributed.deepspeed_engine import init_distributed
 
-    ensure_launch_env()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
     m = UNetLoss(unet)
     cfg = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage, "overlap_comm": device.type == "cuda"},

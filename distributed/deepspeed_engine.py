@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,18 +53,58 @@ def ensure_launch_env() -> None:
                        "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
 
 
-def _warn_stale_build_lock(max_age_s: float = 600) -> None:
-    """DeepSpeed's CPU group JIT-builds ``deepspeed_shm_comm`` once; a build killed midway leaves a
-    ``lock`` file that makes every later run wait forever. Say so instead of hanging silently."""
+def _build_running(folder: Path) -> bool:
+    """Whether some process works inside ``folder`` (torch runs ninja there while building)."""
+    import psutil
+
+    target = folder.resolve()
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd")
+        if cwd and Path(cwd).resolve() == target:
+            return True
+    return False
+
+
+def clear_stale_build_lock(min_age_s: float = 60.0) -> list[Path]:
+    """Remove the ``lock`` an interrupted build of DeepSpeed's ``deepspeed_shm_comm`` op left.
+
+    DeepSpeed's CPU group JIT-builds that op once (torch ``cpp_extension``); the build holds a
+    plain ``lock`` file (no PID), and a build killed midway (a timeout, Ctrl-C) leaves it, so
+    every later run waits on it forever, silently. A lock counts as stale when it is older
+    than ``min_age_s`` and no process has its working directory in the build folder (the
+    compiler runs there). Returns the locks removed; each removal is logged.
+    """
     import time
-    from pathlib import Path
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    removed = []
     for lock in root.glob("**/deepspeed_shm_comm/lock"):
-        if time.time() - lock.stat().st_mtime > max_age_s and not list(lock.parent.glob("*.so")):
-            log.warning("%s is %.0f s old and no extension was built: an interrupted build left it; the op "
-                        "build will wait forever until it is removed (rm it if no build is running)",
-                        lock, time.time() - lock.stat().st_mtime)
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the build finished meanwhile
+            continue
+        if age < min_age_s:
+            continue
+        if _build_running(lock.parent):
+            log.warning("%s: a build is running in that folder (lock %.0f s old); waiting for it", lock, age)
+            continue
+        log.warning("%s: removing a lock %.0f s old that no running build holds (an interrupted build "
+                    "left it; it would make this run wait forever)", lock, age)
+        lock.unlink(missing_ok=True)
+        removed.append(lock)
+    return removed
+
+
+def init_distributed(backend: str) -> None:
+    """Join (or start, as a one-rank group) the process group DeepSpeed uses; ``backend`` is
+    ``nccl`` or ``gloo``. Every DeepSpeed entry point of the project goes through here."""
+    import deepspeed
+
+    ensure_launch_env()
+    if backend == "gloo":
+        clear_stale_build_lock()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -126,12 +167,9 @@ class DeepSpeedBackend(TrainBackend):
                 raise ValueError(f"train.device={want!r} but torch sees no CUDA device")
             self.device = torch.device("cpu")
         backend = self.zc.comm_backend or ("nccl" if use_cuda else "gloo")
-        if not use_cuda:
-            _warn_stale_build_lock()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         deepspeed.utils.logger.setLevel(logging.WARNING)
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        init_distributed(backend)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def setup(self, module: nn.Module, groups: list[dict], params: list[nn.Parameter], tc: Any, lr_lambda) -> None:

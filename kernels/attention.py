@@ -41,7 +41,6 @@ import triton
 from .attention_kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
-    _attn_bwd_fused_kernel,
     _attn_bwd_split_sum_kernel,
     _attn_fwd_kernel,
 )
@@ -111,8 +110,9 @@ _CONFIGS = {
 # 64x64 halves interpreter time vs 32x32 while 77/130-long tests still span several tiles
 _INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 
+# "fused" is the dK/dV kernel in its single-pass mode (FUSED=True), with its own tile lists
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
-            "fused": _attn_bwd_fused_kernel}
+            "fused": _attn_bwd_dkdv_kernel}
 _TUNE_KEY = {
     "fwd": ["SEQ_Q", "SEQ_K", "HEAD_DIM"],
     "dkdv": ["SEQ_Q", "SEQ_K", "HEAD_DIM", "N_SPLIT"],
@@ -353,7 +353,8 @@ class _BwdPlan:
         # forward's value; both are powers of two, so the smaller divides everything)
         align = min(_align(q, k, v, do, dq, dk, dv, *parts.values()), fp.const["ALIGN"])
         self.const = dict(fp.meta, ALIGN=align)
-        self.kv_const = {name: dict(self.const, N_SPLIT=self.splits[name]) for name in self.candidates}
+        self.kv_const = {name: dict(self.const, N_SPLIT=self.splits[name], FUSED=name == "fused")
+                         for name in self.candidates}
         if "fused" in self.candidates:
             self.kv_const["fused"]["BLOCK_N"] = block_n
         out_strides = {}
@@ -365,9 +366,7 @@ class _BwdPlan:
                 out_strides[name] = ((0,) + dk.stride()[:3]) + ((0,) + dv.stride()[:3])
         qkv = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         self.dq_strides = (*qkv, *fp.o_strides, *do.stride()[:3], *dq.stride()[:3])
-        self.dkdv_strides = (*qkv, *do.stride()[:3], *out_strides.get("two_kernel", ()))
-        self.fused_strides = (*qkv, *fp.o_strides, *do.stride()[:3], *dq.stride()[:3],
-                              *out_strides.get("fused", ()))
+        self.kv_strides = {name: (*self.dq_strides, *out_strides[name]) for name in self.candidates}
         self.launches: dict[str, _Launch] = {}
         self.sums: dict[str, _Launch] = {}
         for name, part in parts.items():
@@ -435,7 +434,8 @@ def _run_bwd(bp: _BwdPlan, scheme: str, do, q, k, v, o, lse, scale: float, hd_cl
     dims = (bp.heads, bp.seq_q, bp.seq_k, scale * LOG2E, scale)
     launches = bp.launches
     if scheme == "fused":
-        args = (q, k, v, o, do, lse, dq, dk_out, dv_out, *bp.fused_strides, *dims)
+        # one kernel: dQ and delta come from the same pass (DELTA is unused: lse stands in)
+        args = (q, k, v, o, do, lse, lse, dq, dk_out, dv_out, *bp.kv_strides["fused"], *dims)
         if "fused" not in launches:
             launches["fused"] = _first_launch("fused", hd_class, bp.grid_fused, bp.seq_q, bp.seq_k,
                                               args, bp.kv_const["fused"])
@@ -449,7 +449,7 @@ def _run_bwd(bp: _BwdPlan, scheme: str, do, q, k, v, o, lse, scale: float, hd_cl
             launches["dq"] = _first_launch("dq", hd_class, bp.grid_q, bp.seq_q, bp.seq_k, args, bp.const)
         else:
             launches["dq"](*args)
-        args = (q, k, v, do, lse, delta, dk_out, dv_out, *bp.dkdv_strides, *dims)
+        args = (q, k, v, o, do, lse, delta, dq, dk_out, dv_out, *bp.kv_strides["two_kernel"], *dims)
         if "dkdv" not in launches:
             launches["dkdv"] = _first_launch("dkdv", hd_class, bp.grid_kv, bp.seq_q, bp.seq_k,
                                              args, bp.kv_const["two_kernel"])

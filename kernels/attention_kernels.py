@@ -213,20 +213,32 @@ def _attn_bwd_split_sum_kernel(
 
 @_SEQ_JIT
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
     stride_dks, stride_dkb, stride_dkh, stride_dkn,
     stride_dvs, stride_dvb, stride_dvh, stride_dvn,
     H, SEQ_Q, SEQ_K, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
     MASK_A: tl.constexpr, MASK_B: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, N_SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, N_SPLIT: tl.constexpr, FUSED: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    # A program holds one key/value block and sweeps query blocks, accumulating dK and dV
+    # (fp32 partials when N_SPLIT programs share the key block). Scores are held transposed
+    # (keys x queries), so dK/dV accumulate without a transpose.
+    #
+    # FUSED (the single-pass backward, when BLOCK_N >= SEQ_K: cross-attention's 77 keys):
+    # the block is *every* key, so each swept query block's rows of P and dS are complete
+    # here; the program also derives delta = rowsum(dO * O) and writes dQ = dS K for them
+    # (no atomics: nobody else touches these rows), and no dQ kernel runs. P and dP are then
+    # computed once, not once per kernel. Otherwise delta comes from the dQ kernel (DELTA)
+    # and O/DQ are not touched.
     stride_qb = _hint(stride_qb, ALIGN)
     stride_qh = _hint(stride_qh, ALIGN)
     stride_qm = _hint(stride_qm, ALIGN)
@@ -236,9 +248,15 @@ def _attn_bwd_dkdv_kernel(
     stride_vb = _hint(stride_vb, ALIGN)
     stride_vh = _hint(stride_vh, ALIGN)
     stride_vn = _hint(stride_vn, ALIGN)
+    stride_ob = _hint(stride_ob, ALIGN)
+    stride_oh = _hint(stride_oh, ALIGN)
+    stride_om = _hint(stride_om, ALIGN)
     stride_dob = _hint(stride_dob, ALIGN)
     stride_doh = _hint(stride_doh, ALIGN)
     stride_dom = _hint(stride_dom, ALIGN)
+    stride_dqb = _hint(stride_dqb, ALIGN)
+    stride_dqh = _hint(stride_dqh, ALIGN)
+    stride_dqm = _hint(stride_dqm, ALIGN)
     stride_dks = _hint(stride_dks, ALIGN)
     stride_dkb = _hint(stride_dkb, ALIGN)
     stride_dkh = _hint(stride_dkh, ALIGN)
@@ -249,7 +267,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvn = _hint(stride_dvn, ALIGN)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    pid_n = pid // N_SPLIT
+    pid_n = pid // N_SPLIT  # always 0 when FUSED: the grid is (N_SPLIT, B*H)
     split = pid % N_SPLIT
     b = bh // H
     h = bh % H
@@ -281,6 +299,8 @@ def _attn_bwd_dkdv_kernel(
     m_hi = tl.minimum((split + 1) * per_split * BLOCK_M, n_mblocks * BLOCK_M)
     q_bh = Q + b * stride_qb + h * stride_qh
     do_bh = DO + b * stride_dob + h * stride_doh
+    o_bh = O + b * stride_ob + h * stride_oh
+    dq_bh = DQ + b * stride_dqb + h * stride_dqh
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + offs_mm
         m_ok = offs_m < SEQ_Q
@@ -288,22 +308,35 @@ def _attn_bwd_dkdv_kernel(
         do_rows = do_bh + offs_m[:, None] * stride_dom
         q_a = _load2d(q_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
         do_a = _load2d(do_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
-        if EVEN_M:
-            lse = tl.load(LSE + bh * SEQ_Q + offs_m)
-            delta = tl.load(DELTA + bh * SEQ_Q + offs_m)
-        else:
-            # +inf makes exp2(s - lse) exactly 0 for rows past the end
-            lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * SEQ_Q + offs_m, mask=m_ok, other=0.0)
-        s_t = _mm(k_a, tl.trans(q_a), UPCAST, PREC)
-        dp_t = _mm(v_a, tl.trans(do_a), UPCAST, PREC)
         if HAS_B:
             q_b = _load2d(q_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
             do_b = _load2d(do_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
+        if FUSED:
+            o_rows = o_bh + offs_m[:, None] * stride_om
+            o_a = _load2d(o_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
+            delta = tl.sum(o_a.to(tl.float32) * do_a.to(tl.float32), 1)
+            if HAS_B:
+                o_b = _load2d(o_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
+                delta += tl.sum(o_b.to(tl.float32) * do_b.to(tl.float32), 1)
+        if EVEN_M:
+            lse = tl.load(LSE + bh * SEQ_Q + offs_m)
+            if not FUSED:
+                delta = tl.load(DELTA + bh * SEQ_Q + offs_m)
+        else:
+            # +inf makes exp2(s - lse) exactly 0 for rows past the end
+            lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=m_ok, other=float("inf"))
+            if not FUSED:
+                delta = tl.load(DELTA + bh * SEQ_Q + offs_m, mask=m_ok, other=0.0)
+        s_t = _mm(k_a, tl.trans(q_a), UPCAST, PREC)
+        dp_t = _mm(v_a, tl.trans(do_a), UPCAST, PREC)
+        if HAS_B:
             s_t = _mma(k_b, tl.trans(q_b), s_t, UPCAST, PREC)
             dp_t = _mma(v_b, tl.trans(do_b), dp_t, UPCAST, PREC)
-        # Key rows past SEQ_K are zero, give finite garbage here and are never stored.
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        if FUSED and not EVEN_N:
+            # key rows past SEQ_K are zero-filled (s = 0, p = exp2(-lse) != 0): harmless for
+            # dK/dV (those rows are never stored) but dQ sums over keys
+            p_t = tl.where(n_ok[:, None], p_t, 0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
         p_t = p_t.to(DO.dtype.element_ty)
         dv_a = _mma(p_t, do_a, dv_a, UPCAST, PREC)
@@ -311,6 +344,13 @@ def _attn_bwd_dkdv_kernel(
         if HAS_B:
             dv_b = _mma(p_t, do_b, dv_b, UPCAST, PREC)
             dk_b = _mma(ds_t, q_b, dk_b, UPCAST, PREC)
+        if FUSED:
+            dq_rows = dq_bh + offs_m[:, None] * stride_dqm
+            dq_a = _mm(tl.trans(ds_t), k_a, UPCAST, PREC)
+            _store2d(dq_rows + offs_a[None, :], dq_a * sm_scale, m_ok, a_ok, not EVEN_M, MASK_A)
+            if HAS_B:
+                dq_b = _mm(tl.trans(ds_t), k_b, UPCAST, PREC)
+                _store2d(dq_rows + offs_b[None, :], dq_b * sm_scale, m_ok, b_ok, not EVEN_M, MASK_B)
 
     dk_rows = DK + split * stride_dks + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn
     dv_rows = DV + split * stride_dvs + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
@@ -420,138 +460,3 @@ def _attn_bwd_dq_kernel(
     _store2d(dq_rows + offs_a[None, :], dq_a * sm_scale, m_ok, a_ok, not EVEN_M, MASK_A)
     if HAS_B:
         _store2d(dq_rows + offs_b[None, :], dq_b * sm_scale, m_ok, b_ok, not EVEN_M, MASK_B)
-
-
-@_SEQ_JIT
-def _attn_bwd_fused_kernel(
-    Q, K, V, O, DO, LSE, DQ, DK, DV,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    stride_dks, stride_dkb, stride_dkh, stride_dkn,
-    stride_dvs, stride_dvb, stride_dvh, stride_dvn,
-    H, SEQ_Q, SEQ_K, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-    MASK_A: tl.constexpr, MASK_B: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, N_SPLIT: tl.constexpr,
-    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-):
-    # Single-pass backward for short key lengths (BLOCK_N >= SEQ_K: cross-attention's 77
-    # keys, the 64-token self-attention): a program holds *all* keys and values, so for each
-    # query block it sweeps it owns complete rows of P and dS. It computes P and dP once
-    # (the two-kernel scheme computes both twice), writes dQ directly (no atomics: nobody
-    # else touches these rows), derives delta = rowsum(dO * O) in place (no delta buffer),
-    # and accumulates dK/dV over its query blocks; with N_SPLIT > 1 those are fp32 partials
-    # that _attn_bwd_split_sum_kernel adds up. Scores are held transposed (keys x queries),
-    # so dK/dV accumulate without a transpose and only dQ = dS^T K needs one.
-    stride_qb = _hint(stride_qb, ALIGN)
-    stride_qh = _hint(stride_qh, ALIGN)
-    stride_qm = _hint(stride_qm, ALIGN)
-    stride_kb = _hint(stride_kb, ALIGN)
-    stride_kh = _hint(stride_kh, ALIGN)
-    stride_kn = _hint(stride_kn, ALIGN)
-    stride_vb = _hint(stride_vb, ALIGN)
-    stride_vh = _hint(stride_vh, ALIGN)
-    stride_vn = _hint(stride_vn, ALIGN)
-    stride_ob = _hint(stride_ob, ALIGN)
-    stride_oh = _hint(stride_oh, ALIGN)
-    stride_om = _hint(stride_om, ALIGN)
-    stride_dob = _hint(stride_dob, ALIGN)
-    stride_doh = _hint(stride_doh, ALIGN)
-    stride_dom = _hint(stride_dom, ALIGN)
-    stride_dqb = _hint(stride_dqb, ALIGN)
-    stride_dqh = _hint(stride_dqh, ALIGN)
-    stride_dqm = _hint(stride_dqm, ALIGN)
-    stride_dks = _hint(stride_dks, ALIGN)
-    stride_dkb = _hint(stride_dkb, ALIGN)
-    stride_dkh = _hint(stride_dkh, ALIGN)
-    stride_dkn = _hint(stride_dkn, ALIGN)
-    stride_dvs = _hint(stride_dvs, ALIGN)
-    stride_dvb = _hint(stride_dvb, ALIGN)
-    stride_dvh = _hint(stride_dvh, ALIGN)
-    stride_dvn = _hint(stride_dvn, ALIGN)
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_mm = tl.arange(0, BLOCK_M)
-    offs_a = tl.arange(0, DA)
-    offs_b = DA + tl.arange(0, DB)
-    n_ok = offs_n < SEQ_K
-    a_ok = offs_a < HEAD_DIM
-    b_ok = offs_b < HEAD_DIM
-
-    k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
-    v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
-    k_a = _load2d(k_rows + offs_a[None, :], n_ok, a_ok, not EVEN_N, MASK_A)
-    v_a = _load2d(v_rows + offs_a[None, :], n_ok, a_ok, not EVEN_N, MASK_A)
-    if HAS_B:
-        k_b = _load2d(k_rows + offs_b[None, :], n_ok, b_ok, not EVEN_N, MASK_B)
-        v_b = _load2d(v_rows + offs_b[None, :], n_ok, b_ok, not EVEN_N, MASK_B)
-    dk_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
-    dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
-    dk_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
-    dv_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
-
-    n_mblocks = tl.cdiv(SEQ_Q, BLOCK_M)
-    per_split = tl.cdiv(n_mblocks, N_SPLIT)
-    m_lo = split * per_split * BLOCK_M
-    m_hi = tl.minimum((split + 1) * per_split * BLOCK_M, n_mblocks * BLOCK_M)
-    q_bh = Q + b * stride_qb + h * stride_qh
-    o_bh = O + b * stride_ob + h * stride_oh
-    do_bh = DO + b * stride_dob + h * stride_doh
-    dq_bh = DQ + b * stride_dqb + h * stride_dqh
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        offs_m = start_m + offs_mm
-        m_ok = offs_m < SEQ_Q
-        q_rows = q_bh + offs_m[:, None] * stride_qm
-        o_rows = o_bh + offs_m[:, None] * stride_om
-        do_rows = do_bh + offs_m[:, None] * stride_dom
-        q_a = _load2d(q_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
-        do_a = _load2d(do_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
-        o_a = _load2d(o_rows + offs_a[None, :], m_ok, a_ok, not EVEN_M, MASK_A)
-        delta = tl.sum(o_a.to(tl.float32) * do_a.to(tl.float32), 1)
-        s_t = _mm(k_a, tl.trans(q_a), UPCAST, PREC)
-        dp_t = _mm(v_a, tl.trans(do_a), UPCAST, PREC)
-        if HAS_B:
-            q_b = _load2d(q_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
-            do_b = _load2d(do_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
-            o_b = _load2d(o_rows + offs_b[None, :], m_ok, b_ok, not EVEN_M, MASK_B)
-            delta += tl.sum(o_b.to(tl.float32) * do_b.to(tl.float32), 1)
-            s_t = _mma(k_b, tl.trans(q_b), s_t, UPCAST, PREC)
-            dp_t = _mma(v_b, tl.trans(do_b), dp_t, UPCAST, PREC)
-        if EVEN_M:
-            lse = tl.load(LSE + bh * SEQ_Q + offs_m)
-        else:
-            # +inf makes exp2(s - lse) exactly 0 for query rows past the end
-            lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=m_ok, other=float("inf"))
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-        if not EVEN_N:
-            # key rows past SEQ_K are zero-filled (s = 0, p = exp2(-lse) != 0): they must
-            # not leak into dQ, which sums over keys here
-            p_t = tl.where(n_ok[:, None], p_t, 0.0)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
-        p_t = p_t.to(DO.dtype.element_ty)
-        dv_a = _mma(p_t, do_a, dv_a, UPCAST, PREC)
-        dk_a = _mma(ds_t, q_a, dk_a, UPCAST, PREC)
-        dq_a = _mm(tl.trans(ds_t), k_a, UPCAST, PREC)
-        dq_rows = dq_bh + offs_m[:, None] * stride_dqm
-        _store2d(dq_rows + offs_a[None, :], dq_a * sm_scale, m_ok, a_ok, not EVEN_M, MASK_A)
-        if HAS_B:
-            dv_b = _mma(p_t, do_b, dv_b, UPCAST, PREC)
-            dk_b = _mma(ds_t, q_b, dk_b, UPCAST, PREC)
-            dq_b = _mm(tl.trans(ds_t), k_b, UPCAST, PREC)
-            _store2d(dq_rows + offs_b[None, :], dq_b * sm_scale, m_ok, b_ok, not EVEN_M, MASK_B)
-
-    dk_rows = DK + split * stride_dks + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn
-    dv_rows = DV + split * stride_dvs + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
-    _store2d(dk_rows + offs_a[None, :], dk_a * sm_scale, n_ok, a_ok, not EVEN_N, MASK_A)
-    _store2d(dv_rows + offs_a[None, :], dv_a, n_ok, a_ok, not EVEN_N, MASK_A)
-    if HAS_B:
-        _store2d(dk_rows + offs_b[None, :], dk_b * sm_scale, n_ok, b_ok, not EVEN_N, MASK_B)
-        _store2d(dv_rows + offs_b[None, :], dv_b, n_ok, b_ok, not EVEN_N, MASK_B)

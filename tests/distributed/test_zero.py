@@ -133,3 +133,33 @@ def test_deepspeed_config_generation_and_errors(tmp_path):
                  "sd15_h100_zero2", "sd15_h100_zero3"):
         c = load_config(RunConfig, ROOT / "configs" / f"{name}.yaml")
         assert c.train.backend == "deepspeed", name
+
+
+def test_stale_build_lock_is_removed_and_a_running_build_is_not(tmp_path, monkeypatch):
+    # A build of DeepSpeed's CPU comm op killed midway leaves `lock`; torch would wait on it
+    # forever (a gpu_check dry run hung this way). Old and unheld: removed. Young, or with a
+    # process working in the build folder (as ninja does): kept.
+    import os
+
+    from geomerase.distributed.deepspeed_engine import clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.touch()
+    assert clear_stale_build_lock(min_age_s=60) == [] and lock.exists()  # young: a build may be starting
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=folder)
+    try:
+        deadline = time.time() + 10
+        import psutil
+
+        while psutil.Process(builder.pid).cwd() != str(folder.resolve()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert clear_stale_build_lock(min_age_s=60) == [] and lock.exists()  # a build is running there
+    finally:
+        builder.kill()
+        builder.wait()
+    assert clear_stale_build_lock(min_age_s=60) == [lock] and not lock.exists()
