@@ -18,8 +18,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,31 +27,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from geomerase.distributed.launch import rank_env, sigkill_tree, torchrun_cmd
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "geomerase" / "torch_extensions"))
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _cmd(nproc: int, config: str, overrides: list[str], resume: bool = False) -> list[str]:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_port()), "-m", "geomerase.train"] if nproc > 1 else [sys.executable, "-m", "geomerase.train"])
-    return [*launch, "--no-progress", "--config", config, *(["--resume", "latest"] if resume else []), *overrides]
+    return torchrun_cmd(nproc, ["--no-progress", "--config", config, *(["--resume", "latest"] if resume else []),
+                                *overrides])
 
 
 def _run(cmd: list[str]) -> float:
     t = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, env=rank_env(), capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return time.time() - t
@@ -84,36 +70,8 @@ def _compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (torchrun's workers may sit in their own process group)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def sigkill_tree(pid: int) -> list[int]:
-    """SIGKILL ``pid`` and all its descendants, by PID; returns the PIDs signalled."""
-    victims = [pid, *_descendants(pid)]
-    for v in victims:
-        try:
-            os.kill(v, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return victims
-
-
 def _kill_after(cmd: list[str], out: Path, step: int) -> dict:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     target = out / "checkpoints" / f"step-{step:06d}"
     while not target.is_dir() and proc.poll() is None:

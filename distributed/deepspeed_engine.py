@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,64 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from geomerase.core.backend import EmaLike, TrainBackend
+from geomerase.distributed.launch import clear_stale_build_lock, ensure_launch_env
 
 log = logging.getLogger("geomerase.deepspeed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_launch_env() -> None:
-    """A single process started without a launcher gets a one-rank group (DeepSpeed would look for MPI)."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
-
-
-def _build_running(folder: Path) -> bool:
-    """Whether some process works inside ``folder`` (torch runs ninja there while building)."""
-    import psutil
-
-    target = folder.resolve()
-    for proc in psutil.process_iter(["cwd"]):
-        cwd = proc.info.get("cwd")
-        if cwd and Path(cwd).resolve() == target:
-            return True
-    return False
-
-
-def clear_stale_build_lock(min_age_s: float = 60.0) -> list[Path]:
-    """Remove the ``lock`` an interrupted build of DeepSpeed's ``deepspeed_shm_comm`` op left.
-
-    DeepSpeed's CPU group JIT-builds that op once (torch ``cpp_extension``); the build holds a
-    plain ``lock`` file (no PID), and a build killed midway (a timeout, Ctrl-C) leaves it, so
-    every later run waits on it forever, silently. A lock counts as stale when it is older
-    than ``min_age_s`` and no process has its working directory in the build folder (the
-    compiler runs there). Returns the locks removed; each removal is logged.
-    """
-    import time
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    removed = []
-    for lock in root.glob("**/deepspeed_shm_comm/lock"):
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:  # the build finished meanwhile
-            continue
-        if age < min_age_s:
-            continue
-        if _build_running(lock.parent):
-            log.warning("%s: a build is running in that folder (lock %.0f s old); waiting for it", lock, age)
-            continue
-        log.warning("%s: removing a lock %.0f s old that no running build holds (an interrupted build "
-                    "left it; it would make this run wait forever)", lock, age)
-        lock.unlink(missing_ok=True)
-        removed.append(lock)
-    return removed
 
 
 def init_distributed(backend: str) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 pytest.importorskip("ray")
 
 from geomerase.data.icd import build_icd  # noqa: E402
+from geomerase.distributed.launch import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -24,12 +24,6 @@ BIN = Path(sys.executable).parent
 # default suite. GEOMERASE_SKIP_RAY_CLUSTER=1 skips it.
 pytestmark = [pytest.mark.skipif(os.environ.get("GEOMERASE_SKIP_RAY_CLUSTER") == "1",
                                  reason="GEOMERASE_SKIP_RAY_CLUSTER=1")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _TOKEN = secrets.token_hex(32)
@@ -45,7 +39,7 @@ def head_node(tmp_path):
     ray_cli = BIN / "ray"
     if not ray_cli.exists():
         pytest.skip(f"no 'ray' command beside {sys.executable}")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **_auth_env())
     log = open(tmp_path / "head.log", "wb")
     proc = subprocess.Popen([str(ray_cli), "start", "--head", f"--port={port}", "--num-cpus=2",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +14,8 @@ pytest.importorskip("deepspeed")
 from geomerase.core.config import ConfigError, load_config  # noqa: E402
 from geomerase.core.trainer import RunConfig, Trainer  # noqa: E402
 
-from zero_launch import ROOT, free_port, rank_env, sigkill_tree, torchrun  # noqa: E402
+from geomerase.distributed.launch import torchrun_cmd  # noqa: E402
+from zero_launch import ROOT, rank_env, sigkill_tree, torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,8 @@ def test_zero2_two_ranks_match_single_process_and_resume_after_sigkill(zero_icd,
 
     # Kill both ranks (and the launcher) with SIGKILL once the step-2 checkpoint exists, resume.
     part = tmp_path / "part"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "geomerase.train", "--no-progress", "--config", "configs/tiny_cpu_zero2.yaml",
-           *_overrides(zero_icd, part, "train.max_steps=6", "train.save_every=2")]
+    cmd = torchrun_cmd(2, ["--no-progress", "--config", "configs/tiny_cpu_zero2.yaml",
+                           *_overrides(zero_icd, part, "train.max_steps=6", "train.save_every=2")])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -134,32 +133,3 @@ def test_deepspeed_config_generation_and_errors(tmp_path):
         c = load_config(RunConfig, ROOT / "configs" / f"{name}.yaml")
         assert c.train.backend == "deepspeed", name
 
-
-def test_stale_build_lock_is_removed_and_a_running_build_is_not(tmp_path, monkeypatch):
-    # A build of DeepSpeed's CPU comm op killed midway leaves `lock`; torch would wait on it
-    # forever (a gpu_check dry run hung this way). Old and unheld: removed. Young, or with a
-    # process working in the build folder (as ninja does): kept.
-    import os
-
-    from geomerase.distributed.deepspeed_engine import clear_stale_build_lock
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
-    folder.mkdir(parents=True)
-    lock = folder / "lock"
-    lock.touch()
-    assert clear_stale_build_lock(min_age_s=60) == [] and lock.exists()  # young: a build may be starting
-    old = time.time() - 3600
-    os.utime(lock, (old, old))
-    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=folder)
-    try:
-        deadline = time.time() + 10
-        import psutil
-
-        while psutil.Process(builder.pid).cwd() != str(folder.resolve()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert clear_stale_build_lock(min_age_s=60) == [] and lock.exists()  # a build is running there
-    finally:
-        builder.kill()
-        builder.wait()
-    assert clear_stale_build_lock(min_age_s=60) == [lock] and not lock.exists()
