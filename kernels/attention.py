@@ -20,7 +20,9 @@ Design choices (the why):
   queries for dK/dV. ``fused``, when all keys fit one tile (cross-attention's 77, the
   64-token level): one program holds every key, computes P and dS once per query block
   and writes dQ, dK and dV; five matmuls instead of seven, one launch instead of two. On a
-  GPU with tuning on, a plan times both on its first backward and keeps the faster.
+  GPU with tuning on, a plan times both on its first backward and keeps the faster of
+  those whose gradients agree with ``two_kernel`` (a miscompiled variant never wins).
+* ``torch.library`` registration for ``torch.compile``: ``attention_op.py``.
 * Host cost: the small SD shapes take ~10 µs of GPU work, so the Python side matters. All
   per-shape launch metadata (head chunks, alignment, split, strides, grid, the chosen
   config) lives in a plan keyed by shapes/strides/dtype/device; after a plan's first call
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -480,16 +483,36 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float, plan: _FwdPlan | None = None):
     if bp is None:
         bp = plan.bwd[do.stride()] = _BwdPlan(plan, q, k, v, do)
     if bp.scheme is None:
-        # a plan's first backward: when tuning on a GPU, run every candidate (each tunes its
-        # own tiles on its first call) and keep the fastest; the gradients come from it
-        bp.scheme = bp.candidates[0]
-        if len(bp.candidates) > 1 and _time_schemes(q.device):
-            for name in bp.candidates:
-                _run_bwd(bp, name, do, q, k, v, o, lse, scale, plan.hd_class)
-                bp.scheme_ms[name] = _scheme_ms(
-                    lambda name=name: _run_bwd(bp, name, do, q, k, v, o, lse, scale, plan.hd_class))
-            bp.scheme = min(bp.scheme_ms, key=bp.scheme_ms.get)
+        bp.scheme = _choose_scheme(bp, do, q, k, v, o, lse, scale, plan.hd_class)
     return _run_bwd(bp, bp.scheme, do, q, k, v, o, lse, scale, plan.hd_class)
+
+
+# Relative (Frobenius) gradient difference beyond which two schemes disagree. Both round
+# P and dS to the input dtype the same way and accumulate in fp32, differing only in
+# summation order (~1e-3 in bf16); a miscompiled variant is off by O(0.1-1).
+_SCHEME_AGREE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _choose_scheme(bp: _BwdPlan, do, q, k, v, o, lse, scale: float, hd_class: str) -> str:
+    """A plan's first backward: with timing (a GPU with tuning on), run every candidate (each
+    tunes its own tiles on its first call), check it against ``two_kernel`` and keep the
+    fastest that agrees; otherwise the first candidate."""
+    if len(bp.candidates) == 1 or not _time_schemes(q.device):
+        return bp.candidates[0]
+    grads = {}
+    for name in bp.candidates:
+        grads[name] = _run_bwd(bp, name, do, q, k, v, o, lse, scale, hd_class)
+        bp.scheme_ms[name] = _scheme_ms(lambda name=name: _run_bwd(bp, name, do, q, k, v, o, lse, scale, hd_class))
+    base, tol = grads["two_kernel"], _SCHEME_AGREE[q.dtype]
+    for name in bp.candidates:
+        diff = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                   for a, b in zip(grads[name], base))
+        if diff > tol:  # a wrong kernel must not win on speed: drop it, loudly
+            warnings.warn(f"flash_attention: the {name!r} backward disagrees with 'two_kernel' by {diff:.2e} "
+                          f"(relative, > {tol:g}) for q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype}; not used",
+                          RuntimeWarning, stacklevel=3)
+            bp.scheme_ms[name] = float("inf")
+    return min(bp.scheme_ms, key=bp.scheme_ms.get)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
@@ -542,53 +565,3 @@ def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with torch.no_grad():
         o, lse = _flash_fwd(q, k, v, scale)
     return o, (lse / LOG2E).view(q.shape[0], q.shape[1], q.shape[2])
-
-
-_LIBRARY_OP = None
-
-
-def register_flash_attention_op(name: str = "geomerase::flash_attention"):
-    """Register the kernel as a ``torch.library`` custom op (for ``torch.compile`` graphs).
-
-    Returns a callable ``op(q, k, v, scale)`` backed by ``torch.ops``; idempotent.
-    """
-    global _LIBRARY_OP
-    if _LIBRARY_OP is not None:
-        return _LIBRARY_OP
-
-    @torch.library.custom_op(name + "_fwd", mutates_args=())
-    def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _flash_fwd(q, k, v, scale)
-
-    @_fwd.register_fake
-    def _(q, k, v, scale):
-        return torch.empty_like(q), q.new_empty((q.shape[0] * q.shape[1], q.shape[2]), dtype=torch.float32)
-
-    @torch.library.custom_op(name + "_bwd", mutates_args=())
-    def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _flash_bwd(do, q, k, v, o, lse, scale)
-
-    @_bwd.register_fake
-    def _(do, q, k, v, o, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-
-    def backward(ctx, do, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    _fwd.register_autograd(backward, setup_context=setup_context)
-
-    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        q, k, v, scale, _ = _prepare(q, k, v, scale)
-        return _fwd(q, k, v, scale)[0]
-
-    _LIBRARY_OP = op
-    return op

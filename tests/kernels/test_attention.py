@@ -294,6 +294,27 @@ def test_dkdv_split_with_empty_programs(monkeypatch):
     check_against_reference(1, 2, 40, 77, 160, torch.float16, seed=11)
 
 
+def test_backward_scheme_that_disagrees_is_not_chosen(monkeypatch):
+    # A miscompiled scheme (here: fused with dQ doubled) must lose even when it times faster.
+    run = attn_mod._run_bwd
+
+    def broken(bp, scheme, *args):
+        dq, dk, dv = run(bp, scheme, *args)
+        return (dq * 2, dk, dv) if scheme == "fused" else (dq, dk, dv)
+
+    monkeypatch.setattr(attn_mod, "_run_bwd", broken)
+    monkeypatch.setattr(attn_mod, "_time_schemes", lambda device: True)
+    timings = iter([1.0, 2.0])  # fused "faster"
+    monkeypatch.setattr(attn_mod, "_scheme_ms", lambda fn: (fn(), next(timings))[1])
+    q, k, v, do = make_inputs(1, 2, 11, 77, 40, torch.float32, seed=14)
+    with pytest.warns(RuntimeWarning, match="'fused' backward disagrees with 'two_kernel'"):
+        got = fwd_bwd(flash_attention, q, k, v, do)
+    (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+    assert bp.scheme == "two_kernel" and bp.scheme_ms["fused"] == float("inf")
+    exact = fwd_bwd(attention_ref, q, k, v, do, dtype=torch.float64)
+    assert rel_err(got[1], exact[1]) < 1e-5  # dQ from the scheme that was kept
+
+
 @pytest.mark.parametrize("scheme,split,bwd_launches", [
     ("fused", None, 1), ("fused", 2, 2), ("two_kernel", None, 2), ("two_kernel", 2, 3),
 ])
