@@ -29,6 +29,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 NAN = float("nan")
+# Triton with one backward scheme forced; measured only on shapes that have both
+# (cross-attention at hd 40/80), next to "triton" (the plan's own timed choice)
+TRITON_SCHEMES = {"triton-fused": "fused", "triton-two_kernel": "two_kernel"}
 
 # (name, heads, Sq, Sk, head_dim)
 SD15_SHAPES = [
@@ -61,6 +64,17 @@ def make_backend(name: str):
     if name == "triton":
         from geomerase.kernels import flash_attention
         return flash_attention
+    if name in TRITON_SCHEMES:
+        # one backward scheme forced: the plan built by this forward keeps it for its backward
+        from geomerase.kernels import attention as A
+
+        def run(q, k, v):
+            A._BWD_SCHEME_OVERRIDE = TRITON_SCHEMES[name]
+            try:
+                return A.flash_attention(q, k, v)
+            finally:
+                A._BWD_SCHEME_OVERRIDE = None
+        return run
     if name in SDPA_BACKENDS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         kind = getattr(SDPBackend, SDPA_BACKENDS[name])
@@ -87,7 +101,16 @@ def backend_names() -> list[str]:
             names.append("xformers")
     except Exception:
         pass
-    return names
+    return [*names, *TRITON_SCHEMES]
+
+
+def _has_scheme_choice(shape) -> bool:
+    """Whether the Triton backward has two schemes for this shape (all keys fit one tile)."""
+    from geomerase.kernels import attention as A
+
+    _, _, _, sk, d = shape
+    _, meta = A._head_meta(d, torch.bfloat16)
+    return A._fused_block_n(sk, meta["DA"] + (meta["DB"] if meta["HAS_B"] else 0)) is not None
 
 
 def _inputs(b, h, sq, sk, d, dtype, device, layout, seed=0):
@@ -283,6 +306,8 @@ def main(argv=None) -> int:
     stem = args.name or ("attention_tiny" if tiny else "attention")
     for shape in shapes:
         for name in names:
+            if name in TRITON_SCHEMES and not _has_scheme_choice(shape):
+                continue
             over = args.budget_s and time.monotonic() - t_start > args.budget_s
             fn = None
             if over:

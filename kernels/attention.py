@@ -313,6 +313,9 @@ class _FwdPlan:
         self.const = dict(self.meta, ALIGN=_align(q, k, v, o))
         self.launch: _Launch | None = None
         self.bwd: dict[tuple[int, ...], _BwdPlan] = {}
+        # the forced backward scheme (if any) belongs to the plan, not to the moment the
+        # backward runs: the forward's plan key already holds it (``_mode``)
+        self.bwd_override = _BWD_SCHEME_OVERRIDE
 
     def grid(self, m: dict) -> tuple[int, int]:
         return (triton.cdiv(self.seq_q, m["BLOCK_M"]), self.lse_shape[0])
@@ -331,13 +334,14 @@ class _BwdPlan:
         self.bh, self.seq_q, self.seq_k, self.heads = bh, seq_q, seq_k, heads
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         block_n = _fused_block_n(seq_k, fp.width)
-        if _BWD_SCHEME_OVERRIDE is not None:
-            if _BWD_SCHEME_OVERRIDE not in ("fused", "two_kernel"):
-                raise ValueError(f"unknown backward scheme {_BWD_SCHEME_OVERRIDE!r}")
-            if _BWD_SCHEME_OVERRIDE == "fused" and block_n is None:
+        forced = fp.bwd_override
+        if forced is not None:
+            if forced not in ("fused", "two_kernel"):
+                raise ValueError(f"unknown backward scheme {forced!r}")
+            if forced == "fused" and block_n is None:
                 raise ValueError(f"the fused backward needs all keys in one tile (<= {_FUSED_MAX_KEYS} keys, "
                                  f"<= {_FUSED_MAX_WIDTH} columns); got Sk={seq_k} at hd {head_dim}")
-            self.candidates = [_BWD_SCHEME_OVERRIDE]
+            self.candidates = [forced]
         else:
             # without timing, fused wins by construction: fewer launches and matmuls
             self.candidates = ["fused", "two_kernel"] if block_n is not None else ["two_kernel"]

@@ -140,6 +140,21 @@ def test_backward_schemes_match_reference(monkeypatch, scheme, d, sq, sk, dtype,
     assert _scheme_of(q, k, v) == scheme
 
 
+def test_forced_scheme_belongs_to_the_forward_plan(monkeypatch):
+    # a benchmark forces a scheme around the forward call only; the backward that autograd
+    # runs later (override already reset) must still use it
+    q, k, v, do = make_inputs(1, 2, 5, 77, 40, torch.float32, seed=15)
+    xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
+    out = flash_attention(*xs)
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", None)
+    n0 = attn_mod.launch_count()
+    out.backward(do)
+    assert attn_mod.launch_count() - n0 == 2  # dQ + dK/dV, not the fused single launch
+    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
+    assert _scheme_of(q, k, v) == "two_kernel"
+
+
 def test_backward_scheme_candidates(monkeypatch):
     # fused only where every key fits one tile of <= 80 columns; it is the untimed default
     def candidates(sk, d):
