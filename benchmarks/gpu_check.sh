@@ -83,7 +83,7 @@ XDIST=()
 if [ "$HAS_GPU" = 1 ] && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 12); fi  # compiles are CPU-bound
 
 # ---- 2. correctness on the GPU (compiled kernels)
-run_stage tests 125 env GEOMERASE_FLASH_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
+run_stage tests 135 env GEOMERASE_FLASH_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
   tests/kernels/test_attention.py tests/kernels/test_loc_embedding.py tests/core/test_attention_dispatch.py
 
 # ---- 3./4. benchmarks (bench_attention rewrites its files after every shape)
@@ -94,7 +94,7 @@ if [ "$HAS_GPU" = 1 ]; then
   # reuses bench-attn's compiled kernels (tunes again: the on-disk autotune cache is not used,
   # one knob less that could break the main numbers); small shapes first, budget-capped
   run_stage profile-attn 45 "$PY" -m geomerase.benchmarks.profile_attention --out "$OUT" --budget-s 28
-  run_stage bench-emb 35 "$PY" -m geomerase.benchmarks.bench_loc_embedding --out "$OUT"
+  run_stage bench-emb 25 "$PY" -m geomerase.benchmarks.bench_loc_embedding --out "$OUT"
 else
   run_stage bench-attn 120 "$PY" -m geomerase.benchmarks.bench_attention --tiny --out "$OUT"
   # no GPU: Triton launches mocked, the wrapper's host cost per SD shape (two shapes, batch 1)
