@@ -106,7 +106,8 @@ class PatchClassifierDetector(Detector):
     def detect_batch(self, images: Sequence[Image.Image], metas: Sequence[dict | None]) -> list[list[Detection]]:
         res = self.classifier.cfg.resolution
         x = torch.stack([image_to_tensor(im, res) for im in images]).float() / 127.5 - 1
-        probs = self.classifier.cell_probs(x)
+        with torch.no_grad():  # a user-supplied module's cell_probs may not disable autograd itself
+            probs = self.classifier.cell_probs(x)
         return [self._boxes(p, im.size[0], im.size[1]) for p, im in zip(probs, images)]
 
 
