@@ -56,13 +56,24 @@ def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig) -> dict[str, dict
     return out
 
 
-def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int) -> dict[str, Any]:
+def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int,
+                      thresholds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Cell- and image-level precision/recall of patch classifier ``pc`` against the ground
+    truth of ``ds``, on clean and on degraded images, at each named decision threshold
+    (default ``{"": pc.threshold}``). The scan runs once; only the threshold differs."""
     enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=pc.cfg.overlap_threshold))
     true = [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(ds.metas, ds.sizes)]
-    clean, deg = pc.cells(as_float(ds.images)), pc.cells(degraded(ds.images, seed=seed))
-    return {"cells_clean": cell_precision_recall(clean, true), "cells_degraded": cell_precision_recall(deg, true),
-            "images_clean": binary_pr([bool(x) for x in clean], [bool(x) for x in true]),
-            "images_degraded": binary_pr([bool(x) for x in deg], [bool(x) for x in true])}
+    probs = {"clean": pc.cell_probs(as_float(ds.images)).flatten(1),
+             "degraded": pc.cell_probs(degraded(ds.images, seed=seed)).flatten(1)}
+    out = {}
+    for name, thr in (thresholds or {"": pc.threshold}).items():
+        q = {}
+        for kind, p in probs.items():
+            cells = [torch.nonzero(row >= thr).flatten().tolist() for row in p]  # as PatchClassifier.cells
+            q[f"cells_{kind}"] = cell_precision_recall(cells, true)
+            q[f"images_{kind}"] = binary_pr([bool(x) for x in cells], [bool(x) for x in true])
+        out[name] = {k: q[k] for k in ("cells_clean", "cells_degraded", "images_clean", "images_degraded")}
+    return out
 
 
 def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
@@ -79,16 +90,18 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
     want_sh = labels_to_index([m["attributes"]["shape"] for m in ref.metas[:n]], list(SHAPES), "held-out")
     g = cfg.grid
     held = InMemoryDataset(lay.glob(f"{c}_heldout", c), scorer.cfg.resolution)
-    quality = {"scorer_f1": _detector_quality(scorer, held, g, cfg.seed + 7),
-               "annotator": _detector_quality(annotator, held, g, cfg.seed + 7)}
     thresholds = scorer_thresholds(scorer, lay, cfg)
+    # scorer sensitivity at each threshold: real concept images (degraded like samples) it still finds
+    at = _detector_quality(scorer, held, g, cfg.seed + 7, {
+        "scorer_f1": scorer.threshold,
+        **{"scorer" if p == "heldout" else f"scorer_{p}": thresholds[p]["threshold"] for p in PROMPT_SETS}})
+    quality = {"scorer_f1": at.pop("scorer_f1"), "annotator": _detector_quality(annotator, held, g, cfg.seed + 7)[""],
+               **at}
     scores: dict[str, dict[str, Any]] = {}
     images: dict[str, dict[str, torch.Tensor]] = {}
     cells_of: dict[str, dict[str, list[list[int]]]] = {}
     for pset in PROMPT_SETS:
         scorer.cfg.decision_threshold = thresholds[pset]["threshold"]
-        # Sensitivity at this threshold: real concept images (degraded like samples) it still finds.
-        quality["scorer" if pset == "heldout" else f"scorer_{pset}"] = _detector_quality(scorer, held, g, cfg.seed + 7)
         scores[pset], images[pset], cells_of[pset] = {}, {}, {}
         for arm in ARMS:
             imgs = _load(lay, c, arm, pset)
