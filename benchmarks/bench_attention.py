@@ -109,8 +109,7 @@ def _has_scheme_choice(shape) -> bool:
     from geomerase.kernels import attention as A
 
     _, _, _, sk, d = shape
-    _, meta = A._head_meta(d, torch.bfloat16)
-    return A._fused_block_n(sk, meta["DA"] + (meta["DB"] if meta["HAS_B"] else 0)) is not None
+    return A._fused_block_n(sk, d) is not None
 
 
 def _inputs(b, h, sq, sk, d, dtype, device, layout, seed=0):

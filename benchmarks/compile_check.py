@@ -77,7 +77,7 @@ def lower(kind: str, head_dim: int, cfg, dtype: str, even: bool, row_stride: int
             attrs[(i,)] = [["tt.divisibility", 16]]
     block_n, even_n = cfg.kwargs.get("BLOCK_N"), even
     if kind == "fused":  # every key in one tile: SD-1.5's cross-attention, 77 keys
-        block_n, even_n = A._fused_block_n(77, meta["DA"] + meta["DB"] * meta["HAS_B"]), False
+        block_n, even_n = A._fused_block_n(77, head_dim), False
     consts = dict(meta, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n, EVEN_M=even, EVEN_N=even_n,
                   ALIGN=A._align(torch.empty(1, 1, 2, row_stride)) if row_stride else 16)
     if kind in ("dkdv", "fused"):

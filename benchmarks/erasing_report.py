@@ -65,14 +65,13 @@ def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int,
     true = [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(ds.metas, ds.sizes)]
     probs = {"clean": pc.cell_probs(as_float(ds.images)).flatten(1),
              "degraded": pc.cell_probs(degraded(ds.images, seed=seed)).flatten(1)}
+    has = [bool(x) for x in true]
     out = {}
     for name, thr in (thresholds or {"": pc.threshold}).items():
-        q = {}
-        for kind, p in probs.items():
-            cells = [torch.nonzero(row >= thr).flatten().tolist() for row in p]  # as PatchClassifier.cells
-            q[f"cells_{kind}"] = cell_precision_recall(cells, true)
-            q[f"images_{kind}"] = binary_pr([bool(x) for x in cells], [bool(x) for x in true])
-        out[name] = {k: q[k] for k in ("cells_clean", "cells_degraded", "images_clean", "images_degraded")}
+        # as PatchClassifier.cells, at this threshold
+        cells = {kind: [torch.nonzero(row >= thr).flatten().tolist() for row in p] for kind, p in probs.items()}
+        out[name] = {**{f"cells_{kind}": cell_precision_recall(c, true) for kind, c in cells.items()},
+                     **{f"images_{kind}": binary_pr([bool(x) for x in c], has) for kind, c in cells.items()}}
     return out
 
 

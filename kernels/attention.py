@@ -17,8 +17,8 @@ Design choices (the why):
 * Backward has two atomic-free schemes. ``two_kernel``: one kernel owns a query block and
   sweeps the keys for dQ, computing ``delta = rowsum(dO * O)`` for its rows in its prologue
   (no separate launch); the other, launched after it, owns a key block and sweeps the
-  queries for dK/dV. ``fused``, when all keys fit one tile (cross-attention's 77, the
-  64-token level): one program holds every key, computes P and dS once per query block
+  queries for dK/dV. ``fused``, when all keys fit one tile (cross-attention's 77 keys at
+  hd <= 80): one program holds every key, computes P and dS once per query block
   and writes dQ, dK and dV; five matmuls instead of seven, one launch instead of two. On a
   GPU with tuning on, a plan times both on its first backward and keeps the faster of
   those whose gradients agree with ``two_kernel`` (a miscompiled variant never wins).
@@ -206,8 +206,10 @@ def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * sms, programs), seq_q // 256, 16))
 
 
-def _fused_block_n(seq_k: int, width: int) -> int | None:
+def _fused_block_n(seq_k: int, head_dim: int) -> int | None:
     """Key tile of the fused backward (all keys in one), or None when they do not fit."""
+    meta = _head_meta(head_dim, torch.float32)[1]
+    width = meta["DA"] + (meta["DB"] if meta["HAS_B"] else 0)  # columns of MMA work
     block_n = max(16, triton.next_power_of_2(seq_k))
     return block_n if block_n <= _FUSED_MAX_KEYS and width <= _FUSED_MAX_WIDTH else None
 
@@ -305,7 +307,6 @@ class _FwdPlan:
         self.head_dim, self.heads, self.seq_q, self.seq_k = head_dim, heads, seq_q, seq_k
         self.default_scale = 1.0 / math.sqrt(head_dim)
         self.hd_class, self.meta = _head_meta(head_dim, q.dtype)
-        self.width = self.meta["DA"] + (self.meta["DB"] if self.meta["HAS_B"] else 0)
         o = torch.empty_like(q)  # what every call's empty_like(q) will give: same strides
         self.o_strides = o.stride()[:3]
         self.lse_shape = (bsz * heads, seq_q)
@@ -333,7 +334,7 @@ class _BwdPlan:
         seq_k, bh = fp.seq_k, bsz * heads
         self.bh, self.seq_q, self.seq_k, self.heads = bh, seq_q, seq_k, heads
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        block_n = _fused_block_n(seq_k, fp.width)
+        block_n = _fused_block_n(seq_k, head_dim)
         forced = fp.bwd_override
         if forced is not None:
             if forced not in ("fused", "two_kernel"):
@@ -431,6 +432,16 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return o, lse
 
 
+def _launch(store: dict[str, _Launch], kind: str, hd_class: str, grid_of: Callable[[dict], tuple[int, int]],
+            seq_q: int, seq_k: int, args: tuple, const: dict[str, Any]) -> None:
+    """Launch kernel ``kind`` through its frozen plan entry in ``store``, making it on first use."""
+    launch = store.get(kind)
+    if launch is None:
+        store[kind] = _first_launch(kind, hd_class, grid_of, seq_q, seq_k, args, const)
+    else:
+        launch(*args)
+
+
 def _run_bwd(bp: _BwdPlan, scheme: str, do, q, k, v, o, lse, scale: float, hd_class: str):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if scheme in bp.part_shape:
@@ -439,29 +450,18 @@ def _run_bwd(bp: _BwdPlan, scheme: str, do, q, k, v, o, lse, scale: float, hd_cl
     else:
         dk_out, dv_out = dk, dv
     dims = (bp.heads, bp.seq_q, bp.seq_k, scale * LOG2E, scale)
-    launches = bp.launches
+    sizes = (bp.seq_q, bp.seq_k)
     if scheme == "fused":
         # one kernel: dQ and delta come from the same pass (DELTA is unused: lse stands in)
         args = (q, k, v, o, do, lse, lse, dq, dk_out, dv_out, *bp.kv_strides["fused"], *dims)
-        if "fused" not in launches:
-            launches["fused"] = _first_launch("fused", hd_class, bp.grid_fused, bp.seq_q, bp.seq_k,
-                                              args, bp.kv_const["fused"])
-        else:
-            launches["fused"](*args)
+        _launch(bp.launches, "fused", hd_class, bp.grid_fused, *sizes, args, bp.kv_const["fused"])
     else:
         delta = torch.empty((bp.bh, bp.seq_q), device=q.device, dtype=torch.float32)
         # dQ first: it writes delta, which the dK/dV kernel reads (same stream, so ordered)
         args = (q, k, v, o, do, lse, delta, dq, *bp.dq_strides, *dims)
-        if "dq" not in launches:
-            launches["dq"] = _first_launch("dq", hd_class, bp.grid_q, bp.seq_q, bp.seq_k, args, bp.const)
-        else:
-            launches["dq"](*args)
+        _launch(bp.launches, "dq", hd_class, bp.grid_q, *sizes, args, bp.const)
         args = (q, k, v, o, do, lse, delta, dq, dk_out, dv_out, *bp.kv_strides["two_kernel"], *dims)
-        if "dkdv" not in launches:
-            launches["dkdv"] = _first_launch("dkdv", hd_class, bp.grid_kv, bp.seq_q, bp.seq_k,
-                                             args, bp.kv_const["two_kernel"])
-        else:
-            launches["dkdv"](*args)
+        _launch(bp.launches, "dkdv", hd_class, bp.grid_kv, *sizes, args, bp.kv_const["two_kernel"])
     if scheme in bp.sums:
         bp.sums[scheme](dk_out, dv_out, dk, dv, *bp.sum_strides[scheme], bp.heads, bp.seq_k)
     return dq, dk, dv
@@ -487,7 +487,9 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float, plan: _FwdPlan | None = None):
     if bp is None:
         bp = plan.bwd[do.stride()] = _BwdPlan(plan, q, k, v, do)
     if bp.scheme is None:
-        bp.scheme = _choose_scheme(bp, do, q, k, v, o, lse, scale, plan.hd_class)
+        bp.scheme, grads = _choose_scheme(bp, do, q, k, v, o, lse, scale, plan.hd_class)
+        if grads is not None:  # the chosen scheme already ran on these inputs while timing
+            return grads
     return _run_bwd(bp, bp.scheme, do, q, k, v, o, lse, scale, plan.hd_class)
 
 
@@ -497,12 +499,13 @@ def _flash_bwd(do, q, k, v, o, lse, scale: float, plan: _FwdPlan | None = None):
 _SCHEME_AGREE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def _choose_scheme(bp: _BwdPlan, do, q, k, v, o, lse, scale: float, hd_class: str) -> str:
+def _choose_scheme(bp: _BwdPlan, do, q, k, v, o, lse, scale: float, hd_class: str):
     """A plan's first backward: with timing (a GPU with tuning on), run every candidate (each
     tunes its own tiles on its first call), check it against ``two_kernel`` and keep the
-    fastest that agrees; otherwise the first candidate."""
+    fastest that agrees; otherwise the first candidate. Returns ``(scheme, its gradients
+    when it ran here, else None)``."""
     if len(bp.candidates) == 1 or not _time_schemes(q.device):
-        return bp.candidates[0]
+        return bp.candidates[0], None
     grads = {}
     for name in bp.candidates:
         grads[name] = _run_bwd(bp, name, do, q, k, v, o, lse, scale, hd_class)
@@ -516,7 +519,8 @@ def _choose_scheme(bp: _BwdPlan, do, q, k, v, o, lse, scale: float, hd_class: st
                           f"(relative, > {tol:g}) for q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype}; not used",
                           RuntimeWarning, stacklevel=3)
             bp.scheme_ms[name] = float("inf")
-    return min(bp.scheme_ms, key=bp.scheme_ms.get)
+    best = min(bp.scheme_ms, key=bp.scheme_ms.get)
+    return best, grads[best]
 
 
 class FlashAttentionFunction(torch.autograd.Function):
