@@ -51,6 +51,10 @@ class ModelSize:
     knows where a pixel is only through its zero padding, so binding a location token to its
     cell has to be learned from scratch; fixed coordinate planes give every cross-attention
     query its position from step 0. The UNet's ``in_channels`` counts them (stock layout)."""
+    seeded_vocab: bool = False
+    """Draw the text encoder's token-embedding table from ``torch.Generator().manual_seed(seed)``
+    (``N(0, 0.02^2)``, fp32, row-major) instead of transformers' initialiser, so rows that no
+    training caption uses can be regenerated exactly and need not be shipped (``core.builtin``)."""
     scheduler: dict[str, Any] = field(default_factory=lambda: {
         "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
         "beta_start": 0.00085, "beta_end": 0.012,
@@ -116,6 +120,17 @@ _NO_POOL = {k: v for k, v in MODEL_SIZES["tiny"].unet.items()
 register_size("tiny-xattn", replace(MODEL_SIZES["tiny"], unet=_NO_POOL))
 register_size("tiny-xattn-coord", replace(MODEL_SIZES["tiny"], coord_channels=2, unet={**_NO_POOL, "in_channels": 14}))
 
+# The base models: pretrained once on the concept-free corpus (``geomerase.data.corpus``) and shipped
+# inside the package (``core.builtin``); the demo and the erasing benchmark fine-tune from them, as
+# the paper fine-tunes a pretrained Stable Diffusion. Every word reaches the image through
+# cross-attention (no pooled-text path: a pooled vector has no spatial axis, and with one the tiny
+# UNet routed its whole caption through it, see ``tiny-xattn`` above), and (x, y) coordinate planes
+# tell each cross-attention query where it is, so a position word (and later a location token) can
+# select a region. Channels (64, 96, 96): 4.2 M UNet parameters, 0.56 s per batch-16 step on one
+# CPU thread; the full-resolution level stays attention-free (cross-attention there cost +40%).
+register_size("base32", replace(MODEL_SIZES["tiny"], coord_channels=2, seeded_vocab=True, unet={
+    **_NO_POOL, "in_channels": 14, "block_out_channels": (64, 96, 96)}))
+
 # Even smaller, for unit tests: seconds per step on CPU.
 register_size("debug", ModelSize(
     space="pixel", resolution=16,
@@ -162,17 +177,27 @@ class ModelConfig:
     """Attention backend by name: sdpa, triton, xformers, math (see geomerase.core.attention)."""
     seed: int = 0
     """Seed for random initialisation."""
+    loc_init: Literal["mean", "position-words"] = "position-words"
+    """How location-token rows added to a pretrained text encoder start: 'mean' (mean of the
+    vocabulary plus small noise, an uninformative token) or 'position-words' (cell ``(r, c)``'s
+    row is the overlap-weighted mix of the embeddings of the position words "top left" ...
+    "bottom right" whose thirds of the image it covers, so it starts out meaning its place)."""
 
     def validate(self) -> None:
+        if self.loc_init not in ("mean", "position-words"):
+            raise ValueError(f"model.loc_init must be 'mean' or 'position-words', got {self.loc_init!r}")
         if self.pretrained is None and self.size not in MODEL_SIZES:
             raise ValueError(f"model.size {self.size!r} unknown; registered: {sorted(MODEL_SIZES)}")
-        if self.grid < 1:
-            raise ValueError(f"model.grid must be >= 1, got {self.grid}")
+        if self.grid < 0:
+            raise ValueError(f"model.grid must be >= 0 (0: no location tokens, a base model), got {self.grid}")
 
     def build(self) -> "DiffusionModel":
         self.validate()
         if self.pretrained:
-            model = load_model(self.pretrained, grid=self.grid)
+            from geomerase.core.builtin import resolve_pretrained
+
+            model = load_model(resolve_pretrained(self.pretrained), grid=self.grid, seed=self.seed,
+                               loc_init=self.loc_init)
         else:
             model = build_random(self.size, self.grid, self.seed)
         if self.prediction_type is not None:
@@ -302,11 +327,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
-def _resize_for_loc_tokens(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, grid: int, seed: int) -> None:
-    """Grow the embedding table to the tokenizer and initialise new location rows.
+def _resize_for_loc_tokens(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, grid: int, seed: int,
+                           loc_init: str = "mean") -> None:
+    """Grow the embedding table to the tokenizer and initialise the new location rows.
 
-    New rows start at the mean of the existing rows plus small noise, so a
-    pretrained encoder sees them as ordinary, uninformative tokens at first.
+    'mean': the mean of the existing rows plus small noise, so a pretrained encoder sees them as
+    ordinary, uninformative tokens at first. 'position-words': :func:`position_word_rows`.
     """
     old = text_encoder.get_input_embeddings().weight.shape[0]
     if len(tokenizer) == old:
@@ -318,6 +344,30 @@ def _resize_for_loc_tokens(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
         mean, std = emb[:old].mean(0), emb[:old].std(0)
         noise = torch.randn(len(tokenizer) - old, emb.shape[1], generator=g).to(emb.dtype)
         emb[old:] = mean + 0.1 * std * noise
+        if loc_init == "position-words":
+            ids = location_token_ids(tokenizer, grid)
+            emb[ids] = position_word_rows(emb[:old], tokenizer, grid).to(emb.dtype)
+
+
+def position_word_rows(table: torch.Tensor, tokenizer: CLIPTokenizer, grid: int) -> torch.Tensor:
+    """``(G*G, D)`` rows: cell ``(r, c)`` mixes the embeddings of the nine position words of the
+    scenes (``data.scenes.POSITIONS``, thirds split at 0.4 / 0.6 of the side as ``position_word``
+    assigns them), weighted by the area of the cell inside each word's region; a multi-token word
+    ("top left") is the mean of its token rows. ``table``: ``(V, D)`` token embeddings."""
+    from geomerase.data.scenes import POSITIONS
+
+    edges = (0.0, 0.4, 0.6, 1.0)
+    words = torch.stack([torch.stack([table[tokenizer(w, add_special_tokens=False).input_ids].float().mean(0)
+                                      for w in row]) for row in POSITIONS])  # (3, 3, D)
+    out = []
+    for cell in range(grid * grid):
+        r, c = divmod(cell, grid)
+        y0, y1, x0, x1 = r / grid, (r + 1) / grid, c / grid, (c + 1) / grid
+        wy = torch.tensor([max(0.0, min(y1, edges[i + 1]) - max(y0, edges[i])) for i in range(3)])
+        wx = torch.tensor([max(0.0, min(x1, edges[i + 1]) - max(x0, edges[i])) for i in range(3)])
+        w = (wy[:, None] * wx[None, :]) / (wy.sum() * wx.sum())
+        out.append((w[..., None] * words).sum((0, 1)))
+    return torch.stack(out)
 
 
 def build_random(size: str, grid: int, seed: int = 0) -> DiffusionModel:
@@ -329,6 +379,9 @@ def build_random(size: str, grid: int, seed: int = 0) -> DiffusionModel:
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               **spec.text_encoder)
     text_encoder = CLIPTextModel(text_cfg)
+    if spec.seeded_vocab:
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight.copy_(seeded_vocab_rows(len(tokenizer), text_cfg.hidden_size, seed))
     unet = UNet2DConditionModel(**spec.unet)
     vae = AutoencoderKL(**spec.vae) if spec.vae is not None else None
     scheduler = DDPMScheduler(**spec.scheduler, prediction_type=spec.prediction_type)
@@ -338,7 +391,13 @@ def build_random(size: str, grid: int, seed: int = 0) -> DiffusionModel:
                           spec.patch, spec.coord_channels)
 
 
-def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0) -> DiffusionModel:
+def seeded_vocab_rows(vocab: int, dim: int, seed: int) -> torch.Tensor:
+    """``(vocab, dim)`` fp32 ``N(0, 0.02^2)`` rows from ``seed`` alone (see ``ModelSize.seeded_vocab``)."""
+    return torch.randn(vocab, dim, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
+               loc_init: str = "mean") -> DiffusionModel:
     """Load a geomerase checkpoint or a local diffusers Stable Diffusion folder.
 
     A Stable Diffusion folder gets the G^2 location tokens added (``grid`` required)
@@ -356,7 +415,7 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0) 
         grid = meta.get("grid")
         if grid is None:
             raise ValueError(f"{path}: not a geomerase checkpoint; pass the grid size to add location tokens")
-    elif meta.get("grid") not in (None, grid):
+    elif meta.get("grid") not in (None, 0, grid):
         raise ValueError(f"{path}: checkpoint was trained with grid {meta['grid']}, asked for grid {grid}")
     kw = dict(local_files_only=True)
     tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), **kw)
@@ -368,7 +427,7 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0) 
         vae = AutoencoderKL.from_pretrained(str(path / "vae"), use_safetensors=True, **kw)
         vae.requires_grad_(False)
     add_location_tokens(tokenizer, grid)
-    _resize_for_loc_tokens(text_encoder, tokenizer, grid, seed)
+    _resize_for_loc_tokens(text_encoder, tokenizer, grid, seed, loc_init)
     space = meta.get("space", "latent" if vae is not None else "pixel")
     patch = int(meta.get("patch", 1))
     coords = int(meta.get("coord_channels", 0))

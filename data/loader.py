@@ -132,7 +132,7 @@ class InMemoryDataset:
         for i, r in enumerate(self.records):
             if r.cells:
                 masks[i, r.cells] = True
-        return masks.view(-1, grid, grid)
+        return masks.view(len(self), grid, grid)
 
 
 class StepBatches:

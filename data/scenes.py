@@ -31,6 +31,8 @@ __all__ = [
     "caption",
     "scene_attributes",
     "position_word",
+    "sample_rich_scene",
+    "detailed_caption",
 ]
 
 # Chosen far apart in RGB (and in hue) so a 32x32, slightly blurred version
@@ -144,6 +146,45 @@ def sample_scene(rng: np.random.Generator) -> Scene:
                     rotation=float(rng.uniform(-20, 20)),
                 ))
                 break
+    return scene
+
+
+# Object size classes of rich scenes: (word, min, max) as a fraction of the image side.
+_RICH_SIZES: tuple[tuple[str, float, float], ...] = (("small", 0.12, 0.2), ("medium", 0.24, 0.34),
+                                                     ("large", 0.38, 0.55))
+
+
+def sample_rich_scene(rng: np.random.Generator, max_objects: int = 4) -> Scene:
+    """A scene of 1..``max_objects`` non-overlapping objects of any size class, anywhere.
+
+    The pretraining corpus of the base models (``geomerase.data.corpus``) uses these so that
+    the caption has a reason to say *where* each object is: with several objects of several
+    sizes and colours, the image cannot be drawn from "which shapes and colours" alone.
+    """
+    background = str(list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))])
+    scene = Scene(background=background, gradient_angle=float(rng.uniform(0, 2 * math.pi)),
+                  gradient_amplitude=float(rng.uniform(0, 22)), noise_seed=int(rng.integers(2**31 - 1)),
+                  noise_amplitude=float(rng.uniform(0, 10)))
+    want = int(rng.integers(1, max_objects + 1))
+    used: set[str] = set()
+    for _ in range(want):
+        _, lo, hi = _RICH_SIZES[int(rng.integers(len(_RICH_SIZES)))]
+        size = float(rng.uniform(lo, hi))
+        for _ in range(20):
+            c = (float(rng.uniform(size / 2 + 0.02, 1 - size / 2 - 0.02)),
+                 float(rng.uniform(size / 2 + 0.02, 1 - size / 2 - 0.02)))
+            if all(math.hypot(c[0] - o.centre[0], c[1] - o.centre[1]) > (size + o.size) / 2 + 0.02
+                   for o in scene.objects):
+                # Distinct colours while the palette allows, so "the red one" names one object.
+                free = [c for c in COLOURS if c not in used and c != background
+                        and _contrast(c, background) >= _MIN_CONTRAST]
+                colour = _pick_colour(rng, background, used if free else set())
+                used.add(colour)
+                scene.objects.append(SceneObject(shape=str(SHAPES[rng.integers(len(SHAPES))]), colour=colour,
+                                                 centre=c, size=size, rotation=float(rng.uniform(-20, 20))))
+                break
+    if not scene.objects:  # 20 failed tries for the first object cannot happen, but stay total
+        scene.objects.append(SceneObject("circle", _pick_colour(rng, background, set()), (0.5, 0.5), 0.3))
     return scene
 
 
@@ -297,6 +338,27 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         text += str(rng.choice(_SECOND_TEMPLATES)).format(
             obj=f"{extra.colour} {extra.shape}", pos_in=_pos_in(epos))
     return text
+
+
+def _rich_size_word(obj: SceneObject) -> str:
+    for word, _, hi in _RICH_SIZES:
+        if obj.size <= hi:
+            return word
+    return _RICH_SIZES[-1][0]
+
+
+def detailed_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """Every object with its size, colour, shape and position word, in random order, plus the
+    background: ``"a green background with a large red circle in the top left and a small
+    white ring at the bottom"``. Words only from the closed vocabulary of :func:`caption`."""
+    parts = [f"{_a(f'{_rich_size_word(o)} {o.colour} {o.shape}')} {_pos_in(position_word(o.centre))}"
+             for o in scene.objects]
+    order = rng.permutation(len(parts))
+    things = [parts[i] for i in order]
+    body = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+    if rng.random() < 0.5:
+        return f"{_a(scene.background)} background with {body}"
+    return f"{body} on {_a(scene.background)} background"
 
 
 def scene_attributes(scene: Scene) -> dict[str, str]:

@@ -12,6 +12,7 @@ corrupt tar keeps the samples that precede the damage.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -132,6 +133,33 @@ def _encode_field(ext: str, value: Any) -> bytes:
 _KEY_RE = re.compile(r"^[^./][^.]*$")
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
+    """A binary file handle whose contents appear at ``path`` only when the block ends without an
+    error (temp file in the same folder, fsync, ``os.replace``); on error nothing is left behind.
+    The one owner of atomic file writes in the package."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (str as utf-8) to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path) as fh:
+        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
 def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Write ``records`` to the tar shard ``path`` deterministically and atomically.
 
@@ -141,36 +169,24 @@ def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> i
     samples written.  Keys must not contain dots (webdataset splits the key
     from the extension at the first dot).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for rec in records:
-                    key = rec.get("__key__")
-                    if not isinstance(key, str) or not _KEY_RE.match(key):
-                        raise ValueError(f"invalid sample key {key!r}: need a non-empty str without dots")
-                    for ext in sorted(k for k in rec if not k.startswith("__")):
-                        data = _encode_field(ext, rec[ext])
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size = len(data)
-                        info.mtime = _MTIME
-                        info.mode = _MODE
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        info.type = tarfile.REGTYPE
-                        tar.addfile(info, io.BytesIO(data))
-                    n += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave nothing behind: the final name is either absent or complete.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for rec in records:
+                key = rec.get("__key__")
+                if not isinstance(key, str) or not _KEY_RE.match(key):
+                    raise ValueError(f"invalid sample key {key!r}: need a non-empty str without dots")
+                for ext in sorted(k for k in rec if not k.startswith("__")):
+                    data = _encode_field(ext, rec[ext])
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = _MTIME
+                    info.mode = _MODE
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    info.type = tarfile.REGTYPE
+                    tar.addfile(info, io.BytesIO(data))
+                n += 1
     return n
 
 

@@ -108,6 +108,16 @@ def _train(a: argparse.Namespace) -> int:
                        *(["--no-progress"] if a.no_progress else []), *a.overrides])
 
 
+def _base_build(a: argparse.Namespace) -> int:
+    from geomerase.core.config import load_config
+    from geomerase.core.pretrain import BaseBuildConfig, build_base
+
+    cfg = load_config(BaseBuildConfig, a.config, list(a.overrides))
+    record = build_base(cfg, until_step=a.until_step, progress=not a.no_progress)
+    print(json.dumps(record, indent=1))
+    return 0
+
+
 def _sample(a: argparse.Namespace) -> int:
 
     from geomerase.core.captions import NEGATIVE_KINDS, negative_mixture
@@ -214,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(fn=_train)
+
+    p = sub.add_parser("base", help="the shipped base models (pretrained stand-ins for Stable Diffusion)")
+    bsub = p.add_subparsers(dest="base_cmd", required=True)
+    q = bsub.add_parser("build", help="corpus + pretraining (resumable) + export of a builtin base model")
+    q.add_argument("--config", default="base32_cpu.yaml", help="BaseBuildConfig YAML or the name of a shipped config")
+    q.add_argument("--until-step", type=int, default=None, help="stop after this training step (rerun to continue)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("overrides", nargs="*", help="BaseBuildConfig overrides, key.sub=value")
+    q.set_defaults(fn=_base_build)
 
     p = sub.add_parser("sample", help="generate a grid with a negative prompt")
     p.add_argument("--model", required=True)
