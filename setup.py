@@ -52,7 +52,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"geomerase.configs": ["*.yaml"]},
+    # The shipped base models (core/builtin.py): fp16 safetensors, configs and sha256 manifests.
+    package_data={"geomerase.configs": ["*.yaml"], "geomerase": ["weights/*/*.json", "weights/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["geomerase=geomerase.cli:main"]},

@@ -92,7 +92,9 @@ class PatchClassifierDetector(Detector):
 
     def _boxes(self, probs: torch.Tensor, width: int, height: int) -> list[Detection]:
         g = self.classifier.cfg.grid
-        thr = self.classifier.cfg.overlap_threshold
+        # The calibrated decision threshold (the one annotation quality is reported at), not the raw
+        # coverage share the classifier regresses.
+        thr = self.classifier.threshold
         out = []
         for idx in torch.nonzero(probs.flatten() >= thr).flatten().tolist():
             r, c = divmod(idx, g)

@@ -28,7 +28,7 @@ def _demo(a: argparse.Namespace) -> int:
 
     overrides = [f"out={a.out}"] + list(a.overrides)
     if a.fast:
-        overrides = ["n_train=600", "n_heldout=200", "steps=40", "samples=16", "classifier_steps=100",
+        overrides = ["n_train=600", "n_heldout=200", "n_aux=400", "steps=40", "samples=16", "classifier_steps=100",
                      "sample_steps=10"] + overrides
     cfg = load_config(DemoConfig, a.config, overrides)
     run_demo(cfg)

@@ -1,20 +1,24 @@
-"""``geomerase demo``: the whole method on the embedded default, end to end, on a CPU.
+"""``geomerase demo``: the whole method on the shipped base model, end to end, on a CPU.
 
-1. build a small Implicit Concept Dataset (QR codes in about half the images) and a
-   held-out split of unseen scenes;
-2. train the patch classifier (annotation and ICR scorer) and the attribute classifier
-   (prompt-fidelity scorer) on the training split, and check both on held-out images,
-   clean and degraded;
-3. annotate the training shards with the patch classifier (location tokens in the captions);
-4. fine-tune ``tiny`` twice with the same budget and seed: ``plain`` (clean captions) and
-   ``geom`` (annotated captions, data removal);
-5. sample every arm with the same seeds, score ICR and fidelity, write ``metrics.json``,
-   ``report.md``, sample grids and an ICR chart.
+1. build four disjoint Implicit Concept Dataset splits (QR codes in about half the images):
+   ``train`` (the fine-tuning data), ``heldout`` (unseen scenes: prompts and classifier checks),
+   ``annot`` (the annotator's own training data) and ``scorer`` (the ICR and fidelity scorers'
+   training data), so neither network is fit on the images it later annotates or scores;
+2. train the annotator (a patch classifier, decision threshold calibrated on a held-back tenth of
+   its split), the ICR scorer (another patch classifier, other data, other seed) and the
+   attribute classifier (prompt fidelity);
+3. annotate the training split with the annotator at its calibrated threshold (location tokens in
+   the captions) and report the quality of the annotations actually written;
+4. fine-tune the shipped base model (``builtin:base32``, the stand-in for a pretrained Stable
+   Diffusion) twice with the same budget and seed: ``plain`` (clean captions) and ``geom``
+   (Geom-Erasing captions; data removal: UNet + location-token rows, text encoder frozen);
+5. sample every arm with the same seeds, and the concept-free base model on other seeds: the
+   scorer's threshold is raised until it flags at most ``scorer_fpr`` of the base model's samples;
+   score ICR and fidelity, write ``metrics.json``, ``report.md``, sample grids and an ICR chart.
 
-Independent stages (the two splits, the two classifiers, the two fine-tunes, the two
-models' sampling) run side by side in one process per core (:mod:`geomerase.demo_jobs`).
-Each stage writes its outputs before the next starts and is skipped when they exist, so
-an interrupted demo resumes where it stopped.
+Independent stages run side by side in one process per core (:mod:`geomerase.demo_jobs`). Each
+stage writes its outputs before the next starts and is skipped when they exist, so an
+interrupted demo resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ import torch
 
 from geomerase.core.annotate import Annotator, annotate_shards
 from geomerase.core.captions import CaptionConfig, concept_phrase, negative_mixture
-from geomerase.core.classifiers import PatchClassifierConfig, as_float, degraded, labels_to_index, load_classifier
+from geomerase.core.classifiers import (PatchClassifier, PatchClassifierConfig, as_float, degraded, fpr_threshold,
+                                        labels_to_index, load_classifier)
 from geomerase.core.config import to_dict
 from geomerase.core.detectors import PatchClassifierDetector
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
@@ -38,11 +43,14 @@ from geomerase.core.sampling import SamplerConfig
 from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.loader import DataConfig, InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
-from geomerase.data.shards import iter_samples
+from geomerase.data.shards import atomic_write, iter_samples
 from geomerase.demo_jobs import (Arm, Job, JobPool, attribute_classifier_job, balance, build_icd_job,
                                  patch_classifier_job, progress_file, sample_arms_job, train_model_job)
 
 log = logging.getLogger("geomerase.demo")
+
+RES = 32
+"""Pixel resolution of the demo's model, annotator and scorers."""
 
 
 @dataclass
@@ -54,25 +62,30 @@ class DemoConfig:
     concept_name: str = "qr code"
     """Phrase in captions and negative prompts."""
     n_train: int = 3000
-    """Training images."""
+    """Training images (the fine-tuning data, annotated by the annotator)."""
     n_heldout: int = 600
     """Held-out images (unseen scenes): classifier checks and sampling prompts."""
+    n_aux: int = 1500
+    """Images in each of the annotator's and the scorers' own splits (seeds disjoint from the others)."""
     ratio: float = 0.5
-    """Share of training images carrying the concept."""
+    """Share of images carrying the concept."""
     image_size: int = 64
     """ICD render size (area-downsampled to the model's 32 px)."""
     grid: int = 4
     """G: location-token grid."""
-    model_size: str = "tiny"
-    """Registry name of the diffusion model (``geomerase.core.models.MODEL_SIZES``)."""
-    steps: int = 1300
-    """Diffusion fine-tuning steps per model (the two models train side by side, ~0.66 s/step each
-    at batch 16 with one thread per process on the 2-core CPU)."""
+    pretrained: str | None = "builtin:base32"
+    """Base model both fine-tunes start from (``builtin:NAME`` or a diffusers folder); None: random
+    init of ``model_size`` (no concept-free model then: the scorer is not calibrated)."""
+    model_size: str = "base32"
+    """Registry size when ``pretrained`` is None."""
+    steps: int = 1000
+    """Fine-tuning steps per model (the two fine-tunes run side by side, one thread each)."""
     batch_size: int = 16
-    """Diffusion batch size (at a fixed time budget, batch 16 with twice the steps beat batch 32 on
-    every held-out denoising error below t=600; measured this session)."""
-    lr: float = 1e-3
-    """Diffusion learning rate."""
+    """Diffusion batch size."""
+    lr: float = 5e-4
+    """UNet learning rate of the fine-tunes."""
+    loc_lr: float = 2e-3
+    """Learning rate of the location-token rows (the geom fine-tune)."""
     samples: int = 64
     """Samples per arm."""
     guidance_scale: float = 3.0
@@ -89,21 +102,19 @@ class DemoConfig:
     """Caption variants of the geom model."""
     classifier_steps: int = 800
     """Patch / attribute classifier training steps."""
+    scorer_fpr: float = 0.05
+    """Largest share of the concept-free base model's samples the ICR scorer may flag (its threshold
+    is raised until it does not flag more)."""
     seed: int = 0
     """Seed of everything."""
     threads: int = 2
     """torch CPU threads in all (split evenly between the worker processes)."""
     workers: int = 2
-    """Processes that run independent stages side by side on the CPU (the two data splits, the two
-    classifiers, the two fine-tunes, the two models' sampling); 1 runs everything in this process."""
+    """Processes that run independent stages side by side on the CPU; 1 runs everything in this process."""
     prepare_only: bool = False
     """Stop after the data, classifier and annotation stages (no diffusion training)."""
     guidance_sweep: list[float] = field(default_factory=list)
     """Extra CFG scales at which the open-prompt arms are re-scored (ICR-vs-guidance curve)."""
-    base_steps: int = 0
-    """Steps of a base model trained first on a concept-free split (same scenes, clean captions);
-    plain and geom then fine-tune ``steps`` from it, as a user fine-tunes a pretrained model.
-    0: both start from random init."""
     reweight_alpha: float | None = None
     """Region re-weighting alpha of the geom fine-tune (None: plain MSE)."""
     device: str = "cpu"
@@ -124,15 +135,92 @@ def _pool(cfg: DemoConfig, device: torch.device) -> JobPool:
 
 
 def _train_job(cfg: DemoConfig, run_dir: Path, model_cfg: ModelConfig, shards: str, captions: CaptionConfig,
-               steps: int, progress: bool, reweight_alpha: float | None = None) -> Job:
-    """A data-removal training job of ``steps`` (resumes from ``run_dir``'s latest checkpoint)."""
+               progress: bool, reweight_alpha: float | None = None) -> Job:
+    """A data-removal fine-tune of ``cfg.steps`` (resumes from ``run_dir``'s latest checkpoint). From a
+    base model the text encoder stays frozen and only the UNet and the location rows train (the paper's
+    data removal); from random init the whole text encoder trains too."""
+    steps = cfg.steps
     rc = RunConfig(out_dir=str(run_dir), model=model_cfg, data=DataConfig(shards=shards, batch_size=cfg.batch_size),
                    captions=captions,
-                   train=TrainConfig(mode="data-removal", max_steps=steps, lr=cfg.lr, seed=cfg.seed,
+                   train=TrainConfig(mode="data-removal", train_text_encoder=model_cfg.pretrained is None,
+                                     max_steps=steps, lr=cfg.lr, loc_lr=cfg.loc_lr, seed=cfg.seed,
                                      reweight_alpha=reweight_alpha, warmup_steps=min(50, max(steps // 10, 1)),
                                      device=cfg.device, log_every=25, save_every=max(steps // 4, 1)),
                    resume="latest")
     return Job(train_model_job, (rc, progress), progress_file(run_dir), steps)
+
+
+def _splits(cfg: DemoConfig) -> dict[str, tuple[int, int]]:
+    """Split name -> (images, seed); the seeds never overlap, so no image is in two splits."""
+    return {"train": (cfg.n_train, cfg.seed), "heldout": (cfg.n_heldout, cfg.seed + 1000),
+            "annot": (cfg.n_aux, cfg.seed + 2000), "scorer": (cfg.n_aux, cfg.seed + 3000)}
+
+
+def _glob(out: Path, split: str, concept: str) -> str:
+    return str(out / "icd" / split / f"icd-{concept}-*.tar")
+
+
+def _classifier_jobs(cfg: DemoConfig, out: Path) -> dict[str, Job]:
+    """Annotator (``annot`` split), ICR scorer and attribute classifier (``scorer`` split), each
+    trained unless already saved."""
+    cls = out / "classifiers"
+    want = {
+        "annotator": (patch_classifier_job, (_glob(out, "annot", cfg.concept), RES, cfg.grid, cfg.classifier_steps,
+                                             cfg.seed, str(cls / "annotator"), cfg.concept)),
+        "scorer": (patch_classifier_job, (_glob(out, "scorer", cfg.concept), RES, cfg.grid, cfg.classifier_steps,
+                                          cfg.seed + 1, str(cls / "scorer"), cfg.concept)),
+        "attributes": (attribute_classifier_job, (_glob(out, "scorer", cfg.concept), RES, cfg.classifier_steps,
+                                                  cfg.seed, str(cls / "attributes"), list(BACKGROUNDS), list(SHAPES))),
+    }
+    return {k: Job(fn, args) for k, (fn, args) in want.items() if not _stage_done(cls / k / "model.safetensors")}
+
+
+def _true_cells(ds: InMemoryDataset, grid: int, thr: float) -> list[list[int]]:
+    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=thr))
+    return [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(ds.metas, ds.sizes)]
+
+
+def _patch_quality(pc: PatchClassifier, ds: InMemoryDataset, true_cells: list[list[int]], seed: int) -> dict:
+    """Cell and image precision/recall of ``pc`` at its current threshold on clean and degraded images."""
+    clean, deg = pc.cells(as_float(ds.images)), pc.cells(degraded(ds.images, seed=seed))
+    return {"cells_clean": cell_precision_recall(clean, true_cells),
+            "cells_degraded": cell_precision_recall(deg, true_cells),
+            "images_clean": binary_pr([bool(c) for c in clean], [bool(c) for c in true_cells]),
+            "images_degraded": binary_pr([bool(c) for c in deg], [bool(c) for c in true_cells])}
+
+
+def _annotate(cfg: DemoConfig, out: Path, annotator_pc: PatchClassifier, thr: float) -> dict:
+    """Annotate the training split (resumable) and compare the cells written with its ground truth."""
+    ann_dir = out / "annotated"
+    manifest = ann_dir / "_manifest.json"
+    if not _stage_done(manifest) or json.loads(manifest.read_text()).get("totals", {}).get("annotated", 0) < cfg.n_train:
+        from geomerase.core.tokenizer import build_tokenizer
+
+        annotator = Annotator(PatchClassifierDetector(cfg.concept, annotator_pc),
+                              GeometryConfig(grid=cfg.grid, overlap_threshold=thr), build_tokenizer(cfg.grid),
+                              cfg.concept_name)
+        annotate_shards(annotator, _glob(out, "train", cfg.concept), ann_dir)
+    enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=thr))
+    written, truth = [], []
+    for s in iter_samples(str(ann_dir / "*.tar")):
+        written.append(list(s.meta.get("annotation", {}).get("cells", [])))
+        truth.append(enc.cells_from_boxes(s.meta.get("boxes", []), *s.image.size))
+    return cell_precision_recall(written, truth)
+
+
+def _scorer_threshold(scorer: PatchClassifier, base_images: torch.Tensor | None, fpr: float) -> dict:
+    """Raise the scorer's F1-calibrated threshold until it flags at most ``fpr`` of the concept-free
+    base model's samples (an image's score is its highest cell probability); sets it on the scorer."""
+    f1_thr = scorer.threshold
+    out = {"f1_threshold": f1_thr, "fpr_bound": fpr}
+    if base_images is None:
+        return {**out, "threshold": f1_thr, "calibrated": False}
+    scores = scorer.cell_probs(as_float(base_images)).flatten(1).max(1).values
+    bound = fpr_threshold(scores, fpr)
+    thr = max(f1_thr, bound)
+    scorer.cfg.decision_threshold = thr
+    return {**out, "threshold": thr, "calibrated": True, "fpr_threshold": bound, "n_base_samples": len(scores),
+            "base_flagged": float((scores >= thr).float().mean())}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -140,103 +228,82 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    atomic_write(out / "demo_config.json", json.dumps(to_dict(cfg), indent=1))
     device = resolve_device(cfg.device)
-    cpu_pool = _pool(cfg, torch.device("cpu"))
-    pool = _pool(cfg, device)
+    cpu_pool, pool = _pool(cfg, torch.device("cpu")), _pool(cfg, device)
     timings: dict[str, float] = {}
-    res = 32
     thr = PatchClassifierConfig().overlap_threshold
-    bgs, shapes = list(BACKGROUNDS), list(SHAPES)
 
-    # 1. data: the two splits side by side -------------------------------------------------
+    # 1. data: four disjoint splits side by side ----------------------------------------------
     t = time.time()
-    splits = {"train": (cfg.n_train, cfg.seed, cfg.ratio), "heldout": (cfg.n_heldout, cfg.seed + 1000, cfg.ratio)}
-    if cfg.base_steps:
-        splits["clean"] = (cfg.n_train, cfg.seed, 0.0)
-    cpu_pool.run({name: Job(build_icd_job, (cfg.concept, n, ratio, cfg.image_size, seed, str(out / "icd" / name)))
-                  for name, (n, seed, ratio) in splits.items()
+    cpu_pool.run({name: Job(build_icd_job, (cfg.concept, n, cfg.ratio, cfg.image_size, seed, str(out / "icd" / name)))
+                  for name, (n, seed) in _splits(cfg).items()
                   if not _stage_done(out / "icd" / name / f"icd-{cfg.concept}-meta.json")}, desc="build ICD")
-    train_glob = str(out / "icd" / "train" / f"icd-{cfg.concept}-*.tar")
-    held_glob = str(out / "icd" / "heldout" / f"icd-{cfg.concept}-*.tar")
-    held_ds = InMemoryDataset(held_glob, res)
+    held_ds = InMemoryDataset(_glob(out, "heldout", cfg.concept), RES)
     timings["data"] = time.time() - t
 
-    # 2. patch classifier (annotation + ICR scorer) and attribute classifier (fidelity), side by side
+    # 2. annotator, scorer and attribute classifier, side by side --------------------------------
     t = time.time()
-    pc_dir, ac_dir = out / "classifiers" / "patch", out / "classifiers" / "attributes"
-    jobs = {}
-    if not _stage_done(pc_dir / "model.safetensors"):
-        jobs["patch"] = Job(patch_classifier_job, (train_glob, res, cfg.grid, cfg.classifier_steps, cfg.seed,
-                                                   str(pc_dir), cfg.concept))
-    if not _stage_done(ac_dir / "model.safetensors"):
-        jobs["attributes"] = Job(attribute_classifier_job, (train_glob, res, cfg.classifier_steps, cfg.seed,
-                                                            str(ac_dir), bgs, shapes))
-    # The base model (concept-free data) needs no annotation: it trains beside the classifiers.
-    model_cfg = ModelConfig(size=cfg.model_size, grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend)
-    base_dir = out / "models" / "base"
-    base_job = {}
-    if cfg.base_steps and not _stage_done(base_dir / "model" / "geomerase.json"):
-        base_job["base"] = _train_job(cfg, base_dir, model_cfg, str(out / "icd" / "clean" / f"icd-{cfg.concept}-*.tar"),
-                                      CaptionConfig(mode="clean", dropout=cfg.captions.dropout), cfg.base_steps,
-                                      cpu_pool.workers == 1)
-    on_cpu = device.type == "cpu"
-    cpu_pool.run({**jobs, **(base_job if on_cpu else {})}, desc="classifiers" + (" + base model" if base_job else ""))
-    if base_job and not on_cpu:
-        pool.run(base_job, desc="base model")
-    pc, pc_meta = load_classifier(pc_dir)
-    ac, _ = load_classifier(ac_dir)
-    enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=thr))
-    true_cells = [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(held_ds.metas, held_ds.sizes)]
-    clean_cells = pc.cells(as_float(held_ds.images))
-    deg_cells = pc.cells(degraded(held_ds.images, seed=cfg.seed + 7))
-    scorer_quality = {
-        "cells_clean": cell_precision_recall(clean_cells, true_cells),
-        "cells_degraded": cell_precision_recall(deg_cells, true_cells),
-        "images_clean": binary_pr([bool(c) for c in clean_cells], [bool(c) for c in true_cells]),
-        "images_degraded": binary_pr([bool(c) for c in deg_cells], [bool(c) for c in true_cells]),
-    }
-    hbg = labels_to_index([m["attributes"]["background"] for m in held_ds.metas], bgs, held_glob)
-    hsh = labels_to_index([m["attributes"]["shape"] for m in held_ds.metas], shapes, held_glob)
+    cpu_pool.run(_classifier_jobs(cfg, out), desc="classifiers")
+    annotator_pc, annotator_meta = load_classifier(out / "classifiers" / "annotator")
+    scorer, scorer_meta = load_classifier(out / "classifiers" / "scorer")
+    ac, _ = load_classifier(out / "classifiers" / "attributes")
+    true_cells = _true_cells(held_ds, cfg.grid, thr)
+    quality = {"annotator_heldout": _patch_quality(annotator_pc, held_ds, true_cells, cfg.seed + 7)}
+    bgs, shapes = list(BACKGROUNDS), list(SHAPES)
+    hbg = labels_to_index([m["attributes"]["background"] for m in held_ds.metas], bgs, "heldout")
+    hsh = labels_to_index([m["attributes"]["shape"] for m in held_ds.metas], shapes, "heldout")
     pbg, psh = ac.predict(as_float(held_ds.images))
     dbg, dsh = ac.predict(degraded(held_ds.images, seed=cfg.seed + 11))
     attr_quality = {"clean": fidelity(pbg, psh, hbg, hsh), "degraded": fidelity(dbg, dsh, hbg, hsh)}
     timings["classifiers"] = time.time() - t
 
-    # 3. annotate ---------------------------------------------------------------------------
+    # 3. annotate the training split ---------------------------------------------------------------
     t = time.time()
-    ann_dir = out / "annotated"
-    if not _stage_done(ann_dir / "_manifest.json") or \
-            json.loads((ann_dir / "_manifest.json").read_text()).get("totals", {}).get("annotated", 0) < cfg.n_train:
-        from geomerase.core.tokenizer import build_tokenizer
-
-        annotator = Annotator(PatchClassifierDetector(cfg.concept, pc), GeometryConfig(grid=cfg.grid, overlap_threshold=thr),
-                              build_tokenizer(cfg.grid), cfg.concept_name)
-        annotate_shards(annotator, train_glob, ann_dir)
+    quality["annotations_written"] = _annotate(cfg, out, annotator_pc, thr)
     timings["annotate"] = time.time() - t
     if cfg.prepare_only:
-        return {"scorer": scorer_quality, "attribute_classifier": attr_quality, "timings": timings}
+        return {"quality": quality, "attribute_classifier": attr_quality, "timings": timings}
 
-    # 4. fine-tune plain and geom side by side (same budget, same seed) ----------------------
+    # 4. fine-tune plain and geom side by side (same base, budget and seed) -------------------------
     t = time.time()
+    model_cfg = ModelConfig(size=cfg.model_size, pretrained=cfg.pretrained, grid=cfg.grid, seed=cfg.seed,
+                            attention_backend=cfg.attention_backend)
     jobs = {}
     for name, caps in (("plain", CaptionConfig(mode="clean", dropout=cfg.captions.dropout)), ("geom", cfg.captions)):
         run_dir = out / "models" / name
-        if _stage_done(run_dir / "model" / "geomerase.json"):
-            continue
-        mcfg = replace(model_cfg, pretrained=str(base_dir / "model")) if cfg.base_steps else model_cfg
-        jobs[name] = _train_job(cfg, run_dir, mcfg, str(ann_dir / "*.tar"), caps, cfg.steps, pool.workers == 1,
-                                cfg.reweight_alpha if name == "geom" else None)
+        if not _stage_done(run_dir / "model" / "geomerase.json"):
+            jobs[name] = _train_job(cfg, run_dir, model_cfg, str(out / "annotated" / "*.tar"), caps,
+                                    pool.workers == 1, cfg.reweight_alpha if name == "geom" else None)
     pool.run(jobs, desc="fine-tune plain+geom")
     timings["train"] = time.time() - t
 
-    # 5. sample (arms split into jobs of similar cost, one per process) and score -------------
+    # 5. sample and score ----------------------------------------------------------------------------
     t = time.time()
+    images, arms, probe_cells, seen, neg = _sample_all(cfg, out, pool, held_ds)
+    scorer_cal = _scorer_threshold(scorer, images.get("base"), cfg.scorer_fpr)
+    quality["scorer_heldout"] = _patch_quality(scorer, held_ds, true_cells, cfg.seed + 7)
+    results, fids = _score(cfg, out, images, arms, probe_cells, scorer, ac, hbg, hsh)
+    binding = binding_probes(str(out / "models" / "geom" / "model"), held_ds, cfg)
+    timings["sample_score"] = time.time() - t
+    metrics = _metrics(cfg, results, fids, quality, attr_quality, scorer_cal, binding, neg,
+                       {"annotator": annotator_meta.get("calibration", {}),
+                        "scorer": scorer_meta.get("calibration", {})}, pool, timings, t_start)
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+    report = render_report(metrics, cfg)
+    atomic_write(out / "report.md", report)
+    print(report)
+    return metrics
+
+
+def _sample_all(cfg: DemoConfig, out: Path, pool: JobPool, held_ds: InMemoryDataset):
+    """Every arm with the same seeds (plus the base model's calibration samples on other seeds), split
+    into jobs of similar cost, one per process. Returns images, the arm table, probe cells, the cell
+    sets seen in training and the negative mixtures."""
     n = cfg.samples
     prompts = [r.caption for r in held_ds.records][:n]
     seeds = list(range(10_000, 10_000 + n))
-    scfg = SamplerConfig(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
-    seen = annotated_cells(ann_dir)
+    seen = annotated_cells(out / "annotated")
     neg = {kind: negative_mixture(kind, cfg.concept_name, cfg.grid, seen)
            for kind in ["none", "name", cfg.geom_negative, *cfg.extra_negatives]}
     arms = {
@@ -245,84 +312,89 @@ def run_demo(cfg: DemoConfig) -> dict:
         "open_noneg": ("geom", [""] * n, "none"), "open_np": ("geom", [""] * n, "name"),
         "open_geom": ("geom", [""] * n, cfg.geom_negative),
     }
-    # Token-binding probe: ask the geom model *for* the concept at cell sets seen in training.
-    # If the location tokens were learned, the scorer finds the concept in the asked-for cells;
-    # if not, no negative prompt built from those tokens can steer away from it either.
+    # Token-binding probe: ask the geom model *for* the concept at cell sets seen in training. If the
+    # location tokens were learned, the scorer finds the concept in the asked-for cells.
     probe_cells = [seen[(i * 7919) % len(seen)] for i in range(n)] if seen else [[0]] * n
-    probe_prompts = [concept_phrase(cfg.concept_name, c) for c in probe_cells]
-    arms["probe_geom"] = ("geom", probe_prompts, "none")
+    arms["probe_geom"] = ("geom", [concept_phrase(cfg.concept_name, c) for c in probe_cells], "none")
     for kind in cfg.extra_negatives:
         arms[f"geom[{kind}]"] = ("geom", prompts, kind)
         arms[f"open_geom[{kind}]"] = ("geom", [""] * n, kind)
-    sweep = {}
-    for scale in cfg.guidance_sweep:
-        for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative),
-                          *((f"open_geom[{k}]", k) for k in cfg.extra_negatives)):
-            sweep[(str(scale), arm)] = (scale, kind)
     model_dir = {m: str(out / "models" / m / "model") for m in ("plain", "geom")}
     todo = [Arm(arm, model_dir[mname], ps, *neg[kind], cfg.guidance_scale) for arm, (mname, ps, kind) in arms.items()]
-    todo += [Arm(f"{arm}@{scale_s}", model_dir["geom"], [""] * n, *neg[kind], scale)
-             for (scale_s, arm), (scale, kind) in sweep.items()]
-    jobs = {f"sample-{i}": Job(sample_arms_job, (group, seeds, scfg, cfg.device, cfg.attention_backend))
-            for i, group in enumerate(balance(todo, pool.workers))}
+    for scale in cfg.guidance_sweep:
+        for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative)):
+            todo.append(Arm(f"{arm}@{scale}", model_dir["geom"], [""] * n, *neg[kind], scale))
+    groups = [(g, seeds) for g in balance(todo, pool.workers)]
+    if cfg.pretrained:
+        # The concept-free base model, half held-out prompts and half empty, on seeds no arm uses.
+        from geomerase.core.builtin import resolve_pretrained
+
+        base = Arm("base", resolve_pretrained(cfg.pretrained), prompts + [""] * n, [""], [1.0], cfg.guidance_scale)
+        groups.append(([base], list(range(20_000, 20_000 + 2 * n))))
+    scfg = SamplerConfig(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
+    jobs = {f"sample-{i}": Job(sample_arms_job, (group, sd, scfg, cfg.device, cfg.attention_backend))
+            for i, (group, sd) in enumerate(groups)}
     images: dict[str, torch.Tensor] = {}
     for part in pool.run(jobs, desc="sample").values():
         images.update(part)
+    return images, arms, probe_cells, seen, neg
+
+
+def _score(cfg: DemoConfig, out: Path, images: dict[str, torch.Tensor], arms: dict, probe_cells: list[list[int]],
+           scorer: PatchClassifier, ac, hbg: torch.Tensor, hsh: torch.Tensor) -> tuple[dict, dict]:
+    """ICR of every arm with the calibrated scorer, fidelity of the prompted arms, sample grids."""
+    n = cfg.samples
     results, fids = {}, {}
-    grids = out / "grids"
-    for arm, (mname, ps, kind) in arms.items():
+    for arm in [*arms, *sorted(k for k in images if "@" in k or k == "base")]:
         imgs = images[arm]
-        cells = pc.cells(as_float(imgs))
+        cells = scorer.cells(as_float(imgs))
         results[arm] = icr([bool(c) for c in cells])
+        mname, ps, kind = arms.get(arm, ("base" if arm == "base" else "geom", [""], arm.split("@")[0]))
         if arm == "probe_geom":
             results[arm]["cells_vs_asked"] = cell_precision_recall(cells, probe_cells)
-        elif ps[0]:
+        elif arm in arms and ps[0]:
             pb, psh_ = ac.predict(as_float(imgs))
             fids[arm] = fidelity(pb, psh_, hbg[:n], hsh[:n])
-        sample_grid(imgs[:64], grids / f"{arm.replace('[', '_').replace(']', '')}.png", cells[:64], cfg.grid,
+        sample_grid(imgs[:64], out / "grids" / f"{arm.replace('[', '_').replace(']', '')}.png", cells[:64], cfg.grid,
                     title=f"{arm}: model={mname} negative={kind} ICR={results[arm]['icr']:.2f}")
-    curve: dict[str, dict[str, float]] = {}
-    for (scale_s, arm) in sweep:
-        cells = pc.cells(as_float(images[f"{arm}@{scale_s}"]))
-        curve.setdefault(scale_s, {})[arm] = icr([bool(c) for c in cells])["icr"]
-    binding = binding_probes(model_dir["geom"], held_ds, cfg)
-    timings["sample_score"] = time.time() - t
-    # Green: arms guided by a Geom-Erasing negative prompt.
     geom_neg = {a for a, (_, _, kind) in arms.items() if kind.startswith("geom")}
-    icr_bar_chart(results, out / "icr.png", title=f"ICR per arm ({cfg.concept_name}, n={n}; green = geometric negative)",
-                  highlight=geom_neg)
+    icr_bar_chart({k: v for k, v in results.items() if "@" not in k}, out / "icr.png",
+                  title=f"ICR per arm ({cfg.concept_name}, n={n}; green = geometric negative)", highlight=geom_neg)
+    return results, fids
 
+
+def _metrics(cfg: DemoConfig, results: dict, fids: dict, quality: dict, attr_quality: dict, scorer_cal: dict,
+             binding: dict, neg: dict, calibration: dict, pool: JobPool, timings: dict, t_start: float) -> dict:
     ic = {k: v["icr"] for k, v in results.items()}
-    fp, fg, chance = fids["plain"]["fidelity"], fids["geom"]["fidelity"], fidelity_chance(len(bgs), len(shapes))
-    ann = scorer_quality["cells_clean"]
+    fp, fg, chance = fids["plain"]["fidelity"], fids["geom"]["fidelity"], fidelity_chance(len(BACKGROUNDS), len(SHAPES))
+    probe = results["probe_geom"]["cells_vs_asked"]
     targets = {
-        "icr.geom <= 0.3 x icr.plain": ic["geom"] <= 0.3 * ic["plain"],
+        "scorer calibrated on the base model": bool(scorer_cal.get("calibrated")),
+        "icr.plain >= 0.4": ic["plain"] >= 0.4,
+        "icr.geom <= 0.2 x icr.plain": ic["geom"] <= 0.2 * ic["plain"],
         "icr.open_geom <= 0.3 x icr.open_noneg": ic["open_geom"] <= 0.3 * ic["open_noneg"],
         "icr.open_geom < icr.open_np": ic["open_geom"] < ic["open_np"],
-        "fidelity.plain >= 2 x chance": fp >= 2 * chance,
-        "fidelity.geom within 0.10 of plain": abs(fg - fp) <= 0.10,
-        "annotation cells precision and recall >= 0.9": ann["precision"] >= 0.9 and ann["recall"] >= 0.9,
+        "probe cells precision and recall >= 0.5": probe["precision"] >= 0.5 and probe["recall"] >= 0.5,
+        "fidelity.plain >= 0.6": fp >= 0.6,
+        "fidelity.geom within 0.05 of plain": abs(fg - fp) <= 0.05,
     }
     metrics = {
         "icr": ic,
         "icr_detail": results,
         "fidelity": {"plain": fp, "geom": fg, "chance": chance, "detail": fids},
         "targets": targets,
-        "patch_classifier_calibration": pc_meta.get("calibration", {}),
-        "scorer": scorer_quality, "attribute_classifier": attr_quality,
-        "annotation": {"patch_classifier_vs_gt_heldout": scorer_quality["cells_clean"]},
-        "icr_vs_guidance": curve,
+        "scorer_calibration": scorer_cal,
+        "classifier_calibration": calibration,
+        "quality": quality,
+        "attribute_classifier": attr_quality,
+        "icr_vs_guidance": {k: v["icr"] for k, v in results.items() if "@" in k},
         "binding": binding,
         "negatives": {k: {"prompts": v[0], "weights": v[1]} for k, v in neg.items()},
-        "n_samples": n, "seconds": time.time() - t_start, "timings": timings,
+        "n_samples": cfg.samples, "seconds": time.time() - t_start, "timings": timings,
         "workers": pool.workers, "threads_per_worker": pool.threads,
         "config": to_dict(cfg),
     }
     targets["demo seconds <= 1200"] = metrics["seconds"] <= 1200
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    report = render_report(metrics, cfg)
-    (out / "report.md").write_text(report)
-    print(report)
     return metrics
 
 
@@ -377,6 +449,8 @@ def render_report(m: dict, cfg: DemoConfig) -> str:
         row("open_np", "geom", "empty", cfg.concept_name),
         row("open_geom", "geom", "empty", f"Geom-Erasing ({cfg.geom_negative})"),
     ]
+    if "base" in icr_:
+        lines.append(row("base", "base (concept-free)", "held-out + empty", "—"))
     for arm in icr_:
         if "[" in arm:
             lines.append(row(arm, "geom", "empty" if arm.startswith("open") else "held-out", arm.split("[")[1][:-1]))
@@ -401,22 +475,28 @@ def render_report(m: dict, cfg: DemoConfig) -> str:
             lines += [f"| {t} | {r['both']:.4f} | {r['neither']:.4f} | {r['pool_only']:.4f} | {r['xattn_only']:.4f} |"
                       for t, r in b["conditioning_paths"].items()]
     f = m["fidelity"]
-    sq = m["scorer"]
+    q, sc = m["quality"], m["scorer_calibration"]
+
+    def pr(d: dict) -> str:
+        return f"precision {d['precision']:.3f}, recall {d['recall']:.3f}"
+
+    cal = (f"threshold {sc['threshold']:.3f} (F1-calibrated {sc['f1_threshold']:.2f}, raised to flag at most "
+           f"{sc['fpr_bound']:.0%} of {sc['n_base_samples']} base-model samples: {sc['base_flagged']:.1%} flagged)"
+           if sc.get("calibrated") else f"threshold {sc['threshold']:.3f} (NOT calibrated: no base model)")
     lines += [
         "",
         f"Fidelity (mean of background-colour and shape accuracy): plain {f['plain']:.3f}, geom {f['geom']:.3f}, "
         f"chance {f['chance']:.3f}.",
         "",
-        "Scorer (patch classifier) on held-out images vs ground truth:",
-        f"- cells, clean: precision {sq['cells_clean']['precision']:.3f}, recall {sq['cells_clean']['recall']:.3f}",
-        f"- cells, degraded: precision {sq['cells_degraded']['precision']:.3f}, "
-        f"recall {sq['cells_degraded']['recall']:.3f}",
-        f"- images, degraded: precision {sq['images_degraded']['precision']:.3f}, "
-        f"recall {sq['images_degraded']['recall']:.3f}",
+        f"ICR scorer (a patch classifier trained on its own split, not the annotator): {cal}.",
+        f"- on held-out real images at that threshold, cells clean: {pr(q['scorer_heldout']['cells_clean'])}; "
+        f"images degraded: {pr(q['scorer_heldout']['images_degraded'])}",
+        f"- annotations written on the training split vs ground truth, cells: {pr(q['annotations_written'])}",
+        f"- annotator on held-out images, cells clean: {pr(q['annotator_heldout']['cells_clean'])}",
         f"- attribute classifier accuracy, clean {m['attribute_classifier']['clean']['fidelity']:.3f}, "
         f"degraded {m['attribute_classifier']['degraded']['fidelity']:.3f}",
         "",
-        "Targets (issue 2): " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in m.get("targets", {}).items()),
+        "Targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in m.get("targets", {}).items()),
         "",
         f"Total {m['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in m["timings"].items()),
         "",
