@@ -24,7 +24,7 @@ from geomerase.core.classifiers import as_float, degraded, fpr_threshold, labels
 from geomerase.core.config import to_dict
 from geomerase.core.fid import DomainFID, inception_fid
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
-from geomerase.core.metrics import binary_pr, fidelity, fidelity_chance, icr, sample_grid
+from geomerase.core.metrics import binary_pr, clearly_below, fidelity, fidelity_chance, icr, sample_grid
 from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
@@ -264,14 +264,14 @@ def targets(s: dict) -> list[tuple[str, bool, str]]:
         g, p = r["geom"]["icr"], r["plain"]["icr"]
         out.append((f"{pset}: geom ICR <= 0.2 x plain ICR", g <= 0.2 * p, f"{g:.3f} vs 0.2 x {p:.3f} = {0.2 * p:.3f}"))
         for base in ("np", "sld", "esd"):
-            b = r[base]["icr"]
-            out.append((f"{pset}: geom ICR < {base} ICR", g < b, f"{g:.3f} vs {b:.3f}"))
+            out.append((f"{pset}: geom ICR < {base} ICR (95% intervals disjoint)", clearly_below(r["geom"], r[base]),
+                        f"{_fmt_icr(r['geom'])} vs {_fmt_icr(r[base])}"))
         fg, fp = r["geom"]["fid"], r["plain"]["fid"]
         out.append((f"{pset}: geom FID <= 1.1 x plain FID", fg <= 1.1 * fp, f"{fg:.2f} vs 1.1 x {fp:.2f} = {1.1 * fp:.2f}"))
     r = s["open"]
     for base in ("np", "sld"):
-        out.append((f"open: geom_mr ICR < {base} ICR", r["geom_mr"]["icr"] < r[base]["icr"],
-                    f"{r['geom_mr']['icr']:.3f} vs {r[base]['icr']:.3f}"))
+        out.append((f"open: geom_mr ICR < {base} ICR (95% intervals disjoint)", clearly_below(r["geom_mr"], r[base]),
+                    f"{_fmt_icr(r['geom_mr'])} vs {_fmt_icr(r[base])}"))
     return out
 
 

@@ -101,6 +101,7 @@ class ESDTrainer:
         if cfg.xt_source == "data" and (images_u8 is None or len(images_u8) == 0):
             raise ValueError("esd.xt_source='data' needs training images")
         self.cfg, self.model, self.images = cfg, model, images_u8
+        self.device = next(model.unet.parameters()).device
         model.text_encoder.requires_grad_(False).eval()
         self.frozen = copy.deepcopy(model.unet).requires_grad_(False).eval()
         self.params = esd_parameters(model.unet, cfg.method)
@@ -113,13 +114,14 @@ class ESDTrainer:
         self.step_no = 0
 
     def _xt(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch ``(B, C, h, w)`` of noisy inputs and their timesteps ``(B,)``."""
-        b, m = self.cfg.batch_size, self.model
+        """A batch ``(B, C, h, w)`` of noisy inputs and their timesteps ``(B,)``, on the model's device
+        (random draws on the CPU, so a run does not depend on the hardware)."""
+        b, m, dev = self.cfg.batch_size, self.model, self.device
         if self.cfg.xt_source == "data":
             idx = torch.randint(0, len(self.images), (b,), generator=gen)
-            x0 = m.to_model_space(self.images[idx].float() / 127.5 - 1)
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, self.sched.config.num_train_timesteps, (b,), generator=gen)
+            x0 = m.to_model_space(self.images[idx].to(dev).float() / 127.5 - 1)
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
+            t = torch.randint(0, self.sched.config.num_train_timesteps, (b,), generator=gen).to(dev)
             return self.sched.add_noise(x0, noise, t), t
         return self._trajectory(gen)
 
@@ -130,13 +132,14 @@ class ESDTrainer:
         ddim = DDIMScheduler.from_config(self.sched.config, clip_sample=m.vae is None, set_alpha_to_one=False)
         ddim.set_timesteps(cfg.ddim_steps)
         stop = int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))
-        x = torch.randn((b,) + tuple(m.sample_shape), generator=gen)
+        x = torch.randn((b,) + tuple(m.sample_shape), generator=gen).to(self.device)
         cond = torch.cat([self.emb_c.expand(b, -1, -1), self.emb_u.expand(b, -1, -1)])
         for t in ddim.timesteps[:stop]:
-            out = self.frozen(x.repeat(2, 1, 1, 1), t, cond).sample
+            # Through DiffusionModel.denoise: it appends the coordinate planes a size may have.
+            out = m.denoise(x.repeat(2, 1, 1, 1), t.to(self.device).expand(2 * b), cond, unet=self.frozen)
             guided = out[b:] + cfg.guidance_scale * (out[:b] - out[b:])
             x = ddim.step(guided, t, x).prev_sample
-        return x, ddim.timesteps[stop].expand(b).clone()
+        return x, ddim.timesteps[stop].expand(b).clone().to(self.device)
 
     def target(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)`` epsilon target ``e*_u - eta (e*_c - e*_u)`` of the frozen model."""

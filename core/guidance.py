@@ -92,9 +92,10 @@ class SLDConfig:
     """beta_m: momentum decay."""
     reference_steps: int = 50
     """Denoising steps the warm-up is given for (the paper's 50); rescaled to the sampler's steps."""
-    mu_rule: Literal["paper", "clamp"] = "paper"
-    """'paper': ``mu = max(1, |s_S d|)``; 'clamp': ``mu = min(1, |s_S d|)`` (the variant in diffusers'
-    StableDiffusionPipelineSafe, which bounds the term by ``e_S - e_u``)."""
+    mu_rule: Literal["paper", "clamp"] = "clamp"
+    """'clamp' (the authors' released code, also diffusers' StableDiffusionPipelineSafe): ``mu =
+    min(1, |s_S d|)``, which bounds the term by ``e_S - e_u``; 'paper': ``mu = max(1, |s_S d|)`` as
+    printed, which multiplies the term by up to ``s_S`` (2000 in "strong") and wrecks images."""
 
     def validate(self) -> None:
         if self.warmup < 0 or self.reference_steps < 1:

@@ -39,6 +39,13 @@ def icr(flags: Sequence[bool]) -> dict[str, float]:
     return {"icr": k / n if n else float("nan"), "k": k, "n": n, "ci95": [lo, hi]}
 
 
+def clearly_below(a: dict, b: dict) -> bool:
+    """Whether ICR ``a`` is below ICR ``b`` beyond the sampling noise: their 95% Wilson intervals
+    (:func:`icr`) do not overlap (``a``'s upper bound under ``b``'s lower bound). Conservative: a
+    difference whose intervals touch is not counted as one."""
+    return a["ci95"][1] < b["ci95"][0]
+
+
 def binary_pr(pred: Sequence[bool], true: Sequence[bool]) -> dict[str, float]:
     """Image-level precision/recall/accuracy of a detector."""
     p = np.asarray(pred, bool)

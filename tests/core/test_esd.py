@@ -78,3 +78,20 @@ def test_model_source_trajectory_and_run_saves(tmp_path):
         ESDTrainer(_model(), ESDConfig(xt_source="data"))
     with pytest.raises(ValueError, match="method"):
         ESDConfig(method="z").validate()
+
+
+def test_model_source_on_a_size_with_coordinate_planes():
+    # The frozen copy's trajectory goes through DiffusionModel.denoise, which appends the (x, y)
+    # planes; calling the UNet directly fed 12 channels to a 14-channel input conv.
+    from dataclasses import replace
+
+    from geomerase.core.models import MODEL_SIZES, register_size
+
+    if "debug-coord" not in MODEL_SIZES:
+        d = MODEL_SIZES["debug"]
+        register_size("debug-coord", replace(d, coord_channels=2, unet={**d.unet, "in_channels": 5}))
+    m = build_random("debug-coord", grid=4, seed=0)
+    tr = ESDTrainer(m, ESDConfig(xt_source="model", steps=1, batch_size=2, ddim_steps=3, seed=1))
+    x_t, t = tr._xt(torch.Generator().manual_seed(0))
+    assert x_t.shape == (2, 3, 16, 16) and t.shape == (2,) and x_t.device == tr.device
+    assert torch.isfinite(torch.tensor(tr.step((x_t, t))))

@@ -29,21 +29,22 @@ def test_conversions_recover_the_true_noise_and_round_trip(kind):
 
 
 def test_safety_term_follows_the_published_rule():
-    cfg = SLDConfig(guidance_scale=100.0, threshold=0.05)
+    assert SLDConfig().mu_rule == "clamp"  # the authors' released rule is the default
+    cfg = SLDConfig(guidance_scale=100.0, threshold=0.05, mu_rule="paper")
     e_u = torch.zeros(1, 4)
     e_s = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     # d = e_p - e_s: far below the threshold (large mu), tiny (mu floored at 1), above the threshold (0).
     e_p = e_s + torch.tensor([[-0.5, 0.001, 0.06, 0.049]])
     got = safety_term(e_p, e_u, e_s, cfg)
     torch.testing.assert_close(got, torch.tensor([[50.0, 1.0, 0.0, 4.9]]))
-    clamp = safety_term(e_p, e_u, e_s, SLDConfig(guidance_scale=100.0, threshold=0.05, mu_rule="clamp"))
+    clamp = safety_term(e_p, e_u, e_s, SLDConfig(guidance_scale=100.0, threshold=0.05))
     torch.testing.assert_close(clamp, torch.tensor([[1.0, 0.1, 0.0, 1.0]]))
 
 
 def test_warmup_and_momentum():
     s = _sched("epsilon")
     cfg = SLDConfig(warmup=20, reference_steps=50, guidance_scale=1.0, threshold=10.0, momentum_scale=0.5,
-                    momentum_beta=0.5)
+                    momentum_beta=0.5, mu_rule="paper")
     assert cfg.warmup_steps(10) == 4
     g = SLDGuidance("qr code", cfg)
     assert g.prompts == ["qr code"]
