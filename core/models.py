@@ -131,6 +131,11 @@ register_size("tiny-xattn-coord", replace(MODEL_SIZES["tiny"], coord_channels=2,
 register_size("base32", replace(MODEL_SIZES["tiny"], coord_channels=2, seeded_vocab=True, unet={
     **_NO_POOL, "in_channels": 14, "block_out_channels": (64, 96, 96)}))
 
+# The same UNet on 64 px images folded 4x4 into a 16x16x48 input: watermarks and overlaid text,
+# unreadable at 32 px, stay visible to a scorer, at about base32's cost per step.
+register_size("base64", replace(MODEL_SIZES["base32"], resolution=64, patch=4, unet={
+    **MODEL_SIZES["base32"].unet, "in_channels": 50, "out_channels": 48}))
+
 # Even smaller, for unit tests: seconds per step on CPU.
 register_size("debug", ModelSize(
     space="pixel", resolution=16,
