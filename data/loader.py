@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -209,6 +210,19 @@ class LocalBatch:
 CaptionFn = Callable[[str, "str | None", list, random.Random], str]
 
 
+def mirror_cells(cells: Sequence[int], grid: int) -> list[int]:
+    """The flat cells of a horizontally flipped image: ``(r, c) -> (r, G-1-c)``."""
+    return [(c // grid) * grid + grid - 1 - c % grid for c in cells]
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of a horizontally flipped image: "left" and "right" swapped."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
 class MemorySource:
     """Batches of an :class:`InMemoryDataset`: the global batch of ``step`` is a pure function of
     ``(seed, step)``; ``batch(step, (k, n))`` returns its k-th of n row slices."""
@@ -220,6 +234,7 @@ class MemorySource:
         self.dataset = dataset
         self.masks = dataset.cell_masks(grid)
         self.captions = captions
+        self.grid = grid
         self.hflip = hflip
         self.batches = StepBatches(len(dataset), batch_size, seed)
 
@@ -227,20 +242,22 @@ class MemorySource:
         idx = self.batches.indices(step)
         rng = self.batches.rng(step)
         # The caption RNG runs over the whole global batch in order, so every split agrees.
-        flips = [rng.random() < 0.5 for _ in idx] if self.hflip else None
+        flips = [rng.random() < 0.5 for _ in idx] if self.hflip else [False] * len(idx)
         captions = []
-        for i in idx:
+        for i, f in zip(idx, flips):
             r = self.dataset.records[i]
-            captions.append(self.captions(r.caption, r.concept_name, r.cells, rng))
+            caption, cells = (mirror_caption(r.caption), mirror_cells(r.cells, self.grid)) if f else (r.caption, r.cells)
+            captions.append(self.captions(caption, r.concept_name, cells, rng))
         k, n = part
         per = len(idx) // n
         lo, hi = k * per, (k + 1) * per
         rows = idx[lo:hi]
-        images = self.dataset.images[rows]
-        if flips is not None:
+        images, masks = self.dataset.images[rows], self.masks[rows]
+        if self.hflip:
             flip = torch.tensor(flips[lo:hi])
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        return LocalBatch(images, captions[lo:hi], self.masks[rows], lo, hi, len(idx), rows)
+            masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
+        return LocalBatch(images, captions[lo:hi], masks, lo, hi, len(idx), rows)
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """Position: nothing beyond the step (batches are a function of it)."""
