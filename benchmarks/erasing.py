@@ -80,6 +80,10 @@ class ErasingConfig:
     """Training images per concept (and of the concept-free oracle split)."""
     n_heldout: int = 256
     """Held-out images (unseen scenes): prompts, FID reference, scorer checks; >= samples."""
+    n_aux: int = 500
+    """Images in each concept's annotator split and in its scorer split (their own seeds): the
+    annotator never sees the images it annotates, and the ICR scorer and attribute classifier are
+    fit on neither the annotator's data nor the training split."""
     ratio: float = 0.5
     """Share of training images carrying the concept."""
     image_size: int = 64
@@ -207,7 +211,7 @@ class ErasingConfig:
 #: Named presets: field overrides of :class:`ErasingConfig`.
 PRESETS: dict[str, dict[str, Any]] = {
     # Minutes on 2 cores; what the tests run. Numbers mean nothing.
-    "smoke": dict(n_train=200, n_heldout=16, steps=3, batch_size=8, mr_steps=2, esd_steps=2, esd_batch=4,
+    "smoke": dict(n_train=200, n_heldout=16, n_aux=100, steps=3, batch_size=8, mr_steps=2, esd_steps=2, esd_batch=4,
                   samples=8, sample_steps=2, sample_batch=8, guidance_sweep=[6.0], sweep_samples=4,
                   classifier_steps=20, workers=1, threads=1, grid_columns=4, calibration_samples=8),
     # Sized for <= 60 min for all three concepts on the 2-core CPU with 128 samples per arm
@@ -346,13 +350,18 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                                         outputs=meta(tr, c), cost=3)
         tasks[f"{c}/data/heldout"] = Task(Job(build_icd_job, (c, n_ho, cfg.ratio, cfg.image_size, seed + 1000,
                                                               str(lay.icd(ho)))), outputs=meta(ho, c))
+        an, sc = f"{c}_annot", f"{c}_scorer"
+        for split, split_seed in ((an, seed + 2000), (sc, seed + 3000)):
+            tasks[f"{c}/data/{split.split('_')[1]}"] = Task(
+                Job(build_icd_job, (c, cfg.n_aux, cfg.ratio, cfg.image_size, split_seed, str(lay.icd(split)))),
+                outputs=meta(split, c))
         cls = cd / "classifiers"
-        tasks[f"{c}/annotator"] = Task(Job(patch_classifier_job, (lay.glob(tr, c), res, cfg.grid, cfg.classifier_steps,
+        tasks[f"{c}/annotator"] = Task(Job(patch_classifier_job, (lay.glob(an, c), res, cfg.grid, cfg.classifier_steps,
                                                                   seed, str(cls / "annotator"), c)),
-                                       deps=(f"{c}/data/train",), outputs=(str(cls / "annotator" / "model.safetensors"),))
+                                       deps=(f"{c}/data/annot",), outputs=(str(cls / "annotator" / "model.safetensors"),))
         tasks[f"{c}/annotate"] = Task(Job(annotate_job, (lay.glob(tr, c), str(cls / "annotator"), c, name, cfg.grid,
                                                          str(cd / "annotated"))),
-                                      deps=(f"{c}/annotator",), outputs=(str(cd / "annotated" / "_manifest.json"),))
+                                      deps=(f"{c}/annotator", f"{c}/data/train"), outputs=(str(cd / "annotated" / "_manifest.json"),))
         ann = str(cd / "annotated" / "*.tar")
         runs = {"plain": _train_rc(cfg, lay.model_dir(c, "plain"), ann, CaptionConfig(mode="clean", dropout=0.1),
                                    pretrained=base_model),
@@ -393,13 +402,13 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                        steps=cfg.mr_steps, lr=cfg.mr_lr, pretrained=plain_model)
         tasks[f"{c}/train/geom_mr"] = Task(Job(train_model_job, (rc, False)), deps=(f"{c}/train/plain", f"{c}/annotate"),
                                            outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.mr_steps / 10)
-        tasks[f"{c}/scorer"] = Task(Job(scorer_classifier_job, (lay.glob(tr, c), res, cfg.grid, cfg.classifier_steps,
+        tasks[f"{c}/scorer"] = Task(Job(scorer_classifier_job, (lay.glob(sc, c), res, cfg.grid, cfg.classifier_steps,
                                                                 seed + 1, cfg.scorer_width, str(cls / "scorer"), c)),
-                                    deps=(f"{c}/data/train",), outputs=(str(cls / "scorer" / "model.safetensors"),))
-        tasks[f"{c}/attributes"] = Task(Job(attribute_classifier_job, (lay.glob(tr, c), res, cfg.classifier_steps, seed,
+                                    deps=(f"{c}/data/scorer",), outputs=(str(cls / "scorer" / "model.safetensors"),))
+        tasks[f"{c}/attributes"] = Task(Job(attribute_classifier_job, (lay.glob(sc, c), res, cfg.classifier_steps, seed,
                                                                        str(cls / "attributes"), list(BACKGROUNDS),
                                                                        list(SHAPES))),
-                                        deps=(f"{c}/data/train",), outputs=(str(cls / "attributes" / "model.safetensors"),))
+                                        deps=(f"{c}/data/scorer",), outputs=(str(cls / "attributes" / "model.safetensors"),))
         # Sampling: one job per (model, prompt set); the oracle's samples are shared by the concepts.
         sample_deps: list[str] = []
         for (model, pset), arms in sampling_arms(cfg, c, prompts_fn()).items():

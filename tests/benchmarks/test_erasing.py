@@ -12,7 +12,7 @@ from geomerase.benchmarks.erasing_jobs import Task, run_dag
 from geomerase.core.config import ConfigError
 from geomerase.demo_jobs import Job
 
-TINY = ["n_train=48", "n_heldout=8", "image_size=32", "samples=4", "sweep_samples=2", "classifier_steps=5",
+TINY = ["n_train=48", "n_heldout=8", "n_aux=24", "image_size=32", "samples=4", "sweep_samples=2", "classifier_steps=5",
         "steps=2", "batch_size=4", "sample_steps=2", "grid_columns=2", "base_steps=2"]
 
 
@@ -146,3 +146,18 @@ def test_inception_fid_is_scored_per_arm_when_weights_are_given(smoke_run, monke
     assert values == [float(i) for i in range(1, 2 * len(ARMS) + 1)]
     report = erasing_report.render_report(with_weights, {"qr": scores}, {}, 1.0)
     assert "Inception FID (held-out / open; torchmetrics, weights `pt_inception.pth`)" in report
+
+
+def test_annotator_and_scorers_train_on_their_own_splits(tmp_path):
+    from pathlib import Path
+
+    from geomerase.benchmarks.erasing import Layout, plan
+
+    cfg = erasing_config("smoke", ["concepts=[qr]"], out=str(tmp_path))
+    tasks = plan(cfg, Layout(Path(cfg.out)), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
+    split = lambda task: Path(tasks[task].job.args[0]).parent.name  # noqa: E731
+    assert split("qr/annotate") == "qr_train"
+    assert split("qr/annotator") == "qr_annot"
+    assert split("qr/scorer") == split("qr/attributes") == "qr_scorer"
+    seeds = {tasks[f"qr/data/{s}"].job.args[4] for s in ("train", "heldout", "annot", "scorer")}
+    assert len(seeds) == 4  # four disjoint seeds: no image is in two splits
