@@ -12,12 +12,11 @@ Job functions must be importable and picklable; each writes its outputs atomical
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -270,16 +269,6 @@ def sample_job(model_dir: str, device: str, backend: str, arms: list[ArmSpec], s
         atomic_torch_save(to_uint8(imgs), path)
         out[arm.name] = time.time() - t
     return out
-
-
-def write_json_job(path: str, payload: dict) -> str:
-    """Tiny job: write ``payload`` as JSON (used as a stage marker)."""
-    atomic_write_text(path, json.dumps(payload, indent=1))
-    return path
-
-
-def arm_to_dict(a: ArmSpec) -> dict:
-    return asdict(a)
 
 
 def call(fn: Callable[..., Any], *args: Any) -> Any:

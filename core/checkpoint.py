@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 log = logging.getLogger("geomerase.checkpoint")
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -140,12 +140,3 @@ def latest_valid_checkpoint(out_dir: Path) -> Path | None:
         log.warning("checkpoint %s is unusable (%s); falling back to an earlier one", path, problem)
     return None
 
-
-def load_training_state(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler) -> dict[str, Any]:
-    """Restore optimizer and LR-scheduler state; returns ``trainer.json``'s content."""
-    state = json.loads((path / "trainer.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer_from_tensors(optimizer, tensors, state["optimizer"])
-    if lr_scheduler is not None and state.get("lr_scheduler") is not None:
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-    return state

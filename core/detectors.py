@@ -94,7 +94,10 @@ class PatchClassifierDetector(Detector):
         g = self.classifier.cfg.grid
         # The calibrated decision threshold (the one annotation quality is reported at), not the raw
         # coverage share the classifier regresses.
-        thr = self.classifier.threshold
+        cfg = self.classifier.cfg
+        thr = getattr(self.classifier, "threshold", None)  # a user module may have only cfg.overlap_threshold
+        if thr is None:
+            thr = getattr(cfg, "decision_threshold", None) or cfg.overlap_threshold
         out = []
         for idx in torch.nonzero(probs.flatten() >= thr).flatten().tolist():
             r, c = divmod(idx, g)

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -268,7 +268,3 @@ register_detector("qr", _qr_factory)
 register_detector("text", _text_factory)
 register_detector("watermark", _watermark_factory)
 
-
-def detect_all(detector: Detector, images: Sequence[Image.Image]) -> list[list[Detection]]:
-    """Convenience: ``detector.detect_batch`` without metas."""
-    return detector.detect_batch(list(images), [None] * len(images))

@@ -16,7 +16,6 @@ for small sets); compare arms only at the same ``n`` and with the same network.
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -102,7 +101,3 @@ def inception_fid(images_u8: torch.Tensor, reference_u8: torch.Tensor, weights: 
     metric.update(images_u8, real=False)
     return float(metric.compute())
 
-
-def fid_many(fid: DomainFID, sets: dict[str, torch.Tensor], keys: Sequence[str] | None = None) -> dict[str, float]:
-    """``{name: FID}`` for several uint8 image sets."""
-    return {k: fid(sets[k]) for k in (keys or list(sets))}

@@ -82,14 +82,6 @@ class LocationTokenEmbedding(nn.Module):
         return self._fn(input_ids, self.token_embedding.weight, self.loc_rows, self.start,
                         self.position_embedding.weight, position_ids)
 
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """``(V, D)`` table with the trained rows written in."""
-        w = self.token_embedding.weight.detach().clone()
-        w[self.start:self.start + self.rows] = self.loc_rows.to(w.dtype)
-        return w
-
-
 def _text_transformer(text_encoder: nn.Module) -> nn.Module:
     # transformers 5 flattened CLIPTextModel (no .text_model); older releases nest it.
     return getattr(text_encoder, "text_model", text_encoder)

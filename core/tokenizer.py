@@ -136,11 +136,6 @@ def location_token_ids(tokenizer: CLIPTokenizer, grid: int) -> list[int]:
     return [vocab[t] for t in tokens]
 
 
-def count_tokens(tokenizer: CLIPTokenizer, text: str) -> int:
-    """Number of ids ``text`` takes including the start and end tokens."""
-    return len(tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"])
-
-
 def main() -> None:  # `geomerase fetch-tokenizer`
     logging.basicConfig(level=logging.INFO)
     tok = base_clip_tokenizer()

@@ -270,8 +270,6 @@ class Trainer:
         self.source = build_batch_source(cfg.data, res, self.grid, self.captions, tc.seed, self.rank, self.world,
                                          dataset=dataset)
         self.data = getattr(self.source, "dataset", None)
-        self.masks = getattr(self.source, "masks", None)
-        self.batches = getattr(self.source, "batches", None)
         self.latent_moments: torch.Tensor | None = None
         if cfg.data.precompute_latents:
             self._precompute_latents()
@@ -322,11 +320,6 @@ class Trainer:
         self.latent_moments = torch.cat(out)
 
     # -- one step ---------------------------------------------------------------------------
-    def batch(self, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """The whole (in-memory) global batch: images ``(B,3,R,R)`` in [-1,1], captions, masks ``(B,G,G)``."""
-        b = self.source.batch(step, (0, 1))
-        return b.images.to(self.device).float().div(127.5).sub(1.0), b.captions, b.masks.to(self.device)
-
     def _part(self, step: int, part: tuple[int, int]) -> LocalBatch:
         if self.source.streaming:
             # A streaming source yields this rank's batch once per step; micro-batches slice it.
