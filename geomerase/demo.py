@@ -194,7 +194,8 @@ def _annotate(cfg: DemoConfig, out: Path, annotator_pc: PatchClassifier, thr: fl
     """Annotate the training split (resumable) and compare the cells written with its ground truth."""
     ann_dir = out / "annotated"
     manifest = ann_dir / "_manifest.json"
-    if not _stage_done(manifest) or json.loads(manifest.read_text()).get("totals", {}).get("annotated", 0) < cfg.n_train:
+    done = _stage_done(manifest) and json.loads(manifest.read_text()).get("totals", {}).get("annotated", 0) >= cfg.n_train
+    if not done:
         from geomerase.core.tokenizer import build_tokenizer
 
         annotator = Annotator(PatchClassifierDetector(cfg.concept, annotator_pc),
@@ -353,8 +354,8 @@ def _score(cfg: DemoConfig, out: Path, images: dict[str, torch.Tensor], arms: di
         mname, ps, kind = arms.get(arm, ("base" if arm == "base" else "geom", [""], arm.split("@")[0]))
         if arm == "probe_geom":
             results[arm]["cells_vs_asked"] = cell_precision_recall(cells, probe_cells)
-        elif arm in arms and ps[0]:
-            pb, psh_ = ac.predict(as_float(imgs))
+        elif (arm in arms and ps[0]) or arm == "base":  # the base's first n samples use the held-out prompts
+            pb, psh_ = ac.predict(as_float(imgs[:n]))
             fids[arm] = fidelity(pb, psh_, hbg[:n], hsh[:n])
         sample_grid(imgs[:64], out / "grids" / f"{arm.replace('[', '_').replace(']', '')}.png", cells[:64], cfg.grid,
                     title=f"{arm}: model={mname} negative={kind} ICR={results[arm]['icr']:.2f}")
@@ -382,7 +383,8 @@ def _metrics(cfg: DemoConfig, results: dict, fids: dict, quality: dict, attr_qua
     metrics = {
         "icr": ic,
         "icr_detail": results,
-        "fidelity": {"plain": fp, "geom": fg, "chance": chance, "detail": fids},
+        "fidelity": {"plain": fp, "geom": fg, "base": fids.get("base", {}).get("fidelity"), "chance": chance,
+                     "detail": fids},
         "targets": targets,
         "scorer_calibration": scorer_cal,
         "classifier_calibration": calibration,
@@ -487,7 +489,7 @@ def render_report(m: dict, cfg: DemoConfig) -> str:
     lines += [
         "",
         f"Fidelity (mean of background-colour and shape accuracy): plain {f['plain']:.3f}, geom {f['geom']:.3f}, "
-        f"chance {f['chance']:.3f}.",
+        + (f"base {f['base']:.3f}, " if f.get("base") is not None else "") + f"chance {f['chance']:.3f}.",
         "",
         f"ICR scorer (a patch classifier trained on its own split, not the annotator): {cal}.",
         f"- on held-out real images at that threshold, cells clean: {pr(q['scorer_heldout']['cells_clean'])}; "
