@@ -34,7 +34,7 @@ PredictionType = Literal["epsilon", "v_prediction", "sample"]
 
 
 # -- prediction-type conversions ------------------------------------------------------------
-def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor
+def schedule_coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sqrt(a_bar_t), sqrt(1 - a_bar_t))`` broadcastable to ``like`` ``(B, C, H, W)``."""
     t = torch.as_tensor(t, device=alphas_cumprod.device).long()
@@ -54,7 +54,7 @@ def pred_to_eps(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, al
     """
     if kind == "epsilon":
         return pred
-    sa, s1a = _coeffs(alphas_cumprod, t, x_t)
+    sa, s1a = schedule_coeffs(alphas_cumprod, t, x_t)
     if kind == "v_prediction":
         return (sa * pred.float() + s1a * x_t.float()).to(pred.dtype)
     if kind == "sample":
@@ -67,7 +67,7 @@ def eps_to_pred(eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, alp
     """Inverse of :func:`pred_to_eps`: epsilon ``(B, C, H, W)`` -> the model's prediction type."""
     if kind == "epsilon":
         return eps
-    sa, s1a = _coeffs(alphas_cumprod, t, x_t)
+    sa, s1a = schedule_coeffs(alphas_cumprod, t, x_t)
     if kind == "v_prediction":
         return ((eps.float() - s1a * x_t.float()) / sa).to(eps.dtype)
     if kind == "sample":

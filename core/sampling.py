@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
+from geomerase.core.guidance import eps_to_pred, pred_to_eps, schedule_coeffs
 from geomerase.core.models import DiffusionModel
 
 
@@ -46,10 +47,30 @@ class SamplerConfig:
     def build(self, model: DiffusionModel):
         cfg = model.noise_scheduler.config
         if self.scheduler == "ddim":
-            return DDIMScheduler.from_config(cfg, clip_sample=model.vae is None, set_alpha_to_one=False)
+            # No clipping inside the scheduler: :func:`sample` clips x0 itself, consistently (see there).
+            return DDIMScheduler.from_config(cfg, clip_sample=False, set_alpha_to_one=False)
         if self.scheduler == "dpm":
             return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
         raise ValueError(f"unknown scheduler {self.scheduler!r}")
+
+
+def clip_x0(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+            kind: str) -> torch.Tensor:
+    """The (guided) prediction ``(B, C, h, w)`` whose implied x0 is clamped to [-1, 1], with the noise
+    it implies recomputed from that clamped x0 (static thresholding, as in Imagen).
+
+    A pixel-space image lives in [-1, 1]. diffusers' DDIM with ``clip_sample`` clamps its x0 but keeps
+    the epsilon of the unclamped prediction, so under classifier-free guidance (which extrapolates the
+    prediction beyond anything seen in training) x0 and epsilon disagree and the trajectory overshoots:
+    with the v-prediction base model, CFG 3 turned "a white circle on a black background" into a bright
+    image (mean +0.7 where CFG 1 gives -0.5). Returning the prediction consistent with the clamped x0
+    makes every scheduler step on an image inside the range.
+    """
+    eps = pred_to_eps(pred, x_t, t, alphas_cumprod, kind).float()
+    sa, s1a = schedule_coeffs(alphas_cumprod, t, x_t)
+    x0 = ((x_t.float() - s1a * eps) / sa).clamp(-1.0, 1.0)
+    eps = (x_t.float() - sa * x0) / s1a
+    return eps_to_pred(eps, x_t.float(), t, alphas_cumprod, kind).to(pred.dtype)
 
 
 def initial_noise(shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
@@ -97,6 +118,7 @@ def sample(
     neg_emb = model.encode_text(model.tokenize(negatives).to(device)).to(dtype)  # (K, 77, D)
     k = len(negatives)
     w = w.to(device, dtype).view(k, 1, 1, 1, 1)
+    clip, kind = model.vae is None, model.noise_scheduler.config.prediction_type
     extra = list(guidance.prompts) if guidance is not None else []
     extra_emb = model.encode_text(model.tokenize(extra).to(device)).to(dtype) if extra else neg_emb[:0]
     out = []
@@ -122,6 +144,8 @@ def sample(
             else:
                 guided = guidance(i, len(sched.timesteps), t, xin, eps_pos, eps_neg,
                                   eps[b + k * b:].view(len(extra), b, *eps.shape[1:]), cfg.guidance_scale, sched)
+            if clip:
+                guided = clip_x0(guided, x, t, model.noise_scheduler.alphas_cumprod, kind)
             x = sched.step(guided, t, x).prev_sample
         out.append(model.to_images(x).float().cpu())
     return torch.cat(out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from geomerase.core.annotate import Annotator, annotate_shards
@@ -94,3 +95,25 @@ def test_patch_classifier_detector_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     y = degrade(x, g)
     assert y.shape == x.shape and not torch.equal(x, y) and y.abs().max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_clip_x0_clamps_the_implied_image_and_keeps_x0_and_noise_consistent(kind):
+    from geomerase.core.guidance import eps_to_pred, pred_to_eps, schedule_coeffs
+    from geomerase.core.sampling import clip_x0
+
+    m = build_random("debug", grid=2)
+    ac = m.noise_scheduler.alphas_cumprod
+    t = torch.tensor(700)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 4, 4, generator=g) * 4 - 2  # half the values outside [-1, 1]
+    eps = torch.randn(2, 3, 4, 4, generator=g)
+    sa, s1a = schedule_coeffs(ac, t, x0)
+    x_t = sa * x0 + s1a * eps
+    pred = eps_to_pred(eps, x_t, t, ac, kind)
+    out = clip_x0(pred, x_t, t, ac, kind)
+    eps2 = pred_to_eps(out, x_t, t, ac, kind)
+    x0_2 = (x_t - s1a * eps2) / sa
+    torch.testing.assert_close(x0_2, x0.clamp(-1, 1), atol=1e-4, rtol=0)
+    inside = (x0.abs() <= 1)
+    torch.testing.assert_close(eps2[inside], eps[inside], atol=1e-4, rtol=0)  # in range: unchanged
