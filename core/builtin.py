@@ -167,12 +167,12 @@ def materialise(name: str, root: Path | None = None) -> Path:
 
 
 def sample_builtin_grid(name: str, prompts: Sequence[str], path: Path, per_prompt: int = 8,
-                        steps: int = 25, guidance_scale: float = 3.0) -> Path:
+                        steps: int = 25, guidance_scale: float = 3.0, root: Path | None = None) -> Path:
     """A ``len(prompts) x per_prompt`` grid of samples of builtin ``name`` (one prompt per row)."""
     from geomerase.core.metrics import sample_grid
     from geomerase.core.sampling import SamplerConfig, sample, to_uint8
 
-    model = load_model(materialise(name))
+    model = load_model(materialise(name, root=root))
     model.unet.eval()
     model.text_encoder.eval()
     ps = [p for p in prompts for _ in range(per_prompt)]

@@ -54,6 +54,9 @@ class BaseBuildConfig:
     """Prompts of the sample grid written beside the exported weights (8 seeds each)."""
     results_dir: str = "benchmarks/results/base"
     """Where the loss curve, sample grid and build record go (``<results_dir>/<name>/``)."""
+    weights_dir: str | None = None
+    """Folder the builtin is exported into (``<weights_dir>/<name>/``); None: the package's
+    ``geomerase/weights``, where ``builtin:<name>`` finds it."""
 
 
 def build_base(cfg: BaseBuildConfig, until_step: int | None = None, progress: bool = True) -> dict:
@@ -81,11 +84,12 @@ def build_base(cfg: BaseBuildConfig, until_step: int | None = None, progress: bo
 
     captions = [r.caption for r in trainer.data.records] if trainer.data is not None else []
     out = Path(cfg.results_dir) / cfg.name
-    record = export_builtin(Path(run.out_dir) / "model", cfg.name, captions, seed=run.model.seed)
+    root = Path(cfg.weights_dir) if cfg.weights_dir else None
+    record = export_builtin(Path(run.out_dir) / "model", cfg.name, captions, seed=run.model.seed, root=root)
     record.update(_train_record(Path(run.out_dir)), corpus=vars(cfg.corpus), config_seconds=time.time() - t0)
     out.mkdir(parents=True, exist_ok=True)
     _copy_loss_curve(Path(run.out_dir), out)
-    sample_builtin_grid(cfg.name, cfg.sample_prompts, out / "samples.png")
+    sample_builtin_grid(cfg.name, cfg.sample_prompts, out / "samples.png", root=root)
     (out / "build.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 

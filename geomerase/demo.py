@@ -79,13 +79,14 @@ class DemoConfig:
     init of ``model_size`` (no concept-free model then: the scorer is not calibrated)."""
     model_size: str = "base32"
     """Registry size when ``pretrained`` is None."""
-    steps: int = 1000
-    """Fine-tuning steps per model (the two fine-tunes run side by side, one thread each)."""
+    steps: int = 1500
+    """Fine-tuning steps per model (the two fine-tunes run side by side, one thread each; 1500 steps
+    took 781 s of the 1020 s demo, benchmarks/results/demo_cpu/NOTES.md)."""
     batch_size: int = 16
     """Diffusion batch size."""
-    lr: float = 5e-4
-    """UNet learning rate of the fine-tunes."""
-    loc_lr: float = 2e-3
+    lr: float = 1e-3
+    """UNet learning rate of the fine-tunes (5e-4 with 1000 steps: plain ICR 0.047 instead of 0.156)."""
+    loc_lr: float = 5e-3
     """Learning rate of the location-token rows (the geom fine-tune)."""
     samples: int = 64
     """Samples per arm."""
