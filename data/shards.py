@@ -133,6 +133,10 @@ def _encode_field(ext: str, value: Any) -> bytes:
 _KEY_RE = re.compile(r"^[^./][^.]*$")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
     """A binary file handle whose contents appear at ``path`` only when the block ends without an
@@ -142,6 +146,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; the result gets an ordinary file's mode
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
