@@ -342,7 +342,8 @@ def _resize_for_loc_tokens(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
     old = text_encoder.get_input_embeddings().weight.shape[0]
     if len(tokenizer) == old:
         return
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    # Every new row is set below, so skip transformers' mean-and-covariance draw (and its global-RNG use).
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     emb = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
