@@ -20,11 +20,11 @@ from PIL import Image, ImageDraw
 from geomerase.benchmarks.erasing import ARMS, PROMPT_SETS, ErasingConfig, Layout
 from geomerase.benchmarks.erasing_jobs import atomic_write_text
 from geomerase.core.captions import negative_mixture
-from geomerase.core.classifiers import as_float, degraded, fpr_threshold, labels_to_index, load_classifier
+from geomerase.core.classifiers import (as_float, fpr_threshold, labels_to_index, load_classifier,
+                                        patch_classifier_quality)
 from geomerase.core.config import to_dict
 from geomerase.core.fid import DomainFID, inception_fid
-from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
-from geomerase.core.metrics import binary_pr, clearly_below, fidelity, fidelity_chance, icr, sample_grid
+from geomerase.core.metrics import clearly_below, fidelity, fidelity_chance, icr, sample_grid
 from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
@@ -58,21 +58,10 @@ def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig) -> dict[str, dict
 
 def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int,
                       thresholds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
-    """Cell- and image-level precision/recall of patch classifier ``pc`` against the ground
-    truth of ``ds``, on clean and on degraded images, at each named decision threshold
-    (default ``{"": pc.threshold}``). The scan runs once; only the threshold differs."""
-    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=pc.cfg.overlap_threshold))
-    true = [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(ds.metas, ds.sizes)]
-    probs = {"clean": pc.cell_probs(as_float(ds.images)).flatten(1),
-             "degraded": pc.cell_probs(degraded(ds.images, seed=seed)).flatten(1)}
-    has = [bool(x) for x in true]
-    out = {}
-    for name, thr in (thresholds or {"": pc.threshold}).items():
-        # as PatchClassifier.cells, at this threshold
-        cells = {kind: [torch.nonzero(row >= thr).flatten().tolist() for row in p] for kind, p in probs.items()}
-        out[name] = {**{f"cells_{kind}": cell_precision_recall(c, true) for kind, c in cells.items()},
-                     **{f"images_{kind}": binary_pr([bool(x) for x in c], has) for kind, c in cells.items()}}
-    return out
+    """:func:`~geomerase.core.classifiers.patch_classifier_quality` on the held-out set ``ds``."""
+    if pc.cfg.grid != grid:
+        raise ValueError(f"patch classifier grid {pc.cfg.grid} != benchmark grid {grid}")
+    return patch_classifier_quality(pc, ds.images, ds.metas, ds.sizes, seed, thresholds)
 
 
 def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from geomerase.core.trainer import RunConfig, Trainer
 from geomerase.data.corpus import build_corpus
+from geomerase.data.shards import atomic_write
 
 log = logging.getLogger("geomerase.pretrain")
 
@@ -90,7 +91,7 @@ def build_base(cfg: BaseBuildConfig, until_step: int | None = None, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     _copy_loss_curve(Path(run.out_dir), out)
     sample_builtin_grid(cfg.name, cfg.sample_prompts, out / "samples.png", root=root)
-    (out / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write(out / "build.json", json.dumps(record, indent=1) + "\n")
     return record
 
 

@@ -33,11 +33,11 @@ import torch
 from geomerase.core.annotate import Annotator, annotate_shards
 from geomerase.core.captions import CaptionConfig, concept_phrase, negative_mixture
 from geomerase.core.classifiers import (PatchClassifier, PatchClassifierConfig, as_float, degraded, fpr_threshold,
-                                        labels_to_index, load_classifier)
+                                        labels_to_index, load_classifier, patch_classifier_quality)
 from geomerase.core.config import to_dict
 from geomerase.core.detectors import PatchClassifierDetector
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
-from geomerase.core.metrics import (binary_pr, clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart,
+from geomerase.core.metrics import (clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart,
                                     sample_grid)
 from geomerase.core.models import ModelConfig
 from geomerase.core.sampling import SamplerConfig
@@ -177,26 +177,17 @@ def _classifier_jobs(cfg: DemoConfig, out: Path) -> dict[str, Job]:
     return {k: Job(fn, args) for k, (fn, args) in want.items() if not _stage_done(cls / k / "model.safetensors")}
 
 
-def _true_cells(ds: InMemoryDataset, grid: int, thr: float) -> list[list[int]]:
-    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=thr))
-    return [enc.cells_from_boxes(m.get("boxes", []), w, h) for m, (w, h) in zip(ds.metas, ds.sizes)]
-
-
-def _patch_quality(pc: PatchClassifier, ds: InMemoryDataset, true_cells: list[list[int]], seed: int) -> dict:
+def _patch_quality(pc: PatchClassifier, ds: InMemoryDataset, seed: int) -> dict:
     """Cell and image precision/recall of ``pc`` at its current threshold on clean and degraded images."""
-    clean, deg = pc.cells(as_float(ds.images)), pc.cells(degraded(ds.images, seed=seed))
-    return {"cells_clean": cell_precision_recall(clean, true_cells),
-            "cells_degraded": cell_precision_recall(deg, true_cells),
-            "images_clean": binary_pr([bool(c) for c in clean], [bool(c) for c in true_cells]),
-            "images_degraded": binary_pr([bool(c) for c in deg], [bool(c) for c in true_cells])}
+    return patch_classifier_quality(pc, ds.images, ds.metas, ds.sizes, seed)[""]
 
 
 def _annotate(cfg: DemoConfig, out: Path, annotator_pc: PatchClassifier, thr: float) -> dict:
     """Annotate the training split (resumable) and compare the cells written with its ground truth."""
     ann_dir = out / "annotated"
     manifest = ann_dir / "_manifest.json"
-    done = _stage_done(manifest) and json.loads(manifest.read_text()).get("totals", {}).get("annotated", 0) >= cfg.n_train
-    if not done:
+    totals = json.loads(manifest.read_text()).get("totals", {}) if _stage_done(manifest) else {}
+    if totals.get("annotated", 0) < cfg.n_train:
         from geomerase.core.tokenizer import build_tokenizer
 
         annotator = Annotator(PatchClassifierDetector(cfg.concept, annotator_pc),
@@ -251,8 +242,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     annotator_pc, annotator_meta = load_classifier(out / "classifiers" / "annotator")
     scorer, scorer_meta = load_classifier(out / "classifiers" / "scorer")
     ac, _ = load_classifier(out / "classifiers" / "attributes")
-    true_cells = _true_cells(held_ds, cfg.grid, thr)
-    quality = {"annotator_heldout": _patch_quality(annotator_pc, held_ds, true_cells, cfg.seed + 7)}
+    quality = {"annotator_heldout": _patch_quality(annotator_pc, held_ds, cfg.seed + 7)}
     bgs, shapes = list(BACKGROUNDS), list(SHAPES)
     hbg = labels_to_index([m["attributes"]["background"] for m in held_ds.metas], bgs, "heldout")
     hsh = labels_to_index([m["attributes"]["shape"] for m in held_ds.metas], shapes, "heldout")
@@ -285,7 +275,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     t = time.time()
     images, arms, probe_cells, seen, neg = _sample_all(cfg, out, pool, held_ds)
     scorer_cal = _scorer_threshold(scorer, images.get("base"), cfg.scorer_fpr)
-    quality["scorer_heldout"] = _patch_quality(scorer, held_ds, true_cells, cfg.seed + 7)
+    quality["scorer_heldout"] = _patch_quality(scorer, held_ds, cfg.seed + 7)
     results, fids = _score(cfg, out, images, arms, probe_cells, scorer, ac, hbg, hsh)
     binding = binding_probes(str(out / "models" / "geom" / "model"), held_ds, cfg)
     timings["sample_score"] = time.time() - t
