@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from geomerase.benchmarks.erasing_jobs import ArmSpec, Task, annotate_job, atomic_write_text, esd_job, run_dag, sample_job, \
-    scorer_classifier_job
+from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_classifier_job, build_icd_job, esd_job,
+                                               patch_classifier_job, progress_file, sample_job, samples_path,
+                                               train_model_job)
 from geomerase.core.captions import CaptionConfig, negative_mixture
 from geomerase.core.config import ConfigError, from_dict, parse_overrides, to_dict
 from geomerase.core.guidance import SLD_PRESETS
@@ -47,8 +48,8 @@ from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import DataConfig
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
-from geomerase.demo_jobs import Job, attribute_classifier_job, build_icd_job, patch_classifier_job, progress_file, \
-    train_model_job
+from geomerase.data.shards import atomic_write
+from geomerase.distributed.dag import Job, Task, run_dag
 
 log = logging.getLogger("geomerase.bench")
 
@@ -269,7 +270,7 @@ class Layout:
 
     def calibration(self, pset: str) -> Path:
         """The oracle's scorer-calibration samples of ``pset`` (uint8 ``(N, 3, R, R)``)."""
-        return self.root / "shared" / "samples" / "calibration" / f"{pset}.pt"
+        return self.root / "shared" / "samples" / "calibration" / f"{pset}.safetensors"
 
 
 def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionConfig, *, mode: str = "data-removal",
@@ -357,7 +358,7 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                 outputs=meta(split, c))
         cls = cd / "classifiers"
         tasks[f"{c}/annotator"] = Task(Job(patch_classifier_job, (lay.glob(an, c), res, cfg.grid, cfg.classifier_steps,
-                                                                  seed, str(cls / "annotator"), c)),
+                                                                  seed, str(cls / "annotator"), c, cfg.annotator_width)),
                                        deps=(f"{c}/data/annot",), outputs=(str(cls / "annotator" / "model.safetensors"),))
         tasks[f"{c}/annotate"] = Task(Job(annotate_job, (lay.glob(tr, c), str(cls / "annotator"), c, name, cfg.grid,
                                                          str(cd / "annotated"))),
@@ -402,8 +403,9 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                        steps=cfg.mr_steps, lr=cfg.mr_lr, pretrained=plain_model)
         tasks[f"{c}/train/geom_mr"] = Task(Job(train_model_job, (rc, False)), deps=(f"{c}/train/plain", f"{c}/annotate"),
                                            outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.mr_steps / 10)
-        tasks[f"{c}/scorer"] = Task(Job(scorer_classifier_job, (lay.glob(sc, c), res, cfg.grid, cfg.classifier_steps,
-                                                                seed + 1, cfg.scorer_width, str(cls / "scorer"), c)),
+        tasks[f"{c}/scorer"] = Task(Job(patch_classifier_job, (lay.glob(sc, c), res, cfg.grid, cfg.classifier_steps,
+                                                               seed + 1, str(cls / "scorer"), c, cfg.scorer_width,
+                                                               "icr-scorer", 0.1, "first", seed + 1)),
                                     deps=(f"{c}/data/scorer",), outputs=(str(cls / "scorer" / "model.safetensors"),))
         tasks[f"{c}/attributes"] = Task(Job(attribute_classifier_job, (lay.glob(sc, c), res, cfg.classifier_steps, seed,
                                                                        str(cls / "attributes"), list(BACKGROUNDS),
@@ -421,7 +423,7 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
             evals = sum(len(a.prompts) * (1 + len(a.negatives) + (1 if a.sld_concept else 0)) for a in arms)
             tasks[key] = Task(Job(sample_job, (str(lay.model_dir(c, model) / "model"), cfg.device, cfg.attention_backend,
                                                arms, seeds(cfg), cfg.sample_steps, cfg.sample_batch, str(out_dir))),
-                              deps=(train_key, "data/clean_heldout"), outputs=tuple(str(out_dir / f"{a.name}.pt") for a in arms),
+                              deps=(train_key, "data/clean_heldout"), outputs=tuple(str(samples_path(out_dir, a.name)) for a in arms),
                               cost=evals * cfg.sample_steps / 2000)
             sample_deps.append(key)
         from geomerase.benchmarks.erasing_report import score_concept
@@ -457,7 +459,7 @@ def run_erasing(cfg: ErasingConfig) -> dict:
     cfg.validate()
     lay = Layout(Path(cfg.out))
     lay.root.mkdir(parents=True, exist_ok=True)
-    (lay.root / "bench_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    atomic_write(lay.root / "bench_config.json", json.dumps(to_dict(cfg), indent=1))
     device = resolve_device(cfg.device)
     workers = 1 if device.type != "cpu" else max(1, cfg.workers)
     threads = max(1, cfg.threads // workers)
@@ -483,9 +485,9 @@ def run_erasing(cfg: ErasingConfig) -> dict:
 
     def save_progress(_: str = "") -> None:
         invocations[-1]["seconds"] = round(time.time() - t0, 1)
-        atomic_write_text(timings_path, json.dumps(timings, indent=1))
-        atomic_write_text(cpu_path, json.dumps(cpu, indent=1))
-        atomic_write_text(inv_path, json.dumps(invocations, indent=1))
+        atomic_write(timings_path, json.dumps(timings, indent=1))
+        atomic_write(cpu_path, json.dumps(cpu, indent=1))
+        atomic_write(inv_path, json.dumps(invocations, indent=1))
 
     # Data first (the sampling plan needs the held-out captions), then everything else.
     data_plan = {k: v for k, v in plan(cfg, lay, lambda: {"heldout": [""] * cfg.samples, "open": [""] * cfg.samples}).items()

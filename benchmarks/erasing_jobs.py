@@ -1,176 +1,46 @@
-"""Jobs of the erasing benchmark and a dependency-aware variant of the demo's job pool.
+"""The stages of the demo and the erasing benchmark as picklable jobs for :func:`geomerase.distributed.dag.run_dag`.
 
-The benchmark has ~20 independent-ish stages per concept (data, three classifiers,
-annotation, seven fine-tunes, one sampling job per model and prompt set) with
-dependencies between them (ESD and model removal start from the plain model; sampling
-needs its model). :func:`run_dag` runs them in one 1-thread process per core (as
-:class:`geomerase.demo_jobs.JobPool` does, with the same worker initialiser) and starts
-a task as soon as its dependencies are done, earliest-listed first, so the second core
-never waits for a stage barrier. Tasks whose outputs exist are skipped (resume).
-
-Job functions must be importable and picklable; each writes its outputs atomically.
+Every job writes its outputs atomically (:func:`geomerase.data.shards.atomic_open`) or returns a
+small result, so an interrupted run resumes from what was written.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from geomerase.demo_jobs import Job, coverage, init_worker
-
-
-# -- the scheduler -------------------------------------------------------------------------
-@dataclass
-class Task:
-    """A job with dependencies and a completion check."""
-
-    job: Job
-    """What to run (in a pool process, or in this process when ``inline``)."""
-    deps: tuple[str, ...] = ()
-    """Names of tasks that must finish first."""
-    outputs: tuple[str, ...] = ()
-    """Files whose existence means the task is done (skipped on resume); empty: always run."""
-    inline: bool = False
-    """Run in the main process (light work that needs the main process's state, e.g. scoring)."""
-    cost: float = 1.0
-    """Relative cost, for the progress bar."""
-
-    def done(self) -> bool:
-        return bool(self.outputs) and all(Path(p).exists() for p in self.outputs)
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """``(fn(*args), CPU seconds of this process spent in it)`` (all its threads; picklable)."""
-    c0 = time.process_time()
-    out = fn(*args)
-    return out, time.process_time() - c0
-
-
-def run_dag(tasks: dict[str, Task], workers: int, threads: int, desc: str = "bench",
-            timings: dict[str, float] | None = None, on_finish: Callable[[str], None] | None = None,
-            cpu_times: dict[str, float] | None = None) -> dict[str, Any]:
-    """Run every task whose outputs are missing, respecting ``deps``; returns ``{name: result}``.
-
-    ``workers == 1`` runs everything inline in listing order (dependencies first). A failing
-    task stops new submissions; running ones finish, then the first error is raised.
-    ``timings[name]`` receives each task's wall seconds, ``cpu_times[name]`` its CPU seconds (what it
-    would take alone on a free core with one thread: a measure that contention does not inflate);
-    ``on_finish(name)`` runs after each task.
-    """
-    cpu_times = cpu_times if cpu_times is not None else {}
-    missing = {d for t in tasks.values() for d in t.deps if d not in tasks}
-    if missing:
-        raise KeyError(f"tasks depend on unknown task(s) {sorted(missing)}")
-    pending = [n for n, t in tasks.items() if not t.done()]
-    finished = {n for n in tasks if n not in pending}
-    results: dict[str, Any] = {}
-    timings = timings if timings is not None else {}
-    bar = tqdm(total=sum(tasks[n].cost for n in pending), desc=desc, unit="cost", dynamic_ncols=True)
-
-    def run_inline(name: str) -> None:
-        t0 = time.time()
-        job = tasks[name].job
-        results[name], cpu_times[name] = timed(job.fn, *job.args)
-        timings[name] = time.time() - t0
-        finished.add(name)
-        bar.update(tasks[name].cost)
-        if on_finish is not None:
-            on_finish(name)
-
-    def ready() -> list[str]:
-        return [n for n in pending if all(d in finished for d in tasks[n].deps)]
-
-    try:
-        if workers <= 1:
-            prev = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                while pending:
-                    r = ready()
-                    if not r:
-                        raise RuntimeError(f"dependency cycle among {pending}")
-                    pending.remove(r[0])
-                    bar.set_postfix_str(r[0])
-                    run_inline(r[0])
-            finally:
-                torch.set_num_threads(prev)
-            return results
-        ctx = mp.get_context("spawn")
-        running: dict[Future, tuple[str, float]] = {}
-        error: BaseException | None = None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                                 initargs=(threads,)) as ex:
-            while pending or running:
-                if error is None:
-                    for name in ready():
-                        if tasks[name].inline:
-                            pending.remove(name)
-                            run_inline(name)
-                            continue
-                        if len(running) >= workers:
-                            continue
-                        pending.remove(name)
-                        job = tasks[name].job
-                        running[ex.submit(timed, job.fn, *job.args)] = (name, time.time())
-                    bar.set_postfix_str(",".join(n for n, _ in running.values())[:80])
-                if not running:
-                    if pending and error is None and not ready():
-                        raise RuntimeError(f"dependency cycle or failed dependency among {pending}")
-                    if error is not None or not pending:
-                        break
-                    continue
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for f in done:
-                    name, t0 = running.pop(f)
-                    try:
-                        results[name], cpu_times[name] = f.result()
-                    except BaseException as e:  # noqa: BLE001 - re-raised below
-                        error = error or RuntimeError(f"task {name!r} failed: {e!r}")
-                        error.__cause__ = e
-                        continue
-                    timings[name] = time.time() - t0
-                    finished.add(name)
-                    bar.update(tasks[name].cost)
-                    if on_finish is not None:
-                        on_finish(name)
-        if error is not None:
-            raise error
-        return results
-    finally:
-        bar.close()
+from geomerase.data.shards import atomic_write
 
 
 # -- jobs ------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def build_icd_job(concept: str, n: int, ratio: float, size: int, seed: int, out: str) -> float:
+    """Write one ICD split; returns seconds."""
+    from geomerase.data.icd import build_icd
+
+    t = time.time()
+    build_icd(concept, n, ratio, size, seed, out, progress=False)
+    return time.time() - t
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def coverage(metas: Sequence[dict], sizes: Sequence[tuple[int, int]], grid: int, thr: float) -> torch.Tensor:
+    """``(N, G, G)`` float32 ground-truth share of each cell covered by each sample's boxes."""
+    from geomerase.core.geometry import GeometryConfig, GridEncoder
+
+    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=thr))
+    return torch.stack([torch.from_numpy(enc.coverage(m.get("boxes", []), w, h)).float()
+                        for m, (w, h) in zip(metas, sizes)])
 
 
-def scorer_classifier_job(train_glob: str, res: int, grid: int, steps: int, seed: int, width: int, out_dir: str,
-                          concept: str, calibration_share: float = 0.1) -> float:
-    """The demo's patch-classifier job with a chosen width: the ICR scorer is a second patch
-    classifier, wider and differently seeded than the annotator, trained on the same training split
-    (with a held-back calibration share for its threshold). Returns seconds."""
+def patch_classifier_job(train_glob: str, res: int, grid: int, steps: int, seed: int, out_dir: str, concept: str,
+                         width: int = 16, role: str = "annotator", calibration_share: float = 0.1,
+                         hold_back: str = "last", degrade_seed: int = 0) -> float:
+    """Train a patch classifier (the annotator, or the ICR scorer: another split, width and seed) on
+    ground-truth coverage, calibrate its decision threshold on the ``hold_back`` ('first' or 'last')
+    ``calibration_share`` of its split (half of it degraded with ``degrade_seed``, as generated images
+    are) and save it; returns seconds."""
     from geomerase.core.classifiers import (PatchClassifierConfig, calibrate_threshold, save_classifier,
                                             train_patch_classifier)
     from geomerase.data.loader import InMemoryDataset
@@ -179,14 +49,46 @@ def scorer_classifier_job(train_glob: str, res: int, grid: int, steps: int, seed
     ds = InMemoryDataset(train_glob, res)
     pcfg = PatchClassifierConfig(resolution=res, grid=grid, width=width)
     cov = coverage(ds.metas, ds.sizes, grid, pcfg.overlap_threshold)
-    # Hold back the *first* share (the annotator holds back the last one): different fitting data.
     n_cal = int(len(ds) * calibration_share) if len(ds) >= 20 else 0
-    pc = train_patch_classifier(pcfg, ds.images[n_cal:], cov[n_cal:], steps=steps, batch=32, seed=seed,
-                                progress=False)
-    cal = calibrate_threshold(pc, ds.images[:n_cal], cov[:n_cal], degrade_seed=seed) if n_cal else {}
-    save_classifier(pc, out_dir, {"concept": concept, "role": "icr-scorer",
-                                  "calibration": {**cal, "n_images": n_cal}})
+    if hold_back not in ("first", "last"):
+        raise ValueError(f"hold_back must be 'first' or 'last', got {hold_back!r}")
+    fit, cal_part = (slice(n_cal, None), slice(0, n_cal)) if hold_back == "first" else \
+        (slice(0, len(ds) - n_cal), slice(len(ds) - n_cal, None))
+    pc = train_patch_classifier(pcfg, ds.images[fit], cov[fit], steps=steps, batch=32, seed=seed, progress=False)
+    cal = calibrate_threshold(pc, ds.images[cal_part], cov[cal_part], degrade_seed=degrade_seed) if n_cal else {}
+    save_classifier(pc, out_dir, {"concept": concept, "role": role, "calibration": {**cal, "n_images": n_cal}})
     return time.time() - t
+
+
+def attribute_classifier_job(train_glob: str, res: int, steps: int, seed: int, out_dir: str,
+                             backgrounds: list[str], shapes: list[str]) -> float:
+    """Train the prompt-fidelity scorer (background colour, main shape) and save it; returns seconds."""
+    from geomerase.core.classifiers import (AttributeClassifierConfig, labels_to_index, save_classifier,
+                                            train_attribute_classifier)
+    from geomerase.data.loader import InMemoryDataset
+
+    t = time.time()
+    ds = InMemoryDataset(train_glob, res)
+    ybg = labels_to_index([m["attributes"]["background"] for m in ds.metas], backgrounds, train_glob)
+    ysh = labels_to_index([m["attributes"]["shape"] for m in ds.metas], shapes, train_glob)
+    acfg = AttributeClassifierConfig(resolution=res, num_backgrounds=len(backgrounds), num_shapes=len(shapes), width=16)
+    ac = train_attribute_classifier(acfg, ds.images, ybg, ysh, steps=steps, batch=32, seed=seed, progress=False)
+    save_classifier(ac, out_dir, {"backgrounds": backgrounds, "shapes": shapes})
+    return time.time() - t
+
+
+def train_model_job(run_cfg: Any, progress: bool = False) -> float:
+    """Fine-tune one model (a ``RunConfig``, resumed from its latest checkpoint); returns seconds."""
+    from geomerase.core.trainer import Trainer
+
+    t = time.time()
+    Trainer(run_cfg).fit(progress=progress)
+    return time.time() - t
+
+
+def progress_file(run_dir: str | Path) -> str:
+    """Where a training run logs its loss rows (``step,...``): the runner's progress source."""
+    return str(Path(run_dir) / "loss.csv")
 
 
 def annotate_job(train_glob: str, classifier_dir: str, concept: str, concept_name: str, grid: int,
@@ -240,10 +142,16 @@ class ArmSpec:
     sld: dict = field(default_factory=dict)
     """SLDConfig fields."""
 
+    @property
+    def cost(self) -> int:
+        """UNet rows per denoising step: the prompts, one copy per negative prompt, one for SLD."""
+        return len(self.prompts) * (1 + len(self.negatives) + (1 if self.sld_concept else 0))
+
 
 def sample_job(model_dir: str, device: str, backend: str, arms: list[ArmSpec], seeds: list[int], steps: int,
                batch_size: int, out_dir: str) -> dict[str, float]:
-    """Sample each arm with the same seeds; ``out_dir/<arm>.pt`` holds ``(N, 3, R, R)`` uint8.
+    """Sample each arm with the same seeds (one per prompt); :func:`samples_path` holds its ``(N, 3, R, R)``
+    uint8 images.
 
     Arms whose file exists are skipped. Returns seconds per arm sampled.
     """
@@ -255,7 +163,7 @@ def sample_job(model_dir: str, device: str, backend: str, arms: list[ArmSpec], s
     model = None
     out: dict[str, float] = {}
     for arm in arms:
-        path = Path(out_dir) / f"{arm.name}.pt"
+        path = samples_path(out_dir, arm.name)
         if path.exists():
             continue
         if model is None:
@@ -266,11 +174,36 @@ def sample_job(model_dir: str, device: str, backend: str, arms: list[ArmSpec], s
         scfg = SamplerConfig(steps=steps, guidance_scale=arm.guidance_scale, batch_size=batch_size)
         imgs = sample(model, arm.prompts, arm.negatives, seeds[:len(arm.prompts)], scfg, neg_weights=arm.weights,
                       guidance=hook)
-        atomic_torch_save(to_uint8(imgs), path)
+        save_images(to_uint8(imgs), path)
         out[arm.name] = time.time() - t
     return out
 
 
-def call(fn: Callable[..., Any], *args: Any) -> Any:
-    """Indirection for inline tasks that call a bound method or closure."""
-    return fn(*args)
+def samples_path(out_dir: str | Path, arm: str) -> Path:
+    """The file of one arm's samples."""
+    return Path(out_dir) / f"{arm}.safetensors"
+
+
+def save_images(images: torch.Tensor, path: str | Path) -> None:
+    """Write ``(N, 3, R, R)`` uint8 samples to ``path`` (safetensors, atomically)."""
+    from safetensors.torch import save
+
+    atomic_write(path, save({"images": images.contiguous()}))
+
+
+def load_images(path: str | Path) -> torch.Tensor:
+    """``(N, 3, R, R)`` uint8 samples written by :func:`save_images`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["images"]
+
+
+def balance(arms: Sequence[ArmSpec], bins: int) -> list[list[ArmSpec]]:
+    """Split arms into at most ``bins`` groups of similar cost (largest first, into the lightest bin)."""
+    groups: list[list[ArmSpec]] = [[] for _ in range(max(1, bins))]
+    load = [0] * len(groups)
+    for a in sorted(arms, key=lambda a: -a.cost):
+        i = load.index(min(load))
+        groups[i].append(a)
+        load[i] += a.cost
+    return [g for g in groups if g]

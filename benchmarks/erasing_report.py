@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from geomerase.benchmarks.erasing import ARMS, PROMPT_SETS, ErasingConfig, Layout
-from geomerase.benchmarks.erasing_jobs import atomic_write_text
+from geomerase.benchmarks.erasing_jobs import load_images, samples_path
 from geomerase.core.captions import negative_mixture
 from geomerase.core.classifiers import (as_float, fpr_threshold, labels_to_index, load_classifier,
                                         patch_classifier_quality)
@@ -28,13 +28,14 @@ from geomerase.core.metrics import clearly_below, fidelity, fidelity_chance, icr
 from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
+from geomerase.data.shards import atomic_write
 
 MODEL_OF = {arm: spec[0] for arm, spec in ARMS.items()}
 
 
 def _load(lay: Layout, c: str, arm: str, pset: str) -> torch.Tensor:
     model = MODEL_OF[arm.split("@")[0]]
-    return torch.load(lay.samples(c, model, pset) / f"{arm}.pt", weights_only=True)
+    return load_images(samples_path(lay.samples(c, model, pset), arm))
 
 
 def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig) -> dict[str, dict[str, Any]]:
@@ -48,7 +49,7 @@ def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig) -> dict[str, dict
     f1 = scorer.threshold
     out: dict[str, dict[str, Any]] = {}
     for pset in PROMPT_SETS:
-        imgs = torch.load(lay.calibration(pset), weights_only=True)
+        imgs = load_images(lay.calibration(pset))
         top = scorer.cell_probs(as_float(imgs)).flatten(1).amax(1)
         t = max(f1, fpr_threshold(top, cfg.scorer_fpr)) if cfg.scorer_fpr > 0 else f1
         out[pset] = {"threshold": t, "f1_threshold": f1, "fpr_target": cfg.scorer_fpr, "n": len(top),
@@ -126,7 +127,7 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
            "fidelity_chance": fidelity_chance(len(BACKGROUNDS), len(SHAPES)),
            "fid_reference": {"images": fid.n_reference, "split": "clean_heldout",
                              "features": "attribute classifier penultimate layer"}}
-    atomic_write_text(lay.concept(c) / "scores.json", json.dumps(out, indent=1))
+    atomic_write(lay.concept(c) / "scores.json", json.dumps(out, indent=1))
     return out
 
 
@@ -368,8 +369,8 @@ def write_outputs(cfg: ErasingConfig, lay: Layout, timings: dict[str, float], se
     results = {c: {pset: {arm: {"icr": r["icr"], "fid": r["fid"], "fidelity": r["fidelity"], "n": r["n"]}
                           for arm, r in sc["scores"][pset].items()} for pset in PROMPT_SETS}
                for c, sc in all_scores.items()}
-    atomic_write_text(lay.root / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(lay.root / "details.json", json.dumps(
+    atomic_write(lay.root / "results.json", json.dumps(results, indent=1))
+    atomic_write(lay.root / "details.json", json.dumps(
         {"concepts": all_scores, "config": to_dict(cfg), "seconds": seconds, "timings": timings,
          "invocations": invocations or [], "cpu_seconds": cpu or {},
          "targets": {c: [{"target": d, "met": ok, "measured": m} for d, ok, m in targets(sc["scores"])]
@@ -377,6 +378,6 @@ def write_outputs(cfg: ErasingConfig, lay: Layout, timings: dict[str, float], se
     if all_scores:
         icr_chart(all_scores, lay.root / "icr.png")
         report = render_report(cfg, all_scores, timings, seconds, invocations, cpu)
-        atomic_write_text(lay.root / "report.md", report)
+        atomic_write(lay.root / "report.md", report)
         print(report)
     return results

@@ -16,9 +16,9 @@
    scorer's threshold is raised until it flags at most ``scorer_fpr`` of the base model's samples;
    score ICR and fidelity, write ``metrics.json``, ``report.md``, sample grids and an ICR chart.
 
-Independent stages run side by side in one process per core (:mod:`geomerase.demo_jobs`). Each
-stage writes its outputs before the next starts and is skipped when they exist, so an
-interrupted demo resumes where it stopped.
+Stages run side by side in one process per core (:func:`geomerase.distributed.dag.run_dag`; the
+jobs are the erasing benchmark's, :mod:`geomerase.benchmarks.erasing_jobs`). Each writes its
+outputs atomically and is skipped when they exist, so an interrupted demo resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -30,23 +30,21 @@ from pathlib import Path
 
 import torch
 
-from geomerase.core.annotate import Annotator, annotate_shards
+from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_classifier_job, balance, build_icd_job,
+                                               load_images, patch_classifier_job, progress_file, sample_job,
+                                               samples_path, train_model_job)
 from geomerase.core.captions import CaptionConfig, concept_phrase, negative_mixture
 from geomerase.core.classifiers import (PatchClassifier, PatchClassifierConfig, as_float, degraded, fpr_threshold,
                                         labels_to_index, load_classifier, patch_classifier_quality)
 from geomerase.core.config import to_dict
-from geomerase.core.detectors import PatchClassifierDetector
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
-from geomerase.core.metrics import (clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart,
-                                    sample_grid)
+from geomerase.core.metrics import clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
 from geomerase.core.models import ModelConfig
-from geomerase.core.sampling import SamplerConfig
 from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.loader import DataConfig, InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write, iter_samples
-from geomerase.demo_jobs import (Arm, Job, JobPool, attribute_classifier_job, balance, build_icd_job,
-                                 patch_classifier_job, progress_file, sample_arms_job, train_model_job)
+from geomerase.distributed.dag import Job, Task, run_dag
 
 log = logging.getLogger("geomerase.demo")
 
@@ -125,31 +123,35 @@ class DemoConfig:
     """UNet attention backend (sdpa, triton, xformers, math; 'diffusers' keeps diffusers' own processor)."""
 
 
-def _stage_done(path: Path) -> bool:
-    return path.exists()
+@dataclass
+class _Layout:
+    """Where the demo's artefacts live under ``root``."""
+
+    root: Path
+
+    def glob(self, split: str, concept: str) -> str:
+        return str(self.root / "icd" / split / f"icd-{concept}-*.tar")
+
+    def classifier(self, name: str) -> Path:
+        return self.root / "classifiers" / name
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    @property
+    def annotated(self) -> Path:
+        return self.root / "annotated"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
 
 
-def _pool(cfg: DemoConfig, device: torch.device) -> JobPool:
-    """One process per core (1 thread each) on the CPU; inline on a GPU."""
-    if device.type != "cpu" or cfg.workers <= 1:
-        return JobPool(1, cfg.threads)
-    return JobPool(cfg.workers, max(1, cfg.threads // cfg.workers))
-
-
-def _train_job(cfg: DemoConfig, run_dir: Path, model_cfg: ModelConfig, shards: str, captions: CaptionConfig,
-               progress: bool, reweight_alpha: float | None = None) -> Job:
-    """A data-removal fine-tune of ``cfg.steps`` (resumes from ``run_dir``'s latest checkpoint). From a
-    base model the text encoder stays frozen and only the UNet and the location rows train (the paper's
-    data removal); from random init the whole text encoder trains too."""
-    steps = cfg.steps
-    rc = RunConfig(out_dir=str(run_dir), model=model_cfg, data=DataConfig(shards=shards, batch_size=cfg.batch_size),
-                   captions=captions,
-                   train=TrainConfig(mode="data-removal", train_text_encoder=model_cfg.pretrained is None,
-                                     max_steps=steps, lr=cfg.lr, loc_lr=cfg.loc_lr, seed=cfg.seed,
-                                     reweight_alpha=reweight_alpha, warmup_steps=min(50, max(steps // 10, 1)),
-                                     device=cfg.device, log_every=25, save_every=max(steps // 4, 1)),
-                   resume="latest")
-    return Job(train_model_job, (rc, progress), progress_file(run_dir), steps)
+def _workers(cfg: DemoConfig) -> tuple[int, int]:
+    """(processes, torch threads each): one process per core on the CPU; inline on a GPU."""
+    if resolve_device(cfg.device).type != "cpu" or cfg.workers <= 1:
+        return 1, cfg.threads
+    return cfg.workers, max(1, cfg.threads // cfg.workers)
 
 
 def _splits(cfg: DemoConfig) -> dict[str, tuple[int, int]]:
@@ -158,48 +160,71 @@ def _splits(cfg: DemoConfig) -> dict[str, tuple[int, int]]:
             "annot": (cfg.n_aux, cfg.seed + 2000), "scorer": (cfg.n_aux, cfg.seed + 3000)}
 
 
-def _glob(out: Path, split: str, concept: str) -> str:
-    return str(out / "icd" / split / f"icd-{concept}-*.tar")
+def _train_rc(cfg: DemoConfig, run_dir: Path, shards: str, captions: CaptionConfig,
+              reweight_alpha: float | None) -> RunConfig:
+    """A data-removal fine-tune of ``cfg.steps`` (resumes from ``run_dir``'s latest checkpoint). From a
+    base model the text encoder stays frozen and only the UNet and the location rows train (the paper's
+    data removal); from random init the whole text encoder trains too."""
+    steps = cfg.steps
+    model = ModelConfig(size=cfg.model_size, pretrained=cfg.pretrained, grid=cfg.grid, seed=cfg.seed,
+                        attention_backend=cfg.attention_backend)
+    return RunConfig(out_dir=str(run_dir), model=model, data=DataConfig(shards=shards, batch_size=cfg.batch_size),
+                     captions=captions,
+                     train=TrainConfig(mode="data-removal", train_text_encoder=cfg.pretrained is None,
+                                       max_steps=steps, lr=cfg.lr, loc_lr=cfg.loc_lr, seed=cfg.seed,
+                                       reweight_alpha=reweight_alpha, warmup_steps=min(50, max(steps // 10, 1)),
+                                       device=cfg.device, log_every=25, save_every=max(steps // 4, 1)),
+                     resume="latest")
 
 
-def _classifier_jobs(cfg: DemoConfig, out: Path) -> dict[str, Job]:
-    """Annotator (``annot`` split), ICR scorer and attribute classifier (``scorer`` split), each
-    trained unless already saved."""
-    cls = out / "classifiers"
-    want = {
-        "annotator": (patch_classifier_job, (_glob(out, "annot", cfg.concept), RES, cfg.grid, cfg.classifier_steps,
-                                             cfg.seed, str(cls / "annotator"), cfg.concept)),
-        "scorer": (patch_classifier_job, (_glob(out, "scorer", cfg.concept), RES, cfg.grid, cfg.classifier_steps,
-                                          cfg.seed + 1, str(cls / "scorer"), cfg.concept)),
-        "attributes": (attribute_classifier_job, (_glob(out, "scorer", cfg.concept), RES, cfg.classifier_steps,
-                                                  cfg.seed, str(cls / "attributes"), list(BACKGROUNDS), list(SHAPES))),
-    }
-    return {k: Job(fn, args) for k, (fn, args) in want.items() if not _stage_done(cls / k / "model.safetensors")}
+def _prepare_plan(cfg: DemoConfig, lay: _Layout) -> dict[str, Task]:
+    """Data splits, the three classifiers, annotation and (unless ``prepare_only``) the two fine-tunes."""
+    c = cfg.concept
+    tasks: dict[str, Task] = {}
+    for name, (n, seed) in _splits(cfg).items():
+        out = lay.root / "icd" / name
+        tasks[f"data/{name}"] = Task(Job(build_icd_job, (c, n, cfg.ratio, cfg.image_size, seed, str(out))),
+                                     outputs=(str(out / f"icd-{c}-meta.json"),), cost=n / 500)
+    steps = cfg.classifier_steps
+    cls = {"annotator": (patch_classifier_job, (lay.glob("annot", c), RES, cfg.grid, steps, cfg.seed,
+                                                str(lay.classifier("annotator")), c), "annot"),
+           "scorer": (patch_classifier_job, (lay.glob("scorer", c), RES, cfg.grid, steps, cfg.seed + 1,
+                                             str(lay.classifier("scorer")), c, 16, "icr-scorer"), "scorer"),
+           "attributes": (attribute_classifier_job, (lay.glob("scorer", c), RES, steps, cfg.seed,
+                                                     str(lay.classifier("attributes")), list(BACKGROUNDS),
+                                                     list(SHAPES)), "scorer")}
+    for name, (fn, args, split) in cls.items():
+        tasks[f"classifier/{name}"] = Task(Job(fn, args), deps=(f"data/{split}",),
+                                           outputs=(str(lay.classifier(name) / "model.safetensors"),), cost=steps / 200)
+    tasks["annotate"] = Task(Job(annotate_job, (lay.glob("train", c), str(lay.classifier("annotator")), c,
+                                                cfg.concept_name, cfg.grid, str(lay.annotated))),
+                             deps=("classifier/annotator", "data/train"),
+                             outputs=(str(lay.annotated / "_manifest.json"),), cost=cfg.n_train / 500)
+    if cfg.prepare_only:
+        return tasks
+    shards = str(lay.annotated / "*.tar")
+    for name, caps, alpha in (("plain", CaptionConfig(mode="clean", dropout=cfg.captions.dropout), None),
+                              ("geom", cfg.captions, cfg.reweight_alpha)):
+        rc = _train_rc(cfg, lay.model(name), shards, caps, alpha)
+        tasks[f"train/{name}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
+                                      deps=("annotate",), outputs=(f"{rc.out_dir}/model/geomerase.json",),
+                                      cost=cfg.steps / 10)
+    return tasks
+
+
+def _annotation_quality(cfg: DemoConfig, lay: _Layout) -> dict:
+    """Cell precision/recall of the annotations written on the training split against its ground truth."""
+    enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=PatchClassifierConfig().overlap_threshold))
+    written, truth = [], []
+    for s in iter_samples(str(lay.annotated / "*.tar")):
+        written.append(list(s.meta.get("annotation", {}).get("cells", [])))
+        truth.append(enc.cells_from_boxes(s.meta.get("boxes", []), *s.image.size))
+    return cell_precision_recall(written, truth)
 
 
 def _patch_quality(pc: PatchClassifier, ds: InMemoryDataset, seed: int) -> dict:
     """Cell and image precision/recall of ``pc`` at its current threshold on clean and degraded images."""
     return patch_classifier_quality(pc, ds.images, ds.metas, ds.sizes, seed)[""]
-
-
-def _annotate(cfg: DemoConfig, out: Path, annotator_pc: PatchClassifier, thr: float) -> dict:
-    """Annotate the training split (resumable) and compare the cells written with its ground truth."""
-    ann_dir = out / "annotated"
-    manifest = ann_dir / "_manifest.json"
-    totals = json.loads(manifest.read_text()).get("totals", {}) if _stage_done(manifest) else {}
-    if totals.get("annotated", 0) < cfg.n_train:
-        from geomerase.core.tokenizer import build_tokenizer
-
-        annotator = Annotator(PatchClassifierDetector(cfg.concept, annotator_pc),
-                              GeometryConfig(grid=cfg.grid, overlap_threshold=thr), build_tokenizer(cfg.grid),
-                              cfg.concept_name)
-        annotate_shards(annotator, _glob(out, "train", cfg.concept), ann_dir)
-    enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=thr))
-    written, truth = [], []
-    for s in iter_samples(str(ann_dir / "*.tar")):
-        written.append(list(s.meta.get("annotation", {}).get("cells", [])))
-        truth.append(enc.cells_from_boxes(s.meta.get("boxes", []), *s.image.size))
-    return cell_precision_recall(written, truth)
 
 
 def _scorer_threshold(scorer: PatchClassifier, base_images: torch.Tensor | None, fpr: float) -> dict:
@@ -220,85 +245,51 @@ def _scorer_threshold(scorer: PatchClassifier, base_images: torch.Tensor | None,
 def run_demo(cfg: DemoConfig) -> dict:
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "demo_config.json", json.dumps(to_dict(cfg), indent=1))
-    device = resolve_device(cfg.device)
-    cpu_pool, pool = _pool(cfg, torch.device("cpu")), _pool(cfg, device)
+    lay = _Layout(Path(cfg.out))
+    atomic_write(lay.root / "demo_config.json", json.dumps(to_dict(cfg), indent=1))
+    workers, threads = _workers(cfg)
     timings: dict[str, float] = {}
-    thr = PatchClassifierConfig().overlap_threshold
 
-    # 1. data: four disjoint splits side by side ----------------------------------------------
+    # 1-4. data, classifiers, annotation and the two fine-tunes: one dependency graph --------------
     t = time.time()
-    cpu_pool.run({name: Job(build_icd_job, (cfg.concept, n, cfg.ratio, cfg.image_size, seed, str(out / "icd" / name)))
-                  for name, (n, seed) in _splits(cfg).items()
-                  if not _stage_done(out / "icd" / name / f"icd-{cfg.concept}-meta.json")}, desc="build ICD")
-    held_ds = InMemoryDataset(_glob(out, "heldout", cfg.concept), RES)
-    timings["data"] = time.time() - t
-
-    # 2. annotator, scorer and attribute classifier, side by side --------------------------------
-    t = time.time()
-    cpu_pool.run(_classifier_jobs(cfg, out), desc="classifiers")
-    annotator_pc, annotator_meta = load_classifier(out / "classifiers" / "annotator")
-    scorer, scorer_meta = load_classifier(out / "classifiers" / "scorer")
-    ac, _ = load_classifier(out / "classifiers" / "attributes")
-    quality = {"annotator_heldout": _patch_quality(annotator_pc, held_ds, cfg.seed + 7)}
+    run_dag(_prepare_plan(cfg, lay), workers, threads, desc="prepare + fine-tune", timings=timings)
+    held_ds = InMemoryDataset(lay.glob("heldout", cfg.concept), RES)
+    annotator_pc, annotator_meta = load_classifier(lay.classifier("annotator"))
+    scorer, scorer_meta = load_classifier(lay.classifier("scorer"))
+    ac, _ = load_classifier(lay.classifier("attributes"))
+    quality = {"annotator_heldout": _patch_quality(annotator_pc, held_ds, cfg.seed + 7),
+               "annotations_written": _annotation_quality(cfg, lay)}
     bgs, shapes = list(BACKGROUNDS), list(SHAPES)
     hbg = labels_to_index([m["attributes"]["background"] for m in held_ds.metas], bgs, "heldout")
     hsh = labels_to_index([m["attributes"]["shape"] for m in held_ds.metas], shapes, "heldout")
     pbg, psh = ac.predict(as_float(held_ds.images))
     dbg, dsh = ac.predict(degraded(held_ds.images, seed=cfg.seed + 11))
     attr_quality = {"clean": fidelity(pbg, psh, hbg, hsh), "degraded": fidelity(dbg, dsh, hbg, hsh)}
-    timings["classifiers"] = time.time() - t
-
-    # 3. annotate the training split ---------------------------------------------------------------
-    t = time.time()
-    quality["annotations_written"] = _annotate(cfg, out, annotator_pc, thr)
-    timings["annotate"] = time.time() - t
+    timings["prepare_train"] = time.time() - t
     if cfg.prepare_only:
         return {"quality": quality, "attribute_classifier": attr_quality, "timings": timings}
 
-    # 4. fine-tune plain and geom side by side (same base, budget and seed) -------------------------
-    t = time.time()
-    model_cfg = ModelConfig(size=cfg.model_size, pretrained=cfg.pretrained, grid=cfg.grid, seed=cfg.seed,
-                            attention_backend=cfg.attention_backend)
-    jobs = {}
-    for name, caps in (("plain", CaptionConfig(mode="clean", dropout=cfg.captions.dropout)), ("geom", cfg.captions)):
-        run_dir = out / "models" / name
-        if not _stage_done(run_dir / "model" / "geomerase.json"):
-            jobs[name] = _train_job(cfg, run_dir, model_cfg, str(out / "annotated" / "*.tar"), caps,
-                                    pool.workers == 1, cfg.reweight_alpha if name == "geom" else None)
-    pool.run(jobs, desc="fine-tune plain+geom")
-    timings["train"] = time.time() - t
-
     # 5. sample and score ----------------------------------------------------------------------------
     t = time.time()
-    images, arms, probe_cells, seen, neg = _sample_all(cfg, out, pool, held_ds)
+    images, arms, probe_cells, neg = _sample_all(cfg, lay, held_ds, workers, threads)
     scorer_cal = _scorer_threshold(scorer, images.get("base"), cfg.scorer_fpr)
     quality["scorer_heldout"] = _patch_quality(scorer, held_ds, cfg.seed + 7)
-    results, fids = _score(cfg, out, images, arms, probe_cells, scorer, ac, hbg, hsh)
-    binding = binding_probes(str(out / "models" / "geom" / "model"), held_ds, cfg)
+    results, fids = _score(cfg, lay.root, images, arms, probe_cells, scorer, ac, hbg, hsh)
+    binding = binding_probes(str(lay.model("geom") / "model"), held_ds, cfg)
     timings["sample_score"] = time.time() - t
     metrics = _metrics(cfg, results, fids, quality, attr_quality, scorer_cal, binding, neg,
                        {"annotator": annotator_meta.get("calibration", {}),
-                        "scorer": scorer_meta.get("calibration", {})}, pool, timings, t_start)
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+                        "scorer": scorer_meta.get("calibration", {})}, (workers, threads), timings, t_start)
+    atomic_write(lay.root / "metrics.json", json.dumps(metrics, indent=1))
     report = render_report(metrics, cfg)
-    atomic_write(out / "report.md", report)
+    atomic_write(lay.root / "report.md", report)
     print(report)
     return metrics
 
 
-def _sample_all(cfg: DemoConfig, out: Path, pool: JobPool, held_ds: InMemoryDataset):
-    """Every arm with the same seeds (plus the base model's calibration samples on other seeds), split
-    into jobs of similar cost, one per process. Returns images, the arm table, probe cells, the cell
-    sets seen in training and the negative mixtures."""
+def _arms(cfg: DemoConfig, prompts: list[str], seen: list[list[int]]) -> tuple[dict, list[list[int]]]:
+    """``{arm: (model, prompts, negative kind)}`` and the probe's asked-for cell sets."""
     n = cfg.samples
-    prompts = [r.caption for r in held_ds.records][:n]
-    seeds = list(range(10_000, 10_000 + n))
-    seen = annotated_cells(out / "annotated")
-    neg = {kind: negative_mixture(kind, cfg.concept_name, cfg.grid, seen)
-           for kind in ["none", "name", cfg.geom_negative, *cfg.extra_negatives]}
     arms = {
         "plain": ("plain", prompts, "none"), "plain_np": ("plain", prompts, "name"),
         "geom_noneg": ("geom", prompts, "none"), "geom": ("geom", prompts, cfg.geom_negative),
@@ -312,25 +303,45 @@ def _sample_all(cfg: DemoConfig, out: Path, pool: JobPool, held_ds: InMemoryData
     for kind in cfg.extra_negatives:
         arms[f"geom[{kind}]"] = ("geom", prompts, kind)
         arms[f"open_geom[{kind}]"] = ("geom", [""] * n, kind)
-    model_dir = {m: str(out / "models" / m / "model") for m in ("plain", "geom")}
-    todo = [Arm(arm, model_dir[mname], ps, *neg[kind], cfg.guidance_scale) for arm, (mname, ps, kind) in arms.items()]
+    return arms, probe_cells
+
+
+def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers: int, threads: int):
+    """Every arm with the same seeds (plus the base model's calibration samples on other seeds), as
+    sampling jobs of similar cost per model; each arm's images are written once (resume). Returns
+    images, the arm table, the probe cells and the negative mixtures."""
+    n = cfg.samples
+    prompts = [r.caption for r in held_ds.records][:n]
+    seen = annotated_cells(lay.annotated)
+    neg = {kind: negative_mixture(kind, cfg.concept_name, cfg.grid, seen)
+           for kind in ["none", "name", cfg.geom_negative, *cfg.extra_negatives]}
+    arms, probe_cells = _arms(cfg, prompts, seen)
+    specs: dict[str, list[ArmSpec]] = {"plain": [], "geom": []}
+    for arm, (mname, ps, kind) in arms.items():
+        specs[mname].append(ArmSpec(arm, ps, *neg[kind], cfg.guidance_scale))
     for scale in cfg.guidance_sweep:
         for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative)):
-            todo.append(Arm(f"{arm}@{scale}", model_dir["geom"], [""] * n, *neg[kind], scale))
-    groups = [(g, seeds) for g in balance(todo, pool.workers)]
+            specs["geom"].append(ArmSpec(f"{arm}@{scale}", [""] * n, *neg[kind], scale))
+    seeds = list(range(10_000, 10_000 + n))
+    jobs = [(str(lay.model(m) / "model"), group, seeds) for m, arm_specs in specs.items()
+            for group in balance(arm_specs, workers)]
+    names = [a.name for _, group, _ in jobs for a in group]
     if cfg.pretrained:
         # The concept-free base model, half held-out prompts and half empty, on seeds no arm uses.
         from geomerase.core.builtin import resolve_pretrained
 
-        base = Arm("base", resolve_pretrained(cfg.pretrained), prompts + [""] * n, [""], [1.0], cfg.guidance_scale)
-        groups.append(([base], list(range(20_000, 20_000 + 2 * n))))
-    scfg = SamplerConfig(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
-    jobs = {f"sample-{i}": Job(sample_arms_job, (group, sd, scfg, cfg.device, cfg.attention_backend))
-            for i, (group, sd) in enumerate(groups)}
-    images: dict[str, torch.Tensor] = {}
-    for part in pool.run(jobs, desc="sample").values():
-        images.update(part)
-    return images, arms, probe_cells, seen, neg
+        jobs.append((resolve_pretrained(cfg.pretrained), [ArmSpec("base", prompts + [""] * n, [""], [1.0],
+                                                                  cfg.guidance_scale)],
+                     list(range(20_000, 20_000 + 2 * n))))
+        names.append("base")
+    tasks = {f"sample/{i}": Task(Job(sample_job, (model_dir, cfg.device, cfg.attention_backend, group, sd,
+                                                  cfg.sample_steps, 64, str(lay.samples))),
+                                 outputs=tuple(str(samples_path(lay.samples, a.name)) for a in group),
+                                 cost=sum(a.cost for a in group) * cfg.sample_steps / 1000)
+             for i, (model_dir, group, sd) in enumerate(jobs)}
+    run_dag(tasks, workers, threads, desc="sample")
+    images = {name: load_images(samples_path(lay.samples, name)) for name in names}
+    return images, arms, probe_cells, neg
 
 
 def _score(cfg: DemoConfig, out: Path, images: dict[str, torch.Tensor], arms: dict, probe_cells: list[list[int]],
@@ -357,7 +368,8 @@ def _score(cfg: DemoConfig, out: Path, images: dict[str, torch.Tensor], arms: di
 
 
 def _metrics(cfg: DemoConfig, results: dict, fids: dict, quality: dict, attr_quality: dict, scorer_cal: dict,
-             binding: dict, neg: dict, calibration: dict, pool: JobPool, timings: dict, t_start: float) -> dict:
+             binding: dict, neg: dict, calibration: dict, workers: tuple[int, int], timings: dict,
+             t_start: float) -> dict:
     ic = {k: v["icr"] for k, v in results.items()}
     fp, fg, chance = fids["plain"]["fidelity"], fids["geom"]["fidelity"], fidelity_chance(len(BACKGROUNDS), len(SHAPES))
     probe = results["probe_geom"]["cells_vs_asked"]
@@ -385,7 +397,7 @@ def _metrics(cfg: DemoConfig, results: dict, fids: dict, quality: dict, attr_qua
         "binding": binding,
         "negatives": {k: {"prompts": v[0], "weights": v[1]} for k, v in neg.items()},
         "n_samples": cfg.samples, "seconds": time.time() - t_start, "timings": timings,
-        "workers": pool.workers, "threads_per_worker": pool.threads,
+        "workers": workers[0], "threads_per_worker": workers[1],
         "config": to_dict(cfg),
     }
     targets["demo seconds <= 1200"] = metrics["seconds"] <= 1200

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from geomerase.benchmarks.erasing import ARMS, PRESETS, PROMPT_SETS, ErasingConfig, erasing_config, run_erasing
-from geomerase.benchmarks.erasing_jobs import Task, run_dag
 from geomerase.core.config import ConfigError
-from geomerase.demo_jobs import Job
 
 TINY = ["n_train=48", "n_heldout=8", "n_aux=24", "image_size=32", "samples=4", "sweep_samples=2", "classifier_steps=5",
         "steps=2", "batch_size=4", "sample_steps=2", "grid_columns=2", "base_steps=2"]
@@ -63,7 +61,7 @@ def test_files_written(smoke_run):
         assert t["flagged"] <= cfg.scorer_fpr + 1e-9 and t["n"] == cfg.calibration_samples, (pset, t)
     assert {"scorer", "scorer_open", "scorer_f1", "annotator"} <= set(details["concepts"]["qr"]["detectors"])
     assert "Scorer threshold: F1-calibrated" in report
-    assert (out / "shared" / "samples" / "calibration" / "heldout.pt").is_file()
+    assert (out / "shared" / "samples" / "calibration" / "heldout.safetensors").is_file()
     assert details["targets"]["qr"] and all({"target", "met", "measured"} <= set(t) for t in details["targets"]["qr"])
     # base_steps > 0: one shared base model, and every data-removal arm fine-tuned from it
     assert (out / "shared" / "models" / "base" / "model" / "geomerase.json").is_file()
@@ -74,7 +72,7 @@ def test_files_written(smoke_run):
 
 def test_rerun_resumes_without_recomputing(smoke_run):
     cfg, out, results, first = smoke_run
-    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     model = out / "qr" / "models" / "geom" / "model" / "geomerase.json"
     before = model.stat().st_mtime_ns
     t0 = time.time()
@@ -101,24 +99,6 @@ def test_config_errors_and_presets():
         erasing_config("smoke", ["inception_weights=/nope.pt"])
     with pytest.raises(ConfigError, match="scorer_fpr"):
         erasing_config("smoke", ["scorer_fpr=1.0"])
-
-
-def _append(log: list, name: str) -> str:
-    log.append(name)
-    return name
-
-
-def test_run_dag_orders_dependencies_and_skips_done(tmp_path):
-    done_file = tmp_path / "done"
-    done_file.write_text("x")
-    log: list[str] = []
-    tasks = {"c": Task(Job(_append, (log, "c")), deps=("a", "b")), "a": Task(Job(_append, (log, "a"))),
-             "b": Task(Job(_append, (log, "b")), deps=("a",)),
-             "skip": Task(Job(_append, (log, "skip")), outputs=(str(done_file),))}
-    res = run_dag(tasks, workers=1, threads=1)
-    assert log == ["a", "b", "c"] and set(res) == {"a", "b", "c"}
-    with pytest.raises(KeyError, match="unknown task"):
-        run_dag({"x": Task(Job(_append, (log, "x")), deps=("nope",))}, 1, 1)
 
 
 def test_inception_fid_is_scored_per_arm_when_weights_are_given(smoke_run, monkeypatch):
