@@ -69,11 +69,8 @@ def make_backend(name: str):
         from geomerase.kernels import attention as A
 
         def run(q, k, v):
-            A._BWD_SCHEME_OVERRIDE = TRITON_SCHEMES[name]
-            try:
+            with A.kernel_overrides(bwd_scheme=TRITON_SCHEMES[name]):
                 return A.flash_attention(q, k, v)
-            finally:
-                A._BWD_SCHEME_OVERRIDE = None
         return run
     if name in SDPA_BACKENDS:
         from torch.nn.attention import SDPBackend, sdpa_kernel

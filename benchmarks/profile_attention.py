@@ -26,6 +26,7 @@ Run:  python -m geomerase.benchmarks.profile_attention [--out DIR] [--budget-s 3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -161,11 +162,12 @@ def profile_one(name: str, shape: tuple, args: argparse.Namespace, on_gpu: bool,
     q, k, v = (torch.randn(args.batch, h, s, d, generator=g).to(device, dtype).requires_grad_(True)
                for s in (sq, sk, sk))
     do = torch.randn(args.batch, h, sq, d, generator=g).to(device, dtype)
+    overrides = contextlib.nullcontext()
     if name.startswith("triton"):
         # "triton-fused" / "triton-two_kernel": one backward scheme forced (else the plan's pick)
         scheme = name.partition("-")[2] or None
-        if scheme and hasattr(attn, "_BWD_SCHEME_OVERRIDE"):
-            attn._BWD_SCHEME_OVERRIDE = scheme
+        if scheme and hasattr(attn, "kernel_overrides"):
+            overrides = attn.kernel_overrides(bwd_scheme=scheme)
         fn = attn.flash_attention
         count = mock_count or attn.launch_count
     else:
@@ -180,44 +182,44 @@ def profile_one(name: str, shape: tuple, args: argparse.Namespace, on_gpu: bool,
     def both() -> None:
         torch.autograd.grad(fn(q, k, v), (q, k, v), do)
 
-    try:
-        for _ in range(2):  # compile / tune / plan outside the timings
-            both()
-        out = fn(q, k, v)
+    with overrides:  # the plans built here keep it for their backward
+        try:
+            for _ in range(2):  # compile / tune / plan outside the timings
+                both()
+            out = fn(q, k, v)
 
-        def bwd() -> None:
-            torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+            def bwd() -> None:
+                torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
 
-        n = args.calls
-        if count is not None:
-            c0 = count()
-            fwd()
-            c1 = count()
-            bwd()
-            row["fwd_launches"], row["bwd_launches"] = c1 - c0, count() - c1
-        row["fwd_host_us"], row["fwd_eager_us"] = _per_call_us(fwd, n, on_gpu)
-        row["bwd_host_us"], row["bwd_eager_us"] = _per_call_us(bwd, n, on_gpu)
-        if on_gpu:
-            # ~10 ms of device work per replay batch, at most 20 calls in one graph
-            per = max(1, min(20, int(2000 / max(row["fwd_eager_us"], 1.0))))
-            row["fwd_graph_us"] = common.try_measure(lambda: _graph_us(fwd, 5, per), errors, f"{label}/{name}/graph-fwd")
-            both_us = common.try_measure(lambda: _graph_us(both, 5, max(1, per // 3)), errors,
-                                         f"{label}/{name}/graph-both")
-            row["bwd_graph_us"] = both_us - row["fwd_graph_us"]
-            for kind in ("fwd", "bwd"):
-                dev = row[f"{kind}_graph_us"]
-                row[f"{kind}_host_bound"] = row[f"{kind}_eager_us"] / dev if dev == dev and dev > 0 else NAN
-        if name.startswith("triton") and hasattr(attn, "_fwd_plan"):
-            row["triton_config"] = _triton_config(attn, q, k, v)
-    except Exception as exc:  # noqa: BLE001 - one failing backend must not cost the others
-        errors.append(f"{label}/{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        if on_gpu:
-            torch.cuda.synchronize()
-    finally:
-        if not name.startswith("triton"):
-            _set_sdpa(None)
-        elif hasattr(attn, "_BWD_SCHEME_OVERRIDE"):
-            attn._BWD_SCHEME_OVERRIDE = None
+            n = args.calls
+            if count is not None:
+                c0 = count()
+                fwd()
+                c1 = count()
+                bwd()
+                row["fwd_launches"], row["bwd_launches"] = c1 - c0, count() - c1
+            row["fwd_host_us"], row["fwd_eager_us"] = _per_call_us(fwd, n, on_gpu)
+            row["bwd_host_us"], row["bwd_eager_us"] = _per_call_us(bwd, n, on_gpu)
+            if on_gpu:
+                # ~10 ms of device work per replay batch, at most 20 calls in one graph
+                per = max(1, min(20, int(2000 / max(row["fwd_eager_us"], 1.0))))
+                row["fwd_graph_us"] = common.try_measure(lambda: _graph_us(fwd, 5, per), errors,
+                                                         f"{label}/{name}/graph-fwd")
+                both_us = common.try_measure(lambda: _graph_us(both, 5, max(1, per // 3)), errors,
+                                             f"{label}/{name}/graph-both")
+                row["bwd_graph_us"] = both_us - row["fwd_graph_us"]
+                for kind in ("fwd", "bwd"):
+                    dev = row[f"{kind}_graph_us"]
+                    row[f"{kind}_host_bound"] = row[f"{kind}_eager_us"] / dev if dev == dev and dev > 0 else NAN
+            if name.startswith("triton") and hasattr(attn, "_fwd_plan"):
+                row["triton_config"] = _triton_config(attn, q, k, v)
+        except Exception as exc:  # noqa: BLE001 - one failing backend must not cost the others
+            errors.append(f"{label}/{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            if on_gpu:
+                torch.cuda.synchronize()
+        finally:
+            if not name.startswith("triton"):
+                _set_sdpa(None)
     return row
 
 

@@ -5,17 +5,23 @@ Every component keeps its knobs in a ``@dataclass`` whose fields carry a docstri
 from a YAML file and ``key.sub=value`` overrides; unknown keys and values of the
 wrong type raise :class:`ConfigError` naming the file and the dotted key, because a
 typo that silently falls back to a default can waste a whole training run.
+
+The command line reads the same classes: :func:`add_config_args` turns fields into
+``--options`` (type, default and help from the field) and :func:`config_keys_help` lists
+every ``key=value`` a class accepts, so a default or its description has one home.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
 import os
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -234,3 +240,70 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[prev.target.id] = inspect.cleandoc(node.value.value)
     return docs
+
+
+def _option_kind(tp: Any, where: str) -> dict[str, Any]:
+    """argparse ``type``/``choices``/``action`` for a scalar annotation (``X | None`` reads as ``X``)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _option_kind(args[0], where)
+    if get_origin(tp) is Literal:
+        choices = list(get_args(tp))
+        return {"type": type(choices[0]), "choices": choices}
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if tp in (int, float, str):
+        return {"type": tp}
+    raise TypeError(f"{where}: a field of type {_type_name(tp)} has no command-line option")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, names: Sequence[str], dest_prefix: str = "") -> None:
+    """Add ``--kebab-name`` options to ``parser`` for the fields ``names`` of dataclass ``cls``.
+
+    The option's type comes from the annotation (int, float, str; a ``Literal`` gives choices; a
+    bool gives ``--name/--no-name``; ``X | None`` reads as X), its default is the field's default
+    and its help is the field's docstring plus that default. The value lands in
+    ``dest_prefix + name``.
+    """
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        if name not in fields:
+            raise KeyError(f"{cls.__name__} has no field {name!r}")
+        default = _default_of(fields[name])
+        kind = _option_kind(hints[name], f"{cls.__name__}.{name}")
+        if "type" in kind and "choices" not in kind:
+            kind["metavar"] = name.upper()  # not the prefixed dest
+        doc = " ".join(docs.get(name, "").split()).replace("%", "%%")
+        parser.add_argument("--" + name.replace("_", "-"), dest=dest_prefix + name, default=default,
+                            help=f"{doc} (default: {'None' if default is None else _yaml_value(default)})".lstrip(),
+                            **kind)
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as written on the command line or in YAML (``null``, ``true``, ``[a, b]``)."""
+    text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=1 << 30).strip()
+    return text.removesuffix("...").strip()
+
+
+def config_keys_help(obj: Any, prefix: str = "", width: int = 96) -> str:
+    """Every ``key=value`` that ``load_config`` accepts for config dataclass ``obj`` (an instance,
+    or a class with defaults for every field), one entry per key: ``key=default`` over its
+    docstring. Nested dataclasses appear as dotted keys (``train.max_steps``) with the defaults
+    of the field that holds them."""
+    if isinstance(obj, type):
+        obj = obj()
+    docs, lines = field_docs(type(obj)), []
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            lines.append(config_keys_help(value, key + ".", width))
+            continue
+        lines.append(f"  {key}={_yaml_value(value)}")
+        doc = " ".join(docs.get(f.name, "").split())
+        if doc:
+            lines.append(textwrap.fill(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)

@@ -11,6 +11,10 @@ Sub-commands::
     geomerase fetch-tokenizer                        cache CLIP's BPE table (set-up does this)
     geomerase bench erasing --preset cpu --concepts qr,watermark,text --out DIR   erasing benchmark
     geomerase bench compare RUN_A RUN_B [--tol 0]                                 same table twice?
+
+``geomerase CMD --help`` describes every flag; the flags that set a config field take their type,
+default and description from that field, and the commands that take ``key=value`` overrides
+list every key with its default.
 """
 from __future__ import annotations
 
@@ -18,18 +22,23 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
+from typing import Any, Callable
 
 from geomerase.core.config import ConfigError
+
+# ``geomerase demo --fast``: DemoConfig overrides placed before the user's own.
+_FAST_DEMO = ["n_train=600", "n_heldout=200", "n_aux=400", "steps=40", "samples=16", "classifier_steps=100",
+              "sample_steps=10"]
 
 
 def _demo(a: argparse.Namespace) -> int:
     from geomerase.core.config import load_config
     from geomerase.demo import DemoConfig, run_demo
 
-    overrides = [f"out={a.out}"] + list(a.overrides)
+    overrides = ([f"out={a.out}"] if a.out is not None else []) + list(a.overrides)
     if a.fast:
-        overrides = ["n_train=600", "n_heldout=200", "n_aux=400", "steps=40", "samples=16", "classifier_steps=100",
-                     "sample_steps=10"] + overrides
+        overrides = _FAST_DEMO + overrides
     cfg = load_config(DemoConfig, a.config, overrides)
     run_demo(cfg)
     return 0
@@ -119,7 +128,6 @@ def _base_build(a: argparse.Namespace) -> int:
 
 
 def _sample(a: argparse.Namespace) -> int:
-
     from geomerase.core.captions import NEGATIVE_KINDS, negative_mixture
     from geomerase.core.metrics import sample_grid
     from geomerase.core.models import load_model
@@ -159,101 +167,173 @@ def _fetch_tokenizer(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="geomerase", description="Geom-Erasing: implicit concept removal")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options are added by ``fill(parser)`` the first time it parses or
+    prints help: a sub-command's options come from config classes whose modules import torch, and
+    ``geomerase --help`` (which shows no sub-command's options) imports none of them."""
 
-    p = sub.add_parser("demo", help="the whole method on the embedded default (CPU)")
-    p.add_argument("--out", default="runs/demo")
+    def __init__(self, *args: Any, fill: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fill = fill
+
+    def _filled(self) -> None:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        self._filled()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._filled()
+        return super().format_help()
+
+
+def _keys_epilog(p: argparse.ArgumentParser, cfg: Any, intro: str) -> None:
+    """List every ``key=value`` override of ``cfg`` (a config class or instance) under ``p --help``."""
+    from geomerase.core.config import config_keys_help
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = f"{intro}\n{config_keys_help(cfg)}"
+
+
+def _out_arg(p: argparse.ArgumentParser, cls: type, fallback: str) -> None:
+    """``--out``: sets the config's ``out`` field when given."""
+    from geomerase.core.config import field_docs
+
+    p.add_argument("--out", default=None, help=f"{field_docs(cls)['out']} (default: {fallback})")
+
+
+def _fill_demo(p: argparse.ArgumentParser) -> None:
+    from geomerase.demo import DemoConfig
+
+    _out_arg(p, DemoConfig, f"out of --config, else {DemoConfig.out}")
     p.add_argument("--config", default=None, help="YAML overriding DemoConfig fields")
-    p.add_argument("--fast", action="store_true", help="a minutes-long smoke version (no meaningful numbers)")
-    p.add_argument("overrides", nargs="*", help="DemoConfig overrides, key=value")
-    p.set_defaults(fn=_demo)
+    p.add_argument("--fast", action="store_true",
+                   help=f"a minutes-long smoke version (no meaningful numbers): {' '.join(_FAST_DEMO)}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig overrides (keys below)")
+    _keys_epilog(p, DemoConfig, "DemoConfig keys (key=default without --config, then what it sets):")
 
-    p = sub.add_parser("data", help="datasets")
+
+def _fill_data(p: argparse.ArgumentParser) -> None:
     dsub = p.add_subparsers(dest="data_cmd", required=True)
     q = dsub.add_parser("build-icd", help="write Implicit Concept Dataset shards")
-    q.add_argument("--concept", choices=["qr", "watermark", "text"], required=True)
-    q.add_argument("--n", type=int, required=True)
-    q.add_argument("--ratio", type=float, default=0.5)
-    q.add_argument("--size", type=int, default=256)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--shard-size", type=int, default=1000)
-    q.add_argument("--out", required=True)
+    q.add_argument("--concept", choices=["qr", "watermark", "text"], required=True, help="concept overlaid on images")
+    q.add_argument("--n", type=int, required=True, help="images to write")
+    q.add_argument("--ratio", type=float, default=0.5, help="share of images carrying the concept (default: 0.5)")
+    q.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    q.add_argument("--seed", type=int, default=0, help="dataset seed; every image is a function of it (default: 0)")
+    q.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (default: 1000)")
+    q.add_argument("--out", required=True, help="output folder of the shards")
     q.add_argument("--sizes", choices=["default", "wide"], default="default",
-                   help="overlay size profile; 'wide' reaches below what OpenCV/Tesseract detect")
+                   help="overlay size profile; 'wide' reaches below what OpenCV/Tesseract detect (default: default)")
     q.set_defaults(fn=_build_icd)
 
-    p = sub.add_parser("classifier", help="detectors trained on project data")
+
+def _fill_classifier_train(q: argparse.ArgumentParser) -> None:
+    from geomerase.core.classifiers import PatchClassifierConfig
+    from geomerase.core.config import add_config_args
+
+    q.add_argument("--input", required=True, help="glob of ICD shards (their ground-truth boxes are the labels)")
+    q.add_argument("--out", required=True, help="folder the classifier is saved to")
+    q.add_argument("--concept", default="qr", help="concept recorded with the classifier (default: qr)")
+    add_config_args(q, PatchClassifierConfig, ["resolution", "grid", "width"])
+    q.add_argument("--steps", type=int, default=800, help="training steps (default: 800)")
+    q.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default: 0)")
+
+
+def _fill_classifier(p: argparse.ArgumentParser) -> None:
     csub = p.add_subparsers(dest="classifier_cmd", required=True)
-    q = csub.add_parser("train", help="train a patch classifier on ICD shards (ground-truth boxes)")
-    q.add_argument("--input", required=True)
-    q.add_argument("--out", required=True)
-    q.add_argument("--concept", default="qr")
-    q.add_argument("--grid", type=int, default=4)
-    q.add_argument("--resolution", type=int, default=32)
-    q.add_argument("--width", type=int, default=16)
-    q.add_argument("--steps", type=int, default=800)
-    q.add_argument("--seed", type=int, default=0)
+    q = csub.add_parser("train", help="train a patch classifier on ICD shards (ground-truth boxes)",
+                        fill=_fill_classifier_train)
     q.set_defaults(fn=_train_classifier)
 
-    p = sub.add_parser("annotate", help="detect the concept and rewrite captions with location tokens")
+
+def _fill_annotate(p: argparse.ArgumentParser) -> None:
+    from geomerase.core.config import add_config_args
+    from geomerase.core.geometry import GeometryConfig
+    from geomerase.distributed.ray_annotate import RayAnnotateConfig
+
     p.add_argument("--input", required=True, help="glob of input shards")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder of the annotated shards and their manifest")
     p.add_argument("--detector", default="patch-classifier",
-                   help="qr, text, watermark, oracle, patch-classifier, module:Class, or several joined by commas")
+                   help="qr, text, watermark, oracle, patch-classifier, module:Class, or several joined by commas "
+                        "(default: patch-classifier)")
     p.add_argument("--classifier", default=None, help="patch-classifier folder")
-    p.add_argument("--concept", default="qr", choices=["qr", "watermark", "text"])
-    p.add_argument("--concept-name", default=None)
-    p.add_argument("--grid", type=int, default=4)
-    p.add_argument("--overlap-threshold", type=float, default=0.25)
-    p.add_argument("--mode", choices=["cells", "corner"], default="cells")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--engine", default="local", choices=["local", "ray"])
-    p.add_argument("--address", default=None,
-                   help="ray engine: 'auto' or HOST:PORT of a running cluster (default: embedded local Ray)")
-    p.add_argument("--num-workers", type=int, default=2, help="ray engine: actors (one CPU each)")
+    p.add_argument("--concept", default="qr", choices=["qr", "watermark", "text"],
+                   help="concept for detectors that take one (oracle, patch-classifier) (default: qr)")
+    p.add_argument("--concept-name", default=None, help="caption phrase of the concept (default: the ICD's name)")
+    add_config_args(p, GeometryConfig, ["grid", "overlap_threshold", "mode"])
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: a pool of Ray actors (default: local)")
+    add_config_args(p, RayAnnotateConfig, ["batch_size", "address", "num_workers"])
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="detector option, repeatable (require_decode=true, min_conf=50, text.min_height=8)")
-    p.set_defaults(fn=_annotate)
 
-    p = sub.add_parser("train", help="fine-tune (python -m geomerase.train; torchrun/deepspeed launch that module)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
-    p.set_defaults(fn=_train)
 
-    p = sub.add_parser("base", help="the shipped base models (pretrained stand-ins for Stable Diffusion)")
-    bsub = p.add_subparsers(dest="base_cmd", required=True)
-    q = bsub.add_parser("build", help="corpus + pretraining (resumable) + export of a builtin base model")
+def _fill_train(p: argparse.ArgumentParser) -> None:
+    from geomerase.train import add_arguments
+
+    add_arguments(p)
+
+
+def _fill_base_build(q: argparse.ArgumentParser) -> None:
+    from geomerase.core.pretrain import BaseBuildConfig
+
     q.add_argument("--config", default="base32_cpu.yaml", help="BaseBuildConfig YAML or the name of a shipped config")
     q.add_argument("--until-step", type=int, default=None, help="stop after this training step (rerun to continue)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
-    q.add_argument("overrides", nargs="*", help="BaseBuildConfig overrides, key.sub=value")
+    q.add_argument("overrides", nargs="*", metavar="key.sub=value", help="BaseBuildConfig overrides (keys below)")
+    _keys_epilog(q, BaseBuildConfig, "BaseBuildConfig keys (key=default without --config's YAML, then what it sets):")
+
+
+def _fill_base(p: argparse.ArgumentParser) -> None:
+    bsub = p.add_subparsers(dest="base_cmd", required=True)
+    q = bsub.add_parser("build", help="corpus + pretraining (resumable) + export of a builtin base model",
+                        fill=_fill_base_build)
     q.set_defaults(fn=_base_build)
 
-    p = sub.add_parser("sample", help="generate a grid with a negative prompt")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", default="")
-    p.add_argument("--negative", default="geom", help="none, name, geom, geom-multi, geom-cells, geom-seen, or a literal prompt")
-    p.add_argument("--concept-name", default="qr code")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--out", default="samples.png")
-    p.set_defaults(fn=_sample)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    bsub = p.add_subparsers(dest="bench_cmd", required=True)
-    q = bsub.add_parser("erasing", help="Geom-Erasing vs plain fine-tuning, NP, SLD and ESD (ICR, FID, fidelity)")
-    q.add_argument("--preset", default="cpu", help="smoke, cpu or gpu (geomerase.benchmarks.erasing.PRESETS)")
+def _fill_sample(p: argparse.ArgumentParser) -> None:
+    from geomerase.core.config import add_config_args
+    from geomerase.core.sampling import SamplerConfig
+
+    p.add_argument("--model", required=True, help="model folder (a diffusers folder or a fine-tune's model/)")
+    p.add_argument("--prompt", default="", help="prompt of every sample (default: the empty prompt)")
+    p.add_argument("--negative", default="geom",
+                   help="none, name, geom, geom-multi, geom-cells, geom-seen, or a literal prompt (default: geom)")
+    p.add_argument("--concept-name", default="qr code", help="concept phrase of the negative prompt (default: qr code)")
+    p.add_argument("--n", type=int, default=16, help="samples (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
+    add_config_args(p, SamplerConfig, ["steps", "scheduler", "guidance_scale"])
+    p.add_argument("--out", default="samples.png", help="grid image to write (default: samples.png)")
+
+
+def _fill_bench_erasing(q: argparse.ArgumentParser) -> None:
+    from geomerase.benchmarks.erasing import PRESETS, ErasingConfig
+
+    q.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="field overrides applied before the key=value ones (listed below) (default: cpu)")
     q.add_argument("--concepts", default=None, help="comma-separated subset of qr,watermark,text (default: all)")
-    q.add_argument("--out", default=None, help="output folder (default: the preset's)")
-    q.add_argument("overrides", nargs="*", help="ErasingConfig overrides, key=value")
+    _out_arg(q, ErasingConfig, ErasingConfig.out)
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="ErasingConfig overrides (keys below)")
+    presets = "\n".join(textwrap.fill(f"{name}: " + " ".join(f"{k}={_compact(v)}" for k, v in tree.items()), 96,
+                                       initial_indent="  ", subsequent_indent=" " * 6)
+                         for name, tree in PRESETS.items())
+    _keys_epilog(q, ErasingConfig,
+                 f"presets:\n{presets}\n\nErasingConfig keys (key=default without a preset, then what it sets):")
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+
+
+def _fill_bench(p: argparse.ArgumentParser) -> None:
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    q = bsub.add_parser("erasing", help="Geom-Erasing vs plain fine-tuning, NP, SLD and ESD (ICR, FID, fidelity)",
+                        fill=_fill_bench_erasing)
     q.set_defaults(fn=_bench_erasing)
     q = bsub.add_parser("compare", help="are two erasing runs the same table? (exit 1 listing differences)")
     q.add_argument("a", help="run folder or results.json")
@@ -261,8 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tol", type=float, default=0.0, help="absolute tolerance on fid and fidelity (icr exact)")
     q.set_defaults(fn=_bench_compare)
 
-    p = sub.add_parser("fetch-tokenizer", help="cache CLIP's BPE table offline use")
-    p.set_defaults(fn=_fetch_tokenizer)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``geomerase`` parser; a sub-command's options are added when it is parsed or helped."""
+    ap = _Parser(prog="geomerase", description="Geom-Erasing: implicit concept removal")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    commands = [
+        ("demo", "the whole method on the embedded default (CPU)", _fill_demo, _demo),
+        ("data", "datasets", _fill_data, None),
+        ("classifier", "detectors trained on project data", _fill_classifier, None),
+        ("annotate", "detect the concept and rewrite captions with location tokens", _fill_annotate, _annotate),
+        ("train", "fine-tune (python -m geomerase.train; torchrun/deepspeed launch that module)", _fill_train, _train),
+        ("base", "the shipped base models (pretrained stand-ins for Stable Diffusion)", _fill_base, None),
+        ("sample", "generate a grid with a negative prompt", _fill_sample, _sample),
+        ("bench", "benchmarks", _fill_bench, None),
+        ("fetch-tokenizer", "cache CLIP's BPE table for offline use", None, _fetch_tokenizer),
+    ]
+    for name, text, fill, fn in commands:
+        p = sub.add_parser(name, help=text, description=text, fill=fill)
+        if fn is not None:
+            p.set_defaults(fn=fn)
     return ap
 
 

@@ -15,18 +15,26 @@ import logging
 import os
 import sys
 
-from geomerase.core.config import ConfigError, load_config
+from geomerase.core.config import ConfigError, add_config_args, config_keys_help, load_config
 from geomerase.core.trainer import RunConfig, Trainer
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of ``geomerase train`` and ``python -m geomerase.train``; ``--help`` lists every
+    RunConfig key with its default."""
+    ap.add_argument("--config", required=True, help="RunConfig YAML or the name of a shipped config")
+    add_config_args(ap, RunConfig, ["resume"])
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="RunConfig overrides (keys below)")
+    ap.formatter_class = argparse.RawDescriptionHelpFormatter
+    ap.epilog = f"RunConfig keys (key=default, then what it sets):\n{config_keys_help(RunConfig)}"
 
 
 def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="geomerase train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="YAML file or the name of a shipped config")
-    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    ap.add_argument("--no-progress", action="store_true")
-    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("overrides", nargs="*", help="key.sub=value")
+    add_arguments(ap)
     a = ap.parse_args(argv)
     if a.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))

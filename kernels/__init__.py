@@ -17,6 +17,8 @@ _LAZY = {
     "flash_attention": ".attention",
     "flash_attention_with_lse": ".attention",
     "FlashAttentionFunction": ".attention",
+    "KernelOverrides": ".attention",
+    "kernel_overrides": ".attention",
     "register_flash_attention_op": ".attention_op",
     "loc_embedding": ".loc_embedding",
     "LocEmbeddingFunction": ".loc_embedding",

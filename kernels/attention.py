@@ -30,13 +30,20 @@ Design choices (the why):
   without the autotuner/heuristics wrappers, and no driver query is on the hot path.
 * With 77 keys the key-block grids leave most SMs idle: the query sweep is then split over
   ``n_split`` programs writing fp32 partials, which one small kernel sums and casts.
+
+Tests and benchmarks pin a path (a query split, a tile config, a backward scheme) with
+``with kernel_overrides(...)``; a plan keeps the overrides it was built under, so the backward
+of a forward run inside the block follows them wherever autograd runs it.
 """
 from __future__ import annotations
 
 import math
 import os
 import warnings
-from typing import Any, Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import triton
@@ -55,16 +62,51 @@ LOG2E = 1.4426950408889634
 # bf16 operands must be widened to fp32 there. On a GPU this flag is always False.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tests may force the dK/dV query-split factor to exercise the partial-sum path, and pin
-# entry i of every config list (instead of tuning / the interpreter tile) to check each one.
-_DKDV_SPLIT_OVERRIDE: int | None = None
-_FIXED_CONFIG_INDEX: int | None = None
-# ... and force one backward scheme ("fused" or "two_kernel") instead of the plan's choice.
-_BWD_SCHEME_OVERRIDE: str | None = None
 # The fused backward holds every key of a (b, h) on chip: K and V tiles plus two fp32
 # (keys x D) accumulators. Up to 128 keys and 80 columns (hd 40/64/80 with SD's 77 keys)
 # lower for sm_90a without spills (benchmarks/compile_check.py); hd 160 spilled even at 64.
 _FUSED_MAX_KEYS, _FUSED_MAX_WIDTH = 128, 80
+
+
+# --------------------------------------------------------------------------- overrides
+@dataclass(frozen=True)
+class KernelOverrides:
+    """Choices forced on the launch plans built while they are active (see :func:`kernel_overrides`)."""
+
+    dkdv_split: int | None = None
+    """Query split of the backward's key-block sweep (both schemes; > 1 writes fp32 partials that a
+    sum kernel adds); None: from the SM count on a GPU, 1 elsewhere."""
+    config_index: int | None = None
+    """Entry of every kernel's tile-config list to launch with, instead of autotuning or the
+    interpreter's tile; None: those."""
+    bwd_scheme: Literal["fused", "two_kernel"] | None = None
+    """Backward scheme; None: the plan's choice (timed on a GPU with tuning on, else fused where
+    every key fits one tile)."""
+
+    def __post_init__(self) -> None:
+        if self.bwd_scheme not in (None, "fused", "two_kernel"):
+            raise ValueError(f"unknown backward scheme {self.bwd_scheme!r}")
+        if self.dkdv_split is not None and self.dkdv_split < 1:
+            raise ValueError(f"dkdv_split must be >= 1, got {self.dkdv_split}")
+
+
+_OVERRIDES: ContextVar[KernelOverrides] = ContextVar("geomerase_kernel_overrides", default=KernelOverrides())
+
+
+@contextmanager
+def kernel_overrides(dkdv_split: int | None = None, config_index: int | None = None,
+                     bwd_scheme: Literal["fused", "two_kernel"] | None = None) -> Iterator[KernelOverrides]:
+    """Within the block, exactly these :class:`KernelOverrides` apply (an argument left None is not
+    forced, whatever an enclosing block forced); the previous ones come back on exit.
+
+    The overrides live in a context variable: other threads and other asyncio tasks keep their
+    own. Plans are cached per overrides, and a forward's plan carries them to its backward.
+    """
+    token = _OVERRIDES.set(KernelOverrides(dkdv_split, config_index, bwd_scheme))
+    try:
+        yield _OVERRIDES.get()
+    finally:
+        _OVERRIDES.reset(token)
 
 
 # --------------------------------------------------------------------------- launch configs
@@ -144,9 +186,9 @@ def _autotune_enabled() -> bool:
     return not _INTERPRET and os.environ.get("GEOMERASE_FLASH_AUTOTUNE", "1") != "0"
 
 
-def _launcher(kind: str, hd_class: str):
-    """Return ``(kernel, fixed_meta)``: an autotuned kernel, or a plain one plus its config."""
-    pinned = _FIXED_CONFIG_INDEX
+def _launcher(kind: str, hd_class: str, pinned: int | None):
+    """Return ``(kernel, fixed_meta)``: an autotuned kernel, or a plain one plus its config
+    (entry ``pinned`` of its list when given)."""
     tune = _autotune_enabled() and pinned is None
     key = (kind, hd_class, tune, pinned)
     if key not in _launcher_cache:
@@ -192,9 +234,9 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device) -> int:
-    if _DKDV_SPLIT_OVERRIDE is not None:
-        return _DKDV_SPLIT_OVERRIDE
+def _dkdv_splits(bh: int, seq_q: int, seq_k: int, device: torch.device, forced: int | None) -> int:
+    if forced is not None:
+        return forced
     if device.type != "cuda":
         return 1
     sms = _sm_count(device)
@@ -214,9 +256,9 @@ def _fused_block_n(seq_k: int, head_dim: int) -> int | None:
     return block_n if block_n <= _FUSED_MAX_KEYS and width <= _FUSED_MAX_WIDTH else None
 
 
-def _fused_splits(bh: int, seq_q: int, device: torch.device) -> int:
-    if _DKDV_SPLIT_OVERRIDE is not None:
-        return _DKDV_SPLIT_OVERRIDE
+def _fused_splits(bh: int, seq_q: int, device: torch.device, forced: int | None) -> int:
+    if forced is not None:
+        return forced
     if device.type != "cuda":
         return 1
     # The grid is (n_split, B*H): ~4 programs per SM, but >= 256 queries per program so the
@@ -269,10 +311,10 @@ class _Launch:
 
 
 def _first_launch(kind: str, hd_class: str, grid_of: Callable[[dict], tuple[int, int]],
-                  seq_q: int, seq_k: int, args: tuple, const: dict[str, Any]) -> _Launch:
+                  seq_q: int, seq_k: int, args: tuple, const: dict[str, Any], pinned: int | None) -> _Launch:
     """A plan's first call: launch through the autotuner (or the pinned/interpreter config)
     and freeze what it picked, so later calls skip the autotuner and heuristics."""
-    kernel, fixed = _launcher(kind, hd_class)
+    kernel, fixed = _launcher(kind, hd_class, pinned)
     _LAUNCHES[0] += 1
     kernel[grid_of](*args, **const, **fixed)
     best = getattr(kernel, "best_config", None)
@@ -288,16 +330,11 @@ def _first_launch(kind: str, hd_class: str, grid_of: Callable[[dict], tuple[int,
     return _Launch(_KERNELS[kind], grid_of(kwargs), kwargs)
 
 
-def _mode() -> tuple:
-    # test/tuning switches that change which config a plan freezes
-    return (_FIXED_CONFIG_INDEX, _DKDV_SPLIT_OVERRIDE, _BWD_SCHEME_OVERRIDE, _autotune_enabled())
-
-
 class _FwdPlan:
     """Per (shapes, strides, dtypes, devices): everything the forward launch needs but the
     tensors and the scale; plus the backward plans of this forward, keyed by dO's strides."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, overrides: KernelOverrides) -> None:
         _check_kernel_inputs(q, k, v)
         # SDPA-style strided views are read in place; only a non-unit last stride is copied
         self.copy_q, self.copy_k, self.copy_v = (t.stride(-1) != 1 for t in (q, k, v))
@@ -314,9 +351,9 @@ class _FwdPlan:
         self.const = dict(self.meta, ALIGN=_align(q, k, v, o))
         self.launch: _Launch | None = None
         self.bwd: dict[tuple[int, ...], _BwdPlan] = {}
-        # the forced backward scheme (if any) belongs to the plan, not to the moment the
-        # backward runs: the forward's plan key already holds it (``_mode``)
-        self.bwd_override = _BWD_SCHEME_OVERRIDE
+        # the overrides belong to the plan (its cache key holds them), not to the moment or
+        # the thread in which autograd runs the backward
+        self.overrides = overrides
 
     def grid(self, m: dict) -> tuple[int, int]:
         return (triton.cdiv(self.seq_q, m["BLOCK_M"]), self.lse_shape[0])
@@ -335,10 +372,9 @@ class _BwdPlan:
         self.bh, self.seq_q, self.seq_k, self.heads = bh, seq_q, seq_k, heads
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         block_n = _fused_block_n(seq_k, head_dim)
-        forced = fp.bwd_override
+        forced, split = fp.overrides.bwd_scheme, fp.overrides.dkdv_split
+        self.pinned = fp.overrides.config_index
         if forced is not None:
-            if forced not in ("fused", "two_kernel"):
-                raise ValueError(f"unknown backward scheme {forced!r}")
             if forced == "fused" and block_n is None:
                 raise ValueError(f"the fused backward needs all keys in one tile (<= {_FUSED_MAX_KEYS} keys, "
                                  f"<= {_FUSED_MAX_WIDTH} columns); got Sk={seq_k} at hd {head_dim}")
@@ -347,8 +383,8 @@ class _BwdPlan:
             # without timing, fused wins by construction: fewer launches and matmuls
             self.candidates = ["fused", "two_kernel"] if block_n is not None else ["two_kernel"]
         self.splits = {
-            "two_kernel": _dkdv_splits(bh, seq_q, seq_k, q.device),
-            "fused": _fused_splits(bh, seq_q, q.device),
+            "two_kernel": _dkdv_splits(bh, seq_q, seq_k, q.device, split),
+            "fused": _fused_splits(bh, seq_q, q.device, split),
         }
         # fp32 dK/dV partials of a split scheme, in one allocation: (2, n_split, B, H, Sk, D)
         self.part_shape = {
@@ -404,15 +440,17 @@ class _BwdPlan:
 
 def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _FwdPlan:
     """The cached plan for these inputs; building it validates them (a hit implies valid)."""
+    overrides = _OVERRIDES.get()
     try:
-        key = ("plan", _mode(), q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
-               q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+        # the switches that change what a plan freezes are part of its key
+        key = ("plan", overrides, _autotune_enabled(), q.shape, k.shape, v.shape, q.stride(), k.stride(),
+               v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
     except AttributeError:  # not tensors: let the shared check raise its TypeError
         check_attention_inputs(q, k, v)
         raise
     plan = _launcher_cache.get(key)
     if plan is None:
-        plan = _launcher_cache[key] = _FwdPlan(q, k, v)
+        plan = _launcher_cache[key] = _FwdPlan(q, k, v, overrides)
     return plan
 
 
@@ -426,18 +464,19 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     lse = torch.empty(plan.lse_shape, device=q.device, dtype=torch.float32)
     args = (q, k, v, o, lse, *plan.strides, plan.heads, plan.seq_q, plan.seq_k, scale * LOG2E)
     if plan.launch is None:
-        plan.launch = _first_launch("fwd", plan.hd_class, plan.grid, plan.seq_q, plan.seq_k, args, plan.const)
+        plan.launch = _first_launch("fwd", plan.hd_class, plan.grid, plan.seq_q, plan.seq_k, args, plan.const,
+                                    plan.overrides.config_index)
     else:
         plan.launch(*args)
     return o, lse
 
 
-def _launch(store: dict[str, _Launch], kind: str, hd_class: str, grid_of: Callable[[dict], tuple[int, int]],
-            seq_q: int, seq_k: int, args: tuple, const: dict[str, Any]) -> None:
-    """Launch kernel ``kind`` through its frozen plan entry in ``store``, making it on first use."""
-    launch = store.get(kind)
+def _launch(bp: _BwdPlan, kind: str, hd_class: str, grid_of: Callable[[dict], tuple[int, int]],
+            args: tuple, const: dict[str, Any]) -> None:
+    """Launch kernel ``kind`` through its frozen entry in ``bp.launches``, making it on first use."""
+    launch = bp.launches.get(kind)
     if launch is None:
-        store[kind] = _first_launch(kind, hd_class, grid_of, seq_q, seq_k, args, const)
+        bp.launches[kind] = _first_launch(kind, hd_class, grid_of, bp.seq_q, bp.seq_k, args, const, bp.pinned)
     else:
         launch(*args)
 
@@ -450,18 +489,17 @@ def _run_bwd(bp: _BwdPlan, scheme: str, do, q, k, v, o, lse, scale: float, hd_cl
     else:
         dk_out, dv_out = dk, dv
     dims = (bp.heads, bp.seq_q, bp.seq_k, scale * LOG2E, scale)
-    sizes = (bp.seq_q, bp.seq_k)
     if scheme == "fused":
         # one kernel: dQ and delta come from the same pass (DELTA is unused: lse stands in)
         args = (q, k, v, o, do, lse, lse, dq, dk_out, dv_out, *bp.kv_strides["fused"], *dims)
-        _launch(bp.launches, "fused", hd_class, bp.grid_fused, *sizes, args, bp.kv_const["fused"])
+        _launch(bp, "fused", hd_class, bp.grid_fused, args, bp.kv_const["fused"])
     else:
         delta = torch.empty((bp.bh, bp.seq_q), device=q.device, dtype=torch.float32)
         # dQ first: it writes delta, which the dK/dV kernel reads (same stream, so ordered)
         args = (q, k, v, o, do, lse, delta, dq, *bp.dq_strides, *dims)
-        _launch(bp.launches, "dq", hd_class, bp.grid_q, *sizes, args, bp.const)
+        _launch(bp, "dq", hd_class, bp.grid_q, args, bp.const)
         args = (q, k, v, o, do, lse, delta, dq, dk_out, dv_out, *bp.kv_strides["two_kernel"], *dims)
-        _launch(bp.launches, "dkdv", hd_class, bp.grid_kv, *sizes, args, bp.kv_const["two_kernel"])
+        _launch(bp, "dkdv", hd_class, bp.grid_kv, args, bp.kv_const["two_kernel"])
     if scheme in bp.sums:
         bp.sums[scheme](dk_out, dv_out, dk, dv, *bp.sum_strides[scheme], bp.heads, bp.seq_k)
     return dq, dk, dv
@@ -528,6 +566,8 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, plan: _FwdPlan | None = None):
+        if plan is None:  # fixed now: the backward follows this forward's plan and overrides
+            plan = _fwd_plan(q, k, v)
         o, lse = _flash_fwd(q, k, v, scale, plan)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale

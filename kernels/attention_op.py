@@ -3,13 +3,16 @@
 A custom op pair (forward returning ``(o, lse)``, backward returning ``(dq, dk, dv)``) with
 fake implementations, so the compiler can trace through the kernel without running it;
 autograd is registered on the forward op. Calls go through the same launch plans as
-:func:`~geomerase.kernels.attention.flash_attention`.
+:func:`~geomerase.kernels.attention.flash_attention`, and the backward runs under the
+:func:`~geomerase.kernels.attention.kernel_overrides` of its forward.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
-from .attention import _flash_bwd, _flash_fwd, _prepare
+from .attention import _OVERRIDES, _flash_bwd, _flash_fwd, _prepare, kernel_overrides
 
 _LIBRARY_OP = None
 
@@ -45,10 +48,12 @@ def register_flash_attention_op(name: str = "geomerase::flash_attention"):
         o, lse = output
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
+        ctx.overrides = _OVERRIDES.get()
 
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.scale)
+        with kernel_overrides(**asdict(ctx.overrides)):
+            dq, dk, dv = _bwd(do.contiguous(), q, k, v, o, lse, ctx.scale)
         return dq, dk, dv, None
 
     _fwd.register_autograd(backward, setup_context=setup_context)

@@ -1,9 +1,13 @@
 """Strict typed configs: unknown keys and wrong types are clear errors."""
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass, field
+from typing import Literal
+
 import pytest
 
-from geomerase.core.config import ConfigError, field_docs, load_config, to_dict
+from geomerase.core.config import ConfigError, add_config_args, config_keys_help, field_docs, load_config, to_dict
 from geomerase.core.trainer import RunConfig, TrainConfig
 from geomerase.train import main as train_main
 
@@ -76,3 +80,57 @@ def test_every_config_field_is_documented():
 def test_train_cli_reports_bad_key(capsys):
     assert train_main(["--config", "configs/tiny_cpu.yaml", "train.bogus=1"]) == 2
     assert "train.bogus" in capsys.readouterr().err
+
+
+@dataclass
+class _Inner:
+    depth: int = 2
+    """How deep."""
+
+
+@dataclass
+class _Knobs:
+    steps: int = 25
+    """Denoising steps."""
+    scale: float = 3.0
+    """Guidance scale (100% is 1)."""
+    mode: Literal["cells", "corner"] = "cells"
+    """Which cells count."""
+    address: str | None = None
+    """Cluster to join."""
+    fast: bool = False
+    """Skip the slow part."""
+    names: list[str] = field(default_factory=lambda: ["a", "b"])
+    """Names in order."""
+    inner: _Inner = field(default_factory=lambda: _Inner(depth=5))
+    """A section."""
+
+
+def test_add_config_args_takes_type_default_choices_and_help_from_the_field():
+    ap = argparse.ArgumentParser()
+    add_config_args(ap, _Knobs, ["steps", "scale", "mode", "address", "fast"], dest_prefix="k_")
+    a = ap.parse_args([])
+    assert (a.k_steps, a.k_scale, a.k_mode, a.k_address, a.k_fast) == (25, 3.0, "cells", None, False)
+    a = ap.parse_args(["--steps", "7", "--scale", "2", "--mode", "corner", "--address", "auto", "--fast"])
+    assert (a.k_steps, a.k_scale, a.k_mode, a.k_address, a.k_fast) == (7, 2.0, "corner", "auto", True)
+    assert isinstance(a.k_scale, float)
+    help_text = " ".join(ap.format_help().split())
+    for text in ("--steps STEPS Denoising steps. (default: 25)", "Guidance scale (100% is 1). (default: 3.0)",
+                 "--mode {cells,corner} Which cells count. (default: cells)", "Cluster to join. (default: None)",
+                 "--fast, --no-fast Skip the slow part."):
+        assert text in help_text
+    for bad in (["--mode", "rows"], ["--steps", "2.5"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(bad)
+    with pytest.raises(KeyError, match="no field 'stepz'"):
+        add_config_args(argparse.ArgumentParser(), _Knobs, ["stepz"])
+    with pytest.raises(TypeError, match="_Knobs.names"):
+        add_config_args(argparse.ArgumentParser(), _Knobs, ["names"])
+
+
+def test_config_keys_help_lists_every_key_with_the_fields_default():
+    text = config_keys_help(_Knobs)
+    for line in ("  steps=25", "      Denoising steps.", "  address=null", "  fast=false", "  names=[a, b]",
+                 "  inner.depth=5", "      How deep."):  # the field's default_factory, not _Inner's own
+        assert line in text.splitlines()
+    assert "train.max_steps=1000" in config_keys_help(RunConfig)

@@ -1,11 +1,15 @@
 """The CLI wiring and a miniature end-to-end demo (numbers meaningless, files and keys checked)."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
-from geomerase.cli import main
+import pytest
+
+from geomerase.cli import build_parser, main
+from geomerase.core.config import field_docs
 
 
 def test_cli_help_lists_subcommands():
@@ -13,6 +17,49 @@ def test_cli_help_lists_subcommands():
     assert out.returncode == 0
     for cmd in ("demo", "data", "classifier", "annotate", "train", "sample", "fetch-tokenizer"):
         assert cmd in out.stdout
+
+
+def test_cli_top_level_help_imports_no_config_module():
+    code = ("import sys; from geomerase.cli import build_parser; build_parser().format_help(); "
+            "assert 'torch' not in sys.modules and 'geomerase.demo' not in sys.modules, 'imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _sub_parsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.format_help()  # adds its options
+                yield sub
+                yield from _sub_parsers(sub)
+
+
+def test_cli_every_flag_has_help():
+    for sub in _sub_parsers(build_parser()):
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{sub.prog} {action.option_strings or action.dest}: no help"
+
+
+def test_cli_flags_and_help_come_from_the_configs(capsys):
+    from geomerase.core.classifiers import PatchClassifierConfig
+    from geomerase.core.geometry import GeometryConfig
+    from geomerase.demo import DemoConfig
+
+    for argv, doc in ((["annotate", "--help"], field_docs(GeometryConfig)["overlap_threshold"]),
+                      (["demo", "--help"], field_docs(DemoConfig)["ratio"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        assert " ".join(doc.split()) in " ".join(capsys.readouterr().out.split()), argv
+    geometry = GeometryConfig()
+    a = build_parser().parse_args(["annotate", "--input", "x", "--out", "y"])
+    assert (a.grid, a.overlap_threshold, a.mode) == (geometry.grid, geometry.overlap_threshold, geometry.mode)
+    a = build_parser().parse_args(["classifier", "train", "--input", "x", "--out", "y"])
+    pcfg = PatchClassifierConfig()
+    assert (a.resolution, a.grid, a.width) == (pcfg.resolution, pcfg.grid, pcfg.width)
+    assert build_parser().parse_args(["demo"]).out is None  # the config's out (YAML or DemoConfig.out)
 
 
 def test_cli_bad_demo_key_is_an_error(capsys, tmp_path):

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 from geomerase.kernels import attention_ref  # noqa: E402
 
 attn_mod = pytest.importorskip("geomerase.kernels.attention")
-from geomerase.kernels import flash_attention  # noqa: E402
+from geomerase.kernels import flash_attention, kernel_overrides  # noqa: E402
 from geomerase.kernels.attention_ref import attention_lse_ref  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not attn_mod._INTERPRET
@@ -112,11 +112,10 @@ def test_transposed_layout_is_read_in_place():
     check_against_reference(1, 2, 7, 77, 40, torch.float32, seed=4, q_layout="bshd")
 
 
-def test_dkdv_query_split_partials(monkeypatch):
+def test_dkdv_query_split_partials():
     # the cross-attention path: several programs share one key block and sum fp32 partials
-    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 3)
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
-    check_against_reference(1, 2, 130, 7, 80, torch.float32, seed=5)
+    with kernel_overrides(dkdv_split=3, bwd_scheme="two_kernel"):
+        check_against_reference(1, 2, 130, 7, 80, torch.float32, seed=5)
 
 
 def _scheme_of(q, k, v) -> str:
@@ -132,30 +131,46 @@ def _scheme_of(q, k, v) -> str:
     (40, 130, 77, torch.bfloat16, None), (80, 77, 7, torch.float16, 3),
     (64, 1, 1, torch.float32, None), (80, 130, 128, torch.float32, 2),
 ], ids=["hd40-bf16", "hd80-fp16-split3", "hd64-len1", "hd80-128keys-split2"])
-def test_backward_schemes_match_reference(monkeypatch, scheme, d, sq, sk, dtype, split):
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", scheme)
-    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", split)
-    check_against_reference(1, 2, sq, sk, d, dtype, seed=d + sq + sk)
-    q, k, v, _ = make_inputs(1, 2, sq, sk, d, dtype, seed=d + sq + sk)
-    assert _scheme_of(q, k, v) == scheme
+def test_backward_schemes_match_reference(scheme, d, sq, sk, dtype, split):
+    with kernel_overrides(bwd_scheme=scheme, dkdv_split=split):
+        check_against_reference(1, 2, sq, sk, d, dtype, seed=d + sq + sk)
+        q, k, v, _ = make_inputs(1, 2, sq, sk, d, dtype, seed=d + sq + sk)
+        assert _scheme_of(q, k, v) == scheme
 
 
-def test_forced_scheme_belongs_to_the_forward_plan(monkeypatch):
+def test_forced_scheme_belongs_to_the_forward_plan():
     # a benchmark forces a scheme around the forward call only; the backward that autograd
     # runs later (override already reset) must still use it
     q, k, v, do = make_inputs(1, 2, 5, 77, 40, torch.float32, seed=15)
     xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
-    out = flash_attention(*xs)
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", None)
+    with kernel_overrides(bwd_scheme="two_kernel") as forced:
+        out = flash_attention(*xs)
+    assert forced == attn_mod.KernelOverrides(bwd_scheme="two_kernel")
+    assert attn_mod._OVERRIDES.get() == attn_mod.KernelOverrides()  # restored on exit
     n0 = attn_mod.launch_count()
     out.backward(do)
     assert attn_mod.launch_count() - n0 == 2  # dQ + dK/dV, not the fused single launch
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
-    assert _scheme_of(q, k, v) == "two_kernel"
+    with kernel_overrides(bwd_scheme="two_kernel"):
+        assert _scheme_of(q, k, v) == "two_kernel"
 
 
-def test_backward_scheme_candidates(monkeypatch):
+def test_overrides_are_per_thread_and_nested_blocks_replace():
+    import threading
+
+    seen = []
+    with kernel_overrides(dkdv_split=2, config_index=1):
+        with kernel_overrides(bwd_scheme="fused") as inner:  # not merged with the enclosing block
+            assert inner == attn_mod.KernelOverrides(bwd_scheme="fused")
+        assert attn_mod._OVERRIDES.get() == attn_mod.KernelOverrides(dkdv_split=2, config_index=1)
+        worker = threading.Thread(target=lambda: seen.append(attn_mod._OVERRIDES.get()))
+        worker.start()
+        worker.join()
+    assert seen == [attn_mod.KernelOverrides()]
+    with pytest.raises(ValueError, match="unknown backward scheme"):
+        attn_mod.KernelOverrides(bwd_scheme="three_kernel")
+
+
+def test_backward_scheme_candidates():
     # fused only where every key fits one tile of <= 80 columns; it is the untimed default
     def candidates(sk, d):
         q, k, v, do = make_inputs(1, 1, 3, sk, d, torch.float32)
@@ -167,8 +182,7 @@ def test_backward_scheme_candidates(monkeypatch):
     assert candidates(128, 80) == (["fused", "two_kernel"], "fused")
     assert candidates(129, 40) == (["two_kernel"], "two_kernel")  # 256-key tile
     assert candidates(64, 160) == (["two_kernel"], "two_kernel")  # hd 160 spills
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "fused")
-    with pytest.raises(ValueError, match="fused backward needs all keys in one tile"):
+    with kernel_overrides(bwd_scheme="fused"), pytest.raises(ValueError, match="needs all keys in one tile"):
         candidates(130, 40)
 
 
@@ -194,14 +208,14 @@ def test_backward_scheme_timed_choice(monkeypatch, faster):
 
 
 @pytest.mark.parametrize("index", range(4))
-def test_every_tuning_config_is_correct(monkeypatch, index):
+def test_every_tuning_config_is_correct(index):
     # each autotune candidate (tile sizes per head-dim class) computes the same function;
     # on a GPU this also proves every candidate compiles
     assert all(len(per_class) == 4 for kind in attn_mod._CONFIGS.values() for per_class in kind.values())
-    monkeypatch.setattr(attn_mod, "_FIXED_CONFIG_INDEX", index)
     # 77 keys at hd 40/80: the fused backward's lists; 130 keys and hd 160: two-kernel's
-    for d, sq, sk in ((40, 130, 77), (40, 77, 130), (80, 130, 77), (80, 77, 130), (160, 130, 77)):
-        check_against_reference(1, 1, sq, sk, d, torch.float16, seed=index + d)
+    with kernel_overrides(config_index=index):
+        for d, sq, sk in ((40, 130, 77), (40, 77, 130), (80, 130, 77), (80, 77, 130), (160, 130, 77)):
+            check_against_reference(1, 1, sq, sk, d, torch.float16, seed=index + d)
 
 
 def test_log_sum_exp():
@@ -224,6 +238,19 @@ def test_torch_library_op_matches_function():
     via_fn = fwd_bwd(flash_attention, q, k, v, do)
     for a, b in zip(via_op, via_fn):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_torch_library_op_backward_follows_the_forward_overrides():
+    from geomerase.kernels import register_flash_attention_op
+
+    op = register_flash_attention_op()
+    q, k, v, do = make_inputs(1, 2, 6, 77, 40, torch.float32, seed=16)
+    xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    with kernel_overrides(bwd_scheme="two_kernel"):
+        out = op(*xs)
+    n0 = attn_mod.launch_count()
+    out.backward(do)
+    assert attn_mod.launch_count() - n0 == 2  # dQ + dK/dV, not the fused single launch
 
 
 def test_rejects_bad_inputs():
@@ -263,12 +290,12 @@ def test_gpu_sd15_shapes_bf16(d, seq_q, seq_k):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,seq_q", [(40, 4096), (80, 1024)])
-def test_gpu_sd15_cross_two_kernel_bf16(monkeypatch, d, seq_q):
+def test_gpu_sd15_cross_two_kernel_bf16(d, seq_q):
     # the cross shapes above take the fused backward (untimed default); the other scheme too
     if not ON_GPU:
         pytest.skip("kernels run in the interpreter")
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", "two_kernel")
-    check_against_reference(2, 4, seq_q, 77, d, torch.bfloat16, seed=d + seq_q)
+    with kernel_overrides(bwd_scheme="two_kernel"):
+        check_against_reference(2, 4, seq_q, 77, d, torch.bfloat16, seed=d + seq_q)
 
 
 # Length-1 sequences and the GPU's default tiles. On an H200 (Triton 3.6) hd 160 gave wrong
@@ -296,17 +323,16 @@ def test_sequence_lengths_are_not_specialised():
 
 @pytest.mark.parametrize("sq,sk", [(130, 1), (1, 77)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_length_one_with_gpu_default_tiles(monkeypatch, sq, sk, dtype):
-    monkeypatch.setattr(attn_mod, "_FIXED_CONFIG_INDEX", 0)
-    check_against_reference(2, 3, sq, sk, 160, dtype, seed=sq * 1000 + sk)
+def test_length_one_with_gpu_default_tiles(sq, sk, dtype):
+    with kernel_overrides(config_index=0):
+        check_against_reference(2, 3, sq, sk, 160, dtype, seed=sq * 1000 + sk)
 
 
-def test_dkdv_split_with_empty_programs(monkeypatch):
+def test_dkdv_split_with_empty_programs():
     # more splits than query blocks: some programs sweep no queries and must store zeros
     # (the partial buffer is torch.empty), at the GPU's default hd 160 tiles
-    monkeypatch.setattr(attn_mod, "_FIXED_CONFIG_INDEX", 0)
-    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", 4)
-    check_against_reference(1, 2, 40, 77, 160, torch.float16, seed=11)
+    with kernel_overrides(config_index=0, dkdv_split=4):
+        check_against_reference(1, 2, 40, 77, 160, torch.float16, seed=11)
 
 
 def test_backward_scheme_that_disagrees_is_not_chosen(monkeypatch):
@@ -333,22 +359,21 @@ def test_backward_scheme_that_disagrees_is_not_chosen(monkeypatch):
 @pytest.mark.parametrize("scheme,split,bwd_launches", [
     ("fused", None, 1), ("fused", 2, 2), ("two_kernel", None, 2), ("two_kernel", 2, 3),
 ])
-def test_launch_counts_and_plan_reuse(monkeypatch, scheme, split, bwd_launches):
+def test_launch_counts_and_plan_reuse(scheme, split, bwd_launches):
     # host overhead: one launch per forward; per backward one (fused), two (two-kernel:
     # delta is fused into dQ), plus one sum kernel for both fp32 partials with a query
     # split; the second call of a shape reuses its plan (no new cache entries) and gives
     # the same numbers
-    monkeypatch.setattr(attn_mod, "_BWD_SCHEME_OVERRIDE", scheme)
-    monkeypatch.setattr(attn_mod, "_DKDV_SPLIT_OVERRIDE", split)
     q, k, v, do = make_inputs(1, 2, 7, 77, 64, torch.float32, seed=12)
-    first = fwd_bwd(flash_attention, q, k, v, do)
-    entries = len(attn_mod._launcher_cache)
-    n0 = attn_mod.launch_count()
-    xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    out = flash_attention(*xs)
-    assert attn_mod.launch_count() - n0 == 1
-    out.backward(do)
-    assert attn_mod.launch_count() - n0 == 1 + bwd_launches
-    assert len(attn_mod._launcher_cache) == entries
+    with kernel_overrides(bwd_scheme=scheme, dkdv_split=split):
+        first = fwd_bwd(flash_attention, q, k, v, do)
+        entries = len(attn_mod._launcher_cache)
+        n0 = attn_mod.launch_count()
+        xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = flash_attention(*xs)
+        assert attn_mod.launch_count() - n0 == 1
+        out.backward(do)
+        assert attn_mod.launch_count() - n0 == 1 + bwd_launches
+        assert len(attn_mod._launcher_cache) == entries
     for a, b in zip(first, [out.detach()] + [t.grad for t in xs]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
