@@ -55,7 +55,7 @@ class LocationTokenEmbedding(nn.Module):
         max_pos = position_embedding.weight.shape[0]
         self.register_buffer("position_ids", torch.arange(max_pos).unsqueeze(0), persistent=False)
         self._register_state_dict_hook(LocationTokenEmbedding._merge_rows_hook)
-        self._register_load_state_dict_pre_hook(LocationTokenEmbedding._split_rows_hook)
+        self._register_load_state_dict_pre_hook(LocationTokenEmbedding._split_rows_hook, with_module=True)
 
     @staticmethod
     def _merge_rows_hook(module: "LocationTokenEmbedding", state: dict, prefix: str, local_metadata) -> dict:

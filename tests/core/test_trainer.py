@@ -1,6 +1,8 @@
 """One training step changes only what the mode allows; checkpoints resume exactly."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,36 @@ def test_validation_grids_every_n_steps(tiny_icd, tmp_path):
     assert tr.model.unet.training and tr.model.text_encoder.training
     with pytest.raises(Exception, match="sample_every"):
         load_config(RunConfig, "configs/tiny_cpu.yaml", ["train.sample_every=often"])
+
+
+def test_triton_location_embedding_trains_like_the_torch_one(tiny_icd, tmp_path):
+    """``train.embedding_backend=triton`` (the fused kernel; on CPU under ``TRITON_INTERPRET=1``) takes the same
+    model-removal steps as the pure-torch reference: same location rows, every other weight bit-identical."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU trainer reaches the Triton kernel only under TRITON_INTERPRET=1")
+    from geomerase import kernels
+    from geomerase.core.text_embedding import install_location_embedding
+
+    key = "text.embeddings.token_embedding.weight"
+    runs = {}
+    for backend in ("torch", "triton"):
+        tr = Trainer(_cfg(tiny_icd, tmp_path / backend, "train.mode=model-removal", "train.max_steps=2", "train.lr=0.1",
+                          "train.ema_decay=null", "data.batch_size=2", "train.threads=1",
+                          f"train.embedding_backend={backend}"))
+        emb = install_location_embedding(tr.model.text_encoder, tr.model.loc_token_ids)  # the installed module
+        assert emb.backend == backend
+        assert emb._fn is (kernels.loc_embedding if backend == "triton" else kernels.loc_embedding_ref)
+        before = _snapshot(tr.model)
+        losses = [tr.train_step(step)[0] for step in range(2)]
+        runs[backend] = (before, _snapshot(tr.model), losses)
+    (before, ref, ref_losses), (before_k, out, losses) = runs["torch"], runs["triton"]
+    loc = tr.model.loc_token_ids
+    frozen = torch.ones(ref[key].shape[0], dtype=torch.bool)
+    frozen[loc] = False
+    assert all(torch.equal(before[k], before_k[k]) for k in before)  # same start
+    assert not torch.equal(ref[key][loc], before[key][loc])  # the rows did train
+    torch.testing.assert_close(out[key][loc], ref[key][loc], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-6, atol=0)
+    assert torch.equal(out[key][frozen], before[key][frozen])
+    assert all(torch.equal(out[k], before[k]) for k in before if k != key)
