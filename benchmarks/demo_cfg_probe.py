@@ -3,9 +3,11 @@
     python -m geomerase.benchmarks.demo_cfg_probe runs/demo --out benchmarks/results/demo_cpu/cfg_probe.json
 
 For each scale: the plain model on the held-out prompts and on the empty prompt (does guidance
-suppress a concept the model learned?), and the geom model on the empty prompt under each negative
-prompt kind (how far each negative steers away from it). Same seeds as the demo's arms, scored by
-the demo's scorer at the demo's calibrated threshold (``metrics.json``).
+suppress a concept the model learned?), the plain model on the held-out prompts with the
+*base* model's unconditional branch (is it the fine-tuned unconditional branch that cancels the
+concept?), and the geom model on the demo's open prompts under each negative prompt kind (how far each
+negative steers away from it). Same seeds as the demo's arms, scored by the demo's scorer at the
+demo's calibrated threshold (``metrics.json``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from geomerase.core.builtin import resolve_pretrained
 from geomerase.core.captions import negative_mixture
 from geomerase.core.classifiers import as_float, load_classifier
 from geomerase.core.metrics import icr
@@ -22,6 +25,18 @@ from geomerase.core.models import load_model
 from geomerase.core.sampling import SamplerConfig, sample, to_uint8
 from geomerase.data.loader import InMemoryDataset
 from geomerase.data.shards import atomic_write
+
+
+def with_base_uncond(model, base) -> None:
+    """Route the negative-prompt half of every guided UNet batch (``sampling.sample`` stacks the
+    prompts, then one copy per negative) through ``base``'s UNet; the text encoders are the same."""
+    own = model.denoise
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0] // 2
+        return torch.cat([own(x[:b], t, cond[:b]), base.denoise(x[b:], t, cond[b:])])
+
+    model.denoise = denoise
 
 
 def probe(demo: Path, scales: list[float], n: int, steps: int) -> dict:
@@ -38,13 +53,18 @@ def probe(demo: Path, scales: list[float], n: int, steps: int) -> dict:
         imgs = sample(model, ps, negs, seeds, SamplerConfig(steps=steps, guidance_scale=scale), neg_weights=weights)
         return icr([bool(c) for c in scorer.cells(as_float(to_uint8(imgs)))])
 
-    out: dict = {"threshold": scorer.threshold, "n": len(prompts), "steps": steps, "plain": {}, "geom_open": {}}
+    open_set = cfg.get("open_prompts") or [""]
+    open_prompts = [open_set[i % len(open_set)] for i in range(len(prompts))]
+    out: dict = {"threshold": scorer.threshold, "n": len(prompts), "steps": steps, "open_prompts": open_set,
+                 "plain": {}, "geom_open": {}}
     plain, geom = load_model(demo / "models" / "plain" / "model"), load_model(demo / "models" / "geom" / "model")
+    plain_base_uncond = load_model(demo / "models" / "plain" / "model")
+    with_base_uncond(plain_base_uncond, load_model(resolve_pretrained(cfg["pretrained"])))
     for s in scales:
         out["plain"][str(s)] = {"heldout": score(plain, prompts, "none", s), "empty": score(plain, [""] * len(prompts),
-                                                                                           "none", s)}
-        out["geom_open"][str(s)] = {k: score(geom, [""] * len(prompts), k, s)
-                                    for k in ("none", "name", "geom")}
+                                                                                           "none", s),
+                                "heldout_base_uncond": score(plain_base_uncond, prompts, "none", s)}
+        out["geom_open"][str(s)] = {k: score(geom, open_prompts, k, s) for k in ("none", "name", "geom")}
         print(json.dumps({"scale": s, "plain": {k: v["icr"] for k, v in out["plain"][str(s)].items()},
                           "geom_open": {k: v["icr"] for k, v in out["geom_open"][str(s)].items()}}), flush=True)
     return out

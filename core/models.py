@@ -82,8 +82,8 @@ def register_size(name: str, size: ModelSize) -> None:
 # besides cross-attention.
 # v-prediction: with epsilon-prediction the 600-step model's x0 estimate at t >= 700 was
 # pure noise (the eps error is amplified by 1/sqrt(alpha_bar) ~ 20-50x under the linear
-# schedule), so no global colour or layout was ever committed and samples were noise
-# (seen in /tmp diagnostics of this session); v-prediction regresses x0 directly there.
+# schedule), so no global colour or layout was ever committed and samples were noise;
+# v-prediction regresses x0 directly there.
 register_size("tiny", ModelSize(
     space="pixel", resolution=32, patch=2, prediction_type="v_prediction",
     unet=dict(

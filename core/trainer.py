@@ -19,6 +19,7 @@ takes its rows, so ZeRO runs reproduce the reference loss curve up to float roun
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -69,6 +70,14 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables."""
     reweight_alpha: float | None = None
     """Region re-weighting factor alpha (outside/inside weight ratio); None disables."""
+    uncond_prior: bool = False
+    """Data removal from a pretrained model: rows whose caption was dropped (the empty prompt)
+    regress on the frozen starting UNet's prediction instead of the data's target, so the
+    unconditional branch that classifier-free guidance subtracts stays the pretrained model's (as a
+    large pretrained model's does under a short fine-tune). A fine-tuned unconditional branch draws
+    the implicit concept at its own random places and guidance then cancels the conditional
+    branch's (benchmarks/results/demo_cpu/NOTES.md). Costs a frozen UNet copy in memory and one
+    forward of it on the dropped rows."""
     seed: int = 0
     """Seed for batches, caption choices, noise and timesteps."""
     log_every: int = 25
@@ -119,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"train.reweight_alpha must be > 0, got {self.reweight_alpha}")
         if self.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.uncond_prior and self.mode != "data-removal":
+            raise ValueError("train.uncond_prior needs train.mode=data-removal (model removal leaves the UNet as it is)")
 
 
 @dataclass
@@ -273,6 +284,7 @@ class Trainer:
         self.latent_moments: torch.Tensor | None = None
         if cfg.data.precompute_latents:
             self._precompute_latents()
+        self.prior_unet = self._frozen_prior(cfg) if tc.uncond_prior else None
         self.groups = trainable_parameters(self.model, tc)
         self.params = [p for g in self.groups for p in g["params"]]
         if tc.gradient_checkpointing:
@@ -354,10 +366,32 @@ class Trainer:
         unet_dtype = m.unet.dtype
         pred = m.denoise(xt.to(unet_dtype), t, cond.to(unet_dtype))
         target = diffusion_target(m.noise_scheduler, x0, noise.to(x0.dtype), t)
+        if self.prior_unet is not None:
+            target = self._prior_target(target, xt, t, cond, b.captions)
         weights = None
         if self.cfg.train.reweight_alpha is not None:
             weights = weight_map(b.masks.to(self.device), self.cfg.train.reweight_alpha, x0.shape[-2], x0.shape[-1])
         return denoising_loss(pred, target, weights)
+
+    def _frozen_prior(self, cfg: RunConfig) -> torch.nn.Module:
+        """A frozen copy of the starting UNet (``train.uncond_prior``); needs a pretrained start."""
+        if not cfg.model.pretrained:
+            raise ValueError("train.uncond_prior needs model.pretrained: the prior is the pretrained UNet")
+        return copy.deepcopy(self.model.unet).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _prior_target(self, target: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                      captions: list[str]) -> torch.Tensor:
+        """``target`` ``(B, C, h, w)`` with the rows of empty captions replaced by the frozen prior's
+        prediction for the same ``xt``, ``t`` and (empty-prompt) text states ``cond`` ``(B, 77, D)``."""
+        empty = torch.tensor([c == "" for c in captions], device=target.device)
+        if not bool(empty.any()):
+            return target
+        dtype = next(self.prior_unet.parameters()).dtype
+        prior = self.model.denoise(xt[empty].to(dtype), t[empty], cond[empty].to(dtype), unet=self.prior_unet)
+        out = target.clone()
+        out[empty] = prior.to(out.dtype)
+        return out
 
     @torch.no_grad()
     def _moments(self, images: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,7 @@ class _Progress:
         self.tasks = tasks
         self.bar = tqdm(total=sum(tasks[n].cost for n in pending), desc=desc, unit="cost", dynamic_ncols=True)
         self.finished = 0.0
+        self._shown: tuple[float, str] | None = None
 
     def partial(self, name: str) -> float:
         job = self.tasks[name].job
@@ -102,8 +103,13 @@ class _Progress:
         return self.tasks[name].cost * min(last_step(job.progress_file), job.total) / job.total
 
     def show(self, running: list[str]) -> None:
-        self.bar.n = round(self.finished + sum(self.partial(n) for n in running), 1)
-        self.bar.set_postfix_str(",".join(running)[:80])
+        """Redraw when the count or the running set changed (a log file gets one line per change)."""
+        n, names = round(self.finished + sum(self.partial(n) for n in running), 1), ",".join(running)[:80]
+        if (n, names) == self._shown:
+            return
+        self._shown = (n, names)
+        self.bar.n = n
+        self.bar.set_postfix_str(names, refresh=False)
         self.bar.refresh()
 
     def finish(self, name: str) -> None:

@@ -97,6 +97,11 @@ class DemoConfig:
     extra_negatives: list[str] = field(default_factory=list)
     """Further negative kinds reported beside the main ones (e.g. geom-cells, geom-seen; each
     negative prompt costs one more UNet evaluation per sampling step)."""
+    uncond_prior: bool = True
+    """Both fine-tunes keep the base's unconditional branch (``train.uncond_prior``: caption-dropped
+    rows regress on the frozen base), as a large pretrained model's stays under a short fine-tune."""
+    open_prompts: list[str] = field(default_factory=lambda: ["", "an image", "a picture", "a photo"])
+    """Open prompts of the ``open_*`` arms, cycled over the samples (the benchmark's open set)."""
     captions: CaptionConfig = field(default_factory=lambda: CaptionConfig(
         mode="geom", concept_first_prob=0.2, concept_only_prob=0.1, shuffle_cells=True, dropout=0.1))
     """Caption variants of the geom model."""
@@ -173,6 +178,7 @@ def _train_rc(cfg: DemoConfig, run_dir: Path, shards: str, captions: CaptionConf
                      train=TrainConfig(mode="data-removal", train_text_encoder=cfg.pretrained is None,
                                        max_steps=steps, lr=cfg.lr, loc_lr=cfg.loc_lr, seed=cfg.seed,
                                        reweight_alpha=reweight_alpha, warmup_steps=min(50, max(steps // 10, 1)),
+                                       uncond_prior=cfg.uncond_prior and cfg.pretrained is not None,
                                        device=cfg.device, log_every=25, save_every=max(steps // 4, 1)),
                      resume="latest")
 
@@ -290,11 +296,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _arms(cfg: DemoConfig, prompts: list[str], seen: list[list[int]]) -> tuple[dict, list[list[int]]]:
     """``{arm: (model, prompts, negative kind)}`` and the probe's asked-for cell sets."""
     n = cfg.samples
+    open_ = open_prompt_list(cfg)
     arms = {
         "plain": ("plain", prompts, "none"), "plain_np": ("plain", prompts, "name"),
         "geom_noneg": ("geom", prompts, "none"), "geom": ("geom", prompts, cfg.geom_negative),
-        "open_noneg": ("geom", [""] * n, "none"), "open_np": ("geom", [""] * n, "name"),
-        "open_geom": ("geom", [""] * n, cfg.geom_negative),
+        "open_noneg": ("geom", open_, "none"), "open_np": ("geom", open_, "name"),
+        "open_geom": ("geom", open_, cfg.geom_negative),
     }
     # Token-binding probe: ask the geom model *for* the concept at cell sets seen in training. If the
     # location tokens were learned, the scorer finds the concept in the asked-for cells.
@@ -302,8 +309,13 @@ def _arms(cfg: DemoConfig, prompts: list[str], seen: list[list[int]]) -> tuple[d
     arms["probe_geom"] = ("geom", [concept_phrase(cfg.concept_name, c) for c in probe_cells], "none")
     for kind in cfg.extra_negatives:
         arms[f"geom[{kind}]"] = ("geom", prompts, kind)
-        arms[f"open_geom[{kind}]"] = ("geom", [""] * n, kind)
+        arms[f"open_geom[{kind}]"] = ("geom", open_, kind)
     return arms, probe_cells
+
+
+def open_prompt_list(cfg: DemoConfig) -> list[str]:
+    """``cfg.samples`` open prompts: ``cfg.open_prompts`` cycled."""
+    return [cfg.open_prompts[i % len(cfg.open_prompts)] for i in range(cfg.samples)]
 
 
 def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers: int, threads: int):
@@ -321,16 +333,16 @@ def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers
         specs[mname].append(ArmSpec(arm, ps, *neg[kind], cfg.guidance_scale))
     for scale in cfg.guidance_sweep:
         for arm, kind in (("open_noneg", "none"), ("open_np", "name"), ("open_geom", cfg.geom_negative)):
-            specs["geom"].append(ArmSpec(f"{arm}@{scale}", [""] * n, *neg[kind], scale))
+            specs["geom"].append(ArmSpec(f"{arm}@{scale}", open_prompt_list(cfg), *neg[kind], scale))
     seeds = list(range(10_000, 10_000 + n))
     jobs = [(str(lay.model(m) / "model"), group, seeds) for m, arm_specs in specs.items()
             for group in balance(arm_specs, workers)]
     names = [a.name for _, group, _ in jobs for a in group]
     if cfg.pretrained:
-        # The concept-free base model, half held-out prompts and half empty, on seeds no arm uses.
+        # The concept-free base model, half held-out prompts and half open ones, on seeds no arm uses.
         from geomerase.core.builtin import resolve_pretrained
 
-        jobs.append((resolve_pretrained(cfg.pretrained), [ArmSpec("base", prompts + [""] * n, [""], [1.0],
+        jobs.append((resolve_pretrained(cfg.pretrained), [ArmSpec("base", prompts + open_prompt_list(cfg), [""], [1.0],
                                                                   cfg.guidance_scale)],
                      list(range(20_000, 20_000 + 2 * n))))
         names.append("base")
@@ -451,15 +463,15 @@ def render_report(m: dict, cfg: DemoConfig) -> str:
         row("plain_np", "plain", "held-out", cfg.concept_name),
         row("geom_noneg", "geom", "held-out", "—"),
         row("geom", "geom", "held-out", f"Geom-Erasing ({cfg.geom_negative})"),
-        row("open_noneg", "geom", "empty", "—"),
-        row("open_np", "geom", "empty", cfg.concept_name),
-        row("open_geom", "geom", "empty", f"Geom-Erasing ({cfg.geom_negative})"),
+        row("open_noneg", "geom", "open", "—"),
+        row("open_np", "geom", "open", cfg.concept_name),
+        row("open_geom", "geom", "open", f"Geom-Erasing ({cfg.geom_negative})"),
     ]
     if "base" in icr_:
-        lines.append(row("base", "base (concept-free)", "held-out + empty", "—"))
+        lines.append(row("base", "base (concept-free)", "held-out + open", "—"))
     for arm in icr_:
         if "[" in arm:
-            lines.append(row(arm, "geom", "empty" if arm.startswith("open") else "held-out", arm.split("[")[1][:-1]))
+            lines.append(row(arm, "geom", "open" if arm.startswith("open") else "held-out", arm.split("[")[1][:-1]))
     if "probe_geom" in icr_:
         pr = icr_["probe_geom"].get("cells_vs_asked", {})
         lines.append(row("probe_geom", "geom", "concept + seen cells", "—"))

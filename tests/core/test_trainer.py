@@ -181,3 +181,25 @@ def test_triton_location_embedding_trains_like_the_torch_one(tiny_icd, tmp_path)
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-6, atol=0)
     assert torch.equal(out[key][frozen], before[key][frozen])
     assert all(torch.equal(out[k], before[k]) for k in before if k != key)
+
+
+def test_uncond_prior_keeps_the_pretrained_unconditional_branch(tiny_icd, tmp_path):
+    """With every caption dropped, the target is the frozen start's own prediction: zero loss, zero
+    update. Rows with captions keep the data's target (same loss as without the prior)."""
+    start = tmp_path / "start"
+    Trainer(_cfg(tiny_icd, tmp_path / "init", "train.max_steps=1")).model.save(start)
+    dropped = Trainer(_cfg(tiny_icd, tmp_path / "a", f"model.pretrained={start}", "train.uncond_prior=true",
+                           "captions.dropout=1.0", "train.train_text_encoder=false"))
+    before = _snapshot(dropped.model)
+    loss, _ = dropped.train_step(0)
+    assert loss.item() == 0.0
+    after = _snapshot(dropped.model)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
+    kept = [Trainer(_cfg(tiny_icd, tmp_path / name, f"model.pretrained={start}", f"train.uncond_prior={flag}",
+                         "captions.dropout=0.0", "train.train_text_encoder=false")).train_step(0)[0].item()
+            for name, flag in (("b", "true"), ("c", "false"))]
+    assert kept[0] == kept[1] > 0.0
+    with pytest.raises(ValueError, match="needs model.pretrained"):
+        Trainer(_cfg(tiny_icd, tmp_path / "d", "train.uncond_prior=true"))
+    with pytest.raises(ValueError, match="data-removal"):
+        _cfg(tiny_icd, tmp_path / "e", "train.uncond_prior=true", "train.mode=model-removal")
