@@ -93,6 +93,14 @@ class ErasingConfig:
     """G: location-token grid."""
     model_size: str = "tiny"
     """Registry size of every fine-tuned model (``core.models.MODEL_SIZES``)."""
+    pretrained: str | None = None
+    """Base model every data-removal arm (plain, existence, geom, geom_reweight, oracle) fine-tunes
+    from: ``builtin:NAME`` (a shipped base) or a diffusers folder, as a user fine-tunes a pretrained
+    model. Its text encoder stays frozen (data removal = UNet + location-token rows). Exclusive with
+    ``base_steps``."""
+    uncond_prior: bool = True
+    """With ``pretrained``: the data-removal arms keep the base's unconditional branch
+    (``train.uncond_prior``)."""
     base_steps: int = 0
     """Steps of a shared *base* model trained once on the concept-free training split (clean
     captions); every data-removal arm (plain, existence, geom, geom_reweight, oracle) then
@@ -205,6 +213,8 @@ class ErasingConfig:
             raise ConfigError("open_prompts is empty")
         if self.base_steps < 0:
             raise ConfigError("base_steps must be >= 0")
+        if self.base_steps and self.pretrained:
+            raise ConfigError("pretrained and base_steps exclude each other: fine-tune a given base or train one")
         if min(self.steps, self.mr_steps, self.esd_steps, self.samples, self.classifier_steps) < 1:
             raise ConfigError("steps, mr_steps, esd_steps, samples and classifier_steps must be >= 1")
 
@@ -277,6 +287,8 @@ def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionC
               steps: int | None = None, lr: float | None = None, pretrained: str | None = None,
               alpha: float | None = None) -> RunConfig:
     steps = steps or cfg.steps
+    # From the given base (not a base this run trained): frozen text encoder, base unconditional branch.
+    from_base = cfg.pretrained is not None and pretrained == cfg.pretrained and mode == "data-removal"
     return RunConfig(
         out_dir=str(run_dir),
         model=ModelConfig(size=cfg.model_size, grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend,
@@ -285,7 +297,8 @@ def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionC
         captions=captions,
         train=TrainConfig(mode=mode, max_steps=steps, lr=cfg.lr, loc_lr=lr, seed=cfg.seed, reweight_alpha=alpha,
                           warmup_steps=min(50, max(steps // 10, 1)), device=cfg.device, log_every=max(1, min(25, steps)),
-                          save_every=max(steps // 2, 1)),
+                          save_every=max(steps // 2, 1), train_text_encoder=not from_base,
+                          uncond_prior=from_base and cfg.uncond_prior),
         resume="latest")
 
 
@@ -335,7 +348,7 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                                                          str(lay.icd("clean_train")))), outputs=meta("clean_train", "qr"), cost=3)
     res = 32
     base_deps: tuple[str, ...] = ()
-    base_model: str | None = None
+    base_model: str | None = cfg.pretrained
     if cfg.base_steps:
         rc = _train_rc(cfg, lay.model_dir("", "base"), lay.glob("clean_train", "qr"),
                        CaptionConfig(mode="clean", dropout=0.1), steps=cfg.base_steps)

@@ -141,3 +141,25 @@ def test_annotator_and_scorers_train_on_their_own_splits(tmp_path):
     assert split("qr/scorer") == split("qr/attributes") == "qr_scorer"
     seeds = {tasks[f"qr/data/{s}"].job.args[4] for s in ("train", "heldout", "annot", "scorer")}
     assert len(seeds) == 4  # four disjoint seeds: no image is in two splits
+
+
+def test_arms_fine_tune_a_given_base_with_its_unconditional_branch(tmp_path):
+    from pathlib import Path
+
+    from geomerase.benchmarks.erasing import Layout, plan
+
+    cfg = erasing_config("smoke", ["concepts=[qr]", "pretrained=builtin:base32", "model_size=base32"], out=str(tmp_path))
+    tasks = plan(cfg, Layout(Path(cfg.out)), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
+    assert "base/train" not in tasks
+    for arm in ("plain", "geom", "existence", "geom_reweight"):
+        train = tasks[f"qr/train/{arm}"].job.args[0].train
+        assert tasks[f"qr/train/{arm}"].job.args[0].model.pretrained == "builtin:base32"
+        assert train.uncond_prior and not train.train_text_encoder, arm
+    assert tasks["oracle/train"].job.args[0].train.uncond_prior
+    mr = tasks["qr/train/geom_mr"].job.args[0]
+    assert mr.train.mode == "model-removal" and not mr.train.uncond_prior
+    off = erasing_config("smoke", ["concepts=[qr]", "pretrained=builtin:base32", "uncond_prior=false"], out=str(tmp_path))
+    tasks = plan(off, Layout(Path(off.out)), lambda: {p: [""] * off.samples for p in PROMPT_SETS})
+    assert not tasks["qr/train/plain"].job.args[0].train.uncond_prior
+    with pytest.raises(ConfigError, match="exclude each other"):
+        erasing_config("smoke", ["pretrained=builtin:base32", "base_steps=10"])
