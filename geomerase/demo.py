@@ -22,10 +22,11 @@ outputs atomically and is skipped when they exist, so an interrupted demo resume
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -346,14 +347,24 @@ def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers
                                                                   cfg.guidance_scale)],
                      list(range(20_000, 20_000 + 2 * n))))
         names.append("base")
+    # Each arm's file is named by what made it, so a rerun with other sampling settings resamples.
+    jobs = [(model_dir, [replace(a, name=_keyed(a, model_dir, sd, cfg.sample_steps)) for a in group], sd)
+            for model_dir, group, sd in jobs]
     tasks = {f"sample/{i}": Task(Job(sample_job, (model_dir, cfg.device, cfg.attention_backend, group, sd,
                                                   cfg.sample_steps, 64, str(lay.samples))),
                                  outputs=tuple(str(samples_path(lay.samples, a.name)) for a in group),
                                  cost=sum(a.cost for a in group) * cfg.sample_steps / 1000)
              for i, (model_dir, group, sd) in enumerate(jobs)}
     run_dag(tasks, workers, threads, desc="sample")
-    images = {name: load_images(samples_path(lay.samples, name)) for name in names}
+    files = [a.name for _, group, _ in jobs for a in group]
+    images = {name: load_images(samples_path(lay.samples, f)) for name, f in zip(names, files)}
     return images, arms, probe_cells, neg
+
+
+def _keyed(arm: ArmSpec, model_dir: str, seeds: list[int], steps: int) -> str:
+    """``arm.name`` plus a digest of the model, prompts, negatives, scale, seeds and DDIM steps."""
+    blob = json.dumps([asdict(arm), model_dir, seeds, steps], sort_keys=True).encode()
+    return f"{arm.name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
 def _score(cfg: DemoConfig, out: Path, images: dict[str, torch.Tensor], arms: dict, probe_cells: list[list[int]],
