@@ -4,8 +4,9 @@ The loop in :mod:`geomerase.core.trainer` computes losses and writes checkpoints
 gradients are reduced, parameters sharded and the optimizer stepped is a backend's job.
 :class:`LocalBackend` is the single-process reference (plain fused AdamW);
 ``geomerase.distributed.deepspeed_engine.DeepSpeedBackend`` runs the same step under
-DeepSpeed ZeRO 1/2/3. Core code never imports DeepSpeed: :func:`build_backend` imports the
-distributed module by name, only when a config asks for it.
+DeepSpeed ZeRO 1/2/3. Core never imports ``distributed/``: backends register by name
+(:func:`register_backend`); the deepspeed module registers itself on import, and the entry point
+(``geomerase.train``) imports it when a config asks for it.
 
 Checkpoint tensors always use the single-process layout, whatever the backend: full
 (unsharded) fp32 tensors keyed by the index of the parameter in the trainer's flat list of
@@ -210,15 +211,26 @@ class LocalBackend(TrainBackend):
                         p.copy_(v)
 
 
+BackendFactory = Callable[[torch.device, Any], TrainBackend]
+_BACKENDS: dict[str, BackendFactory] = {}
+_PROVIDED_BY = {"deepspeed": "geomerase.distributed.deepspeed_engine"}
+"""Backends registered by a higher layer on import, and the module that registers each."""
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make ``train.backend=name`` build ``factory(device, run_cfg)``."""
+    _BACKENDS[name] = factory
+
+
 def build_backend(name: str, device: torch.device, run_cfg: Any) -> TrainBackend:
-    """``local`` or ``deepspeed`` (imported only when asked for)."""
-    if name == "local":
-        return LocalBackend(device)
-    if name == "deepspeed":
-        try:
-            from geomerase.distributed.deepspeed_engine import DeepSpeedBackend
-        except ImportError as e:  # deepspeed missing
-            raise RuntimeError(f"train.backend=deepspeed needs the 'distributed' extra (pip install "
-                               f"-e .[distributed]): {e}") from e
-        return DeepSpeedBackend(run_cfg)
-    raise ValueError(f"unknown train.backend {name!r}; choose 'local' or 'deepspeed'")
+    """The registered backend ``name``: ``local`` here; ``deepspeed`` once its module is imported
+    (``python -m geomerase.train`` imports it when the config asks for it)."""
+    if name in _BACKENDS:
+        return _BACKENDS[name](device, run_cfg)
+    if name in _PROVIDED_BY:
+        raise RuntimeError(f"train.backend={name} is not registered: import {_PROVIDED_BY[name]} first "
+                           "(needs the 'distributed' extra: pip install -e .[distributed])")
+    raise ValueError(f"unknown train.backend {name!r}; registered: {sorted(_BACKENDS)}")
+
+
+register_backend("local", lambda device, run_cfg: LocalBackend(device))

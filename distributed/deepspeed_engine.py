@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from geomerase.core.backend import EmaLike, TrainBackend
+from geomerase.core.backend import EmaLike, TrainBackend, register_backend
 from geomerase.distributed.launch import clear_stale_build_lock, ensure_launch_env
 
 log = logging.getLogger("geomerase.deepspeed")
@@ -395,3 +395,6 @@ class FragmentEma(EmaLike):
         for p, s, full in zip(self.b.params, self.shadow, tensors):
             _, off, valid = self.b._fragment(p)
             self.b._scatter(full.to(s.device), s, off, valid)
+
+
+register_backend("deepspeed", lambda device, run_cfg: DeepSpeedBackend(run_cfg))

@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"geomerase train: config error: {e}", file=sys.stderr)
         return 2
+    if cfg.train.backend == "deepspeed":
+        try:
+            import geomerase.distributed.deepspeed_engine  # noqa: F401  (registers the backend)
+        except ImportError as e:
+            print(f"geomerase train: train.backend=deepspeed needs the 'distributed' extra "
+                  f"(pip install -e .[distributed]): {e}", file=sys.stderr)
+            return 2
     trainer = Trainer(cfg)
     try:
         trainer.fit(progress=not a.no_progress)

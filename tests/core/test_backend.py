@@ -3,7 +3,6 @@ warm-up, the single-process checkpoint layout of the optimizer state, and ``buil
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -50,10 +49,21 @@ def test_build_backend_by_name():
         build_backend("ray", CPU, None)
 
 
-def test_deepspeed_backend_without_the_extra_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "geomerase.distributed.deepspeed_engine", None)  # import fails
-    with pytest.raises(RuntimeError, match=r"pip install -e \.\[distributed\]"):
+def test_deepspeed_backend_unregistered_says_what_to_import_and_install(monkeypatch):
+    import geomerase.core.backend as backend_mod
+
+    monkeypatch.delitem(backend_mod._BACKENDS, "deepspeed", raising=False)
+    with pytest.raises(RuntimeError, match=r"import geomerase.distributed.deepspeed_engine.*pip install -e \.\[distributed\]"):
         build_backend("deepspeed", CPU, None)
+
+
+def test_backends_register_by_name(monkeypatch):
+    import geomerase.core.backend as backend_mod
+
+    made = []
+    monkeypatch.setitem(backend_mod._BACKENDS, "probe", lambda device, run_cfg: made.append((device, run_cfg)) or
+                        LocalBackend(device))
+    assert isinstance(build_backend("probe", CPU, "cfg"), LocalBackend) and made == [(CPU, "cfg")]
 
 
 def test_abstract_backend_defaults_are_single_process():
