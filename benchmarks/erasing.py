@@ -23,7 +23,7 @@ For each concept (qr, watermark, text):
    scorer's false-positive rate on generated images (``scorer_fpr``);
 6. scoring and the report (:mod:`geomerase.benchmarks.erasing_report`).
 
-Stages run side by side (one 1-thread process per core, :func:`erasing_jobs.run_dag`) and
+Stages run side by side (one 1-thread process per core, :func:`geomerase.distributed.dag.run_dag`) and
 are skipped when their outputs exist, so a rerun resumes.
 """
 from __future__ import annotations
