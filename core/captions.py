@@ -7,11 +7,12 @@ then trailing location tokens, and the result says what was dropped.
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
-from geomerase.core.geometry import all_loc_tokens, loc_token
+from geomerase.core.geometry import loc_token
 
 CLIP_MAX_LENGTH = 77
 
@@ -163,8 +164,9 @@ class CaptionBuilder:
         return rewrite_caption(caption, concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
 
 
-def negative_mixture(kind: NegativeKind, concept_name: str, grid: int,
-                     seen: Sequence[Sequence[int]] = (), top_k: int = 8) -> tuple[list[str], list[float]]:
+def negative_mixture(kind: NegativeKind, concept_name: str, grid: int, seen: Sequence[Sequence[int]] = (),
+                     top_k: int = 8, tokenizer: _Tokenizer | None = None,
+                     max_length: int = CLIP_MAX_LENGTH) -> tuple[list[str], list[float]]:
     """Negative prompt(s) and their weights for guidance (the sampler mixes their predictions).
 
     * ``none``: ``[""]`` (plain classifier-free guidance).
@@ -175,31 +177,78 @@ def negative_mixture(kind: NegativeKind, concept_name: str, grid: int,
       concept in any one place", each prompt of the form the model saw in training.
     * ``geom-seen``: the ``top_k`` cell sets most often annotated in training (``seen`` lists
       each training image's cells), weighted by frequency: the concept's training geometry.
+      With no annotated cells in ``seen`` it is ``geom-cells``.
+
+    Every prompt fits ``max_length`` tokens of ``tokenizer`` (default: the project's tokenizer
+    for ``grid``): a phrase whose cells do not fit is split into several prompts, each
+    ``concept <cells...>``, that share its weight in proportion to their cells, so every cell
+    is still named and keeps its weight.
     """
     if kind == "none":
         return [""], [1.0]
     if kind == "name":
         return [concept_name], [1.0]
+    if kind not in NEGATIVE_KINDS:
+        raise ValueError(f"unknown negative prompt kind {kind!r}; choose from {list(NEGATIVE_KINDS)}")
+    tokenizer = tokenizer if tokenizer is not None else _project_tokenizer(grid)
+    return _fit_mixture(concept_name, _cell_mixture(kind, grid, seen, top_k), tokenizer, max_length)
+
+
+def _cell_mixture(kind: NegativeKind, grid: int, seen: Sequence[Sequence[int]],
+                  top_k: int) -> list[tuple[list[int], float]]:
+    """The (cells, weight) entries of a ``geom*`` mixture, before fitting to the token limit."""
+    n = grid * grid
     if kind == "geom":
-        return [" ".join([concept_name, *all_loc_tokens(grid)])], [1.0]
+        return [(list(range(n)), 1.0)]
     if kind == "geom-multi":
-        rows = [concept_phrase(concept_name, range(r * grid, (r + 1) * grid)) for r in range(grid)]
-        return rows, [1.0 / grid] * grid
-    if kind == "geom-cells":
-        n = grid * grid
-        return [concept_phrase(concept_name, [c]) for c in range(n)], [1.0 / n] * n
-    if kind == "geom-seen":
-        counts: dict[tuple[int, ...], int] = {}
-        for cells in seen:
-            if cells:
-                key = tuple(sorted(set(cells)))
-                counts[key] = counts.get(key, 0) + 1
-        if not counts:
-            return negative_mixture("geom-cells", concept_name, grid)
-        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
-        total = sum(k for _, k in top)
-        return [concept_phrase(concept_name, cells) for cells, _ in top], [k / total for _, k in top]
-    raise ValueError(f"unknown negative prompt kind {kind!r}; choose from {list(NEGATIVE_KINDS)}")
+        return [(list(range(r * grid, (r + 1) * grid)), 1.0 / grid) for r in range(grid)]
+    counts: dict[tuple[int, ...], int] = {}
+    for cells in seen if kind == "geom-seen" else ():
+        if cells:
+            key = tuple(sorted(set(cells)))
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:  # geom-cells, or geom-seen without annotated cells
+        return [([c], 1.0 / n) for c in range(n)]
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+    total = sum(k for _, k in top)
+    return [(list(cells), k / total) for cells, k in top]
+
+
+def _fit_mixture(concept_name: str, entries: list[tuple[list[int], float]], tokenizer: _Tokenizer,
+                 max_length: int) -> tuple[list[str], list[float]]:
+    """Prompts ``concept <cells>`` within ``max_length`` tokens; an entry too long is split in order."""
+    prompts, weights = [], []
+    for cells, weight in entries:
+        rest = list(cells)
+        while rest:
+            k = _cells_that_fit(concept_name, rest, tokenizer, max_length)
+            prompts.append(concept_phrase(concept_name, rest[:k]))
+            weights.append(weight * (k / len(cells)))
+            rest = rest[k:]
+    return prompts, weights
+
+
+def _cells_that_fit(concept_name: str, cells: list[int], tokenizer: _Tokenizer, max_length: int) -> int:
+    """The largest ``k >= 1`` with ``concept <cells[:k]>`` within ``max_length`` tokens."""
+    if n_tokens(tokenizer, concept_phrase(concept_name, cells)) <= max_length:
+        return len(cells)
+    lo, hi = 0, len(cells) - 1
+    while lo < hi:  # binary search: tokenising is the cost
+        mid = (lo + hi + 1) // 2
+        if n_tokens(tokenizer, concept_phrase(concept_name, cells[:mid])) <= max_length:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise ValueError(f"negative prompt {concept_phrase(concept_name, cells[:1])!r} exceeds {max_length} tokens")
+    return lo
+
+
+@functools.lru_cache(maxsize=4)
+def _project_tokenizer(grid: int) -> _Tokenizer:
+    from geomerase.core.tokenizer import build_tokenizer
+
+    return build_tokenizer(grid)
 
 
 NEGATIVE_KINDS = ("none", "name", "geom", "geom-multi", "geom-cells", "geom-seen")

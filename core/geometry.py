@@ -2,7 +2,7 @@
 
 The image is split into a ``G x G`` grid; cell ``(row, col)`` is named by the
 location token ``<l{row*G+col}>``. A detection covers a cell when the share of the
-*cell's* area inside the box reaches ``overlap_threshold`` (so a thin box that
+*cell's* area inside the union of the boxes reaches ``overlap_threshold`` (so a thin box that
 grazes a cell does not claim it, while a large box claims every cell it fills).
 Two encodings:
 
@@ -88,21 +88,34 @@ class GridEncoder:
         return self.grid * self.grid
 
     def coverage(self, boxes: Iterable[Sequence[float]], width: int, height: int) -> np.ndarray:
-        """``(G, G)`` float64: the largest share of each cell's area covered by any one box."""
+        """``(G, G)`` float64: the exact share of each cell's area covered by the union of the boxes.
+
+        Overlapping boxes are not double-counted. The union is measured exactly by
+        coordinate compression: the cell edges and box edges split the image into
+        elementary rectangles, each wholly inside or outside every box and cell.
+        A single box gives ``overlap_x * overlap_y / cell_area`` per cell.
+        """
         g = self.grid
-        cov = np.zeros((g, g), dtype=np.float64)
         xs = np.linspace(0.0, float(width), g + 1)
         ys = np.linspace(0.0, float(height), g + 1)
         cell_area = (xs[1] - xs[0]) * (ys[1] - ys[0])
-        for box in boxes:
-            clipped = clip_box(box, width, height)
-            if clipped is None:
-                continue
-            x1, y1, x2, y2 = clipped
-            ox = np.clip(np.minimum(xs[1:], x2) - np.maximum(xs[:-1], x1), 0.0, None)  # (G,) per column
-            oy = np.clip(np.minimum(ys[1:], y2) - np.maximum(ys[:-1], y1), 0.0, None)  # (G,) per row
-            cov = np.maximum(cov, np.outer(oy, ox) / cell_area)
-        return cov
+        cov = np.zeros((g, g), dtype=np.float64)
+        rects = [r for r in (clip_box(box, width, height) for box in boxes) if r is not None]
+        if not rects:
+            return cov
+        r = np.asarray(rects, dtype=np.float64)
+        ex = np.unique(np.concatenate([xs, r[:, 0], r[:, 2]]))
+        ey = np.unique(np.concatenate([ys, r[:, 1], r[:, 3]]))
+        inside = np.zeros((len(ey) - 1, len(ex) - 1), dtype=bool)
+        for x1, y1, x2, y2 in rects:
+            rs, re_ = np.searchsorted(ey, [y1, y2])
+            cs, ce = np.searchsorted(ex, [x1, x2])
+            inside[rs:re_, cs:ce] = True
+        area = np.where(inside, np.outer(np.diff(ey), np.diff(ex)), 0.0)
+        rows = np.minimum(np.searchsorted(ys, ey[:-1], side="right") - 1, g - 1)
+        cols = np.minimum(np.searchsorted(xs, ex[:-1], side="right") - 1, g - 1)
+        np.add.at(cov, (rows[:, None], cols[None, :]), area)
+        return cov / cell_area
 
     def cells_from_boxes(self, boxes: Iterable[Sequence[float]], width: int, height: int) -> list[int]:
         """Sorted flat indices ``row*G+col`` of the cells the boxes cover."""

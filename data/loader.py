@@ -72,6 +72,20 @@ class Record:
     """Concept phrase when the annotator found the concept, else None."""
     cells: list[int]
     """Flat grid cells the concept covers (empty when absent)."""
+    grid: int | None = None
+    """The grid the annotation's cells index (None when the sample is not annotated)."""
+    shard: str = ""
+    """The shard the sample came from (for error messages; empty when unknown)."""
+
+    def check_grid(self, grid: int) -> None:
+        """Raise ValueError when the cells were annotated at another grid or fall outside ``grid``."""
+        where = f"{self.shard or '<unknown shard>'} sample {self.key!r}"
+        if self.grid is not None and self.grid != grid:
+            raise ValueError(f"{where}: annotated at grid {self.grid}, but the model's grid is {grid}; "
+                             f"re-annotate the shards at grid {grid} or train at grid {self.grid}")
+        bad = [c for c in self.cells if not 0 <= c < grid * grid]
+        if bad:
+            raise ValueError(f"{where}: annotation cells {bad} lie outside a {grid}x{grid} grid")
 
 
 def _annotation(meta: dict) -> tuple[str | None, list[int], int | None]:
@@ -79,7 +93,22 @@ def _annotation(meta: dict) -> tuple[str | None, list[int], int | None]:
     if not ann:
         return None, [], None
     cells = [int(c) for c in ann.get("cells", [])]
-    return (ann.get("concept_name") if cells else None), cells, ann.get("grid")
+    grid = ann.get("grid")
+    return (ann.get("concept_name") if cells else None), cells, (None if grid is None else int(grid))
+
+
+def annotated_cells(shards: str, grid: int | None = None) -> list[list[int]]:
+    """The annotated cells of every sample of ``shards`` that carries the concept.
+
+    With ``grid``, a sample annotated at another grid is a ValueError naming it."""
+    out = []
+    for s in iter_samples(shards):
+        _, cells, g = _annotation(s.meta)
+        if grid is not None:
+            Record(s.key, "", None, cells, g, s.shard).check_grid(grid)
+        if cells:
+            out.append(cells)
+    return out
 
 
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -109,7 +138,7 @@ class InMemoryDataset:
                 grid = g
             caption = s.meta.get("caption_clean", s.caption)
             images.append(image_to_tensor(s.image, resolution))
-            records.append(Record(s.key, caption, concept, cells))
+            records.append(Record(s.key, caption, concept, cells, g, s.shard))
             metas.append(s.meta)
             sizes.append(s.image.size)
             if max_samples is not None and len(records) >= max_samples:
@@ -129,8 +158,10 @@ class InMemoryDataset:
         return len(self.records)
 
     def cell_masks(self, grid: int) -> torch.Tensor:
+        """``(N, G, G)`` bool concept masks; ValueError when a sample was annotated at another grid."""
         masks = torch.zeros(len(self), grid * grid, dtype=torch.bool)
         for i, r in enumerate(self.records):
+            r.check_grid(grid)
             if r.cells:
                 masks[i, r.cells] = True
         return masks.view(len(self), grid, grid)

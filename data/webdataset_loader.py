@@ -148,22 +148,26 @@ def decode_raw(s: RawSample, resolution: int, skips: SkipCounter) -> Decoded | N
     except Exception as exc:  # PIL raises many types for bad data
         skips.skip(s.shard, s.key, "bad image", f"{type(exc).__name__}: {exc}")
         return None
-    return Decoded(image_to_tensor(img, resolution), record_from_meta(s.key, meta, s.fields.get("txt")))
+    return Decoded(image_to_tensor(img, resolution), record_from_meta(s.key, meta, s.fields.get("txt"), s.shard))
 
 
-def record_from_meta(key: str, meta: dict, txt: bytes | None = None) -> Record:
-    concept, cells, _ = _annotation(meta)
+def record_from_meta(key: str, meta: dict, txt: bytes | None = None, shard: str = "") -> Record:
+    """The text side of a sample from its json (and ``txt`` when the json has no clean caption)."""
+    concept, cells, grid = _annotation(meta)
     caption = meta.get("caption_clean") or (txt.decode("utf-8").strip() if txt else meta.get("caption", ""))
-    return Record(key, caption, concept, cells)
+    return Record(key, caption, concept, cells, grid, shard)
 
 
 def collate(items: list[Decoded], grid: int) -> tuple[torch.Tensor, list[Record], torch.Tensor]:
-    """``(b, 3, R, R)`` uint8 images, records, ``(b, G, G)`` bool concept masks."""
+    """``(b, 3, R, R)`` uint8 images, records, ``(b, G, G)`` bool concept masks.
+
+    Raises ValueError when a sample was annotated at a grid other than ``grid``."""
     images = torch.stack([d.image for d in items])
     masks = torch.zeros(len(items), grid * grid, dtype=torch.bool)
     for i, d in enumerate(items):
+        d.record.check_grid(grid)
         if d.record.cells:
-            masks[i, [c for c in d.record.cells if c < grid * grid]] = True
+            masks[i, d.record.cells] = True
     return images, [d.record for d in items], masks.view(-1, grid, grid)
 
 

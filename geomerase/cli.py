@@ -132,10 +132,18 @@ def _sample(a: argparse.Namespace) -> int:
     from geomerase.core.metrics import sample_grid
     from geomerase.core.models import load_model
     from geomerase.core.sampling import SamplerConfig, sample, to_uint8
+    from geomerase.data.loader import annotated_cells
 
+    if a.negative == "geom-seen" and not a.seen_cells:
+        raise ValueError("--negative geom-seen needs --seen-cells GLOB: the annotated training shards it weights")
+    if a.seen_cells and a.negative != "geom-seen":
+        raise ValueError("--seen-cells is only used by --negative geom-seen")
     model = load_model(a.model)
-    negs, weights = (negative_mixture(a.negative, a.concept_name, model.grid) if a.negative in NEGATIVE_KINDS
-                     else ([a.negative], [1.0]))
+    seen = annotated_cells(a.seen_cells, model.grid) if a.seen_cells else []
+    if a.seen_cells and not seen:
+        raise ValueError(f"--seen-cells {a.seen_cells!r}: no sample in those shards has annotated cells")
+    negs, weights = (negative_mixture(a.negative, a.concept_name, model.grid, seen, tokenizer=model.tokenizer)
+                     if a.negative in NEGATIVE_KINDS else ([a.negative], [1.0]))
     prompts = [a.prompt] * a.n
     imgs = sample(model, prompts, negs, range(a.seed, a.seed + a.n),
                   SamplerConfig(scheduler=a.scheduler, steps=a.steps, guidance_scale=a.guidance_scale), progress=True,
@@ -305,6 +313,8 @@ def _fill_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", default="geom",
                    help="none, name, geom, geom-multi, geom-cells, geom-seen, or a literal prompt (default: geom)")
     p.add_argument("--concept-name", default="qr code", help="concept phrase of the negative prompt (default: qr code)")
+    p.add_argument("--seen-cells", default=None, metavar="GLOB",
+                   help="annotated training shards whose cell sets --negative geom-seen weights (required by it)")
     p.add_argument("--n", type=int, default=16, help="samples (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
     add_config_args(p, SamplerConfig, ["steps", "scheduler", "guidance_scale"])

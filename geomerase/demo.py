@@ -42,7 +42,7 @@ from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_
 from geomerase.core.metrics import clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
 from geomerase.core.models import ModelConfig
 from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
-from geomerase.data.loader import DataConfig, InMemoryDataset
+from geomerase.data.loader import DataConfig, InMemoryDataset, annotated_cells
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write, iter_samples
 from geomerase.distributed.dag import Job, Task, run_dag
@@ -325,7 +325,7 @@ def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers
     images, the arm table, the probe cells and the negative mixtures."""
     n = cfg.samples
     prompts = [r.caption for r in held_ds.records][:n]
-    seen = annotated_cells(lay.annotated)
+    seen = annotated_cells(str(lay.annotated / "*.tar"), cfg.grid)
     neg = {kind: negative_mixture(kind, cfg.concept_name, cfg.grid, seen)
            for kind in ["none", "name", cfg.geom_negative, *cfg.extra_negatives]}
     arms, probe_cells = _arms(cfg, prompts, seen)
@@ -443,16 +443,6 @@ def binding_probes(model_dir: str, held_ds: InMemoryDataset, cfg: DemoConfig, n:
         m, images, captions, cfg.concept_name, random_cell_sets(len(idx), cfg.grid, cfg.seed), seed=cfg.seed)}
     if getattr(m.unet, "add_embedding", None) is not None:
         out["conditioning_paths"] = conditioning_paths(m, images, captions, seed=cfg.seed)
-    return out
-
-
-def annotated_cells(annotated_dir: Path) -> list[list[int]]:
-    """The annotated cell list of every training image that carries the concept."""
-    out = []
-    for s in iter_samples(str(annotated_dir / "*.tar")):
-        cells = s.meta.get("annotation", {}).get("cells", [])
-        if cells:
-            out.append(list(cells))
     return out
 
 

@@ -1,6 +1,7 @@
 """Geometry encoding: boxes -> cells -> location tokens, edge cases."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from geomerase.core.geometry import (GeometryConfig, all_loc_tokens, cell_precision_recall, clip_box,
@@ -95,3 +96,45 @@ def test_config_validation():
         GeometryConfig(grid=0).build()
     with pytest.raises(ValueError):
         GeometryConfig(overlap_threshold=0).build()
+
+
+def _single_box_reference(box, width, height, grid):
+    """Per-box coverage as computed before union coverage: overlap_y * overlap_x / cell area."""
+    xs, ys = np.linspace(0.0, width, grid + 1), np.linspace(0.0, height, grid + 1)
+    x1, y1, x2, y2 = clip_box(box, width, height)
+    ox = np.clip(np.minimum(xs[1:], x2) - np.maximum(xs[:-1], x1), 0.0, None)
+    oy = np.clip(np.minimum(ys[1:], y2) - np.maximum(ys[:-1], y1), 0.0, None)
+    return np.outer(oy, ox) / ((xs[1] - xs[0]) * (ys[1] - ys[0]))
+
+
+def test_single_box_coverage_is_bit_identical_to_per_box_coverage():
+    rng = np.random.default_rng(0)
+    for grid, (w, h) in [(4, (64, 64)), (3, (90, 60)), (7, (513, 301)), (10, (512, 512))]:
+        for _ in range(50):
+            box = rng.uniform([-20, -20, -20, -20], [w + 20, h + 20, w + 20, h + 20]).tolist()
+            if clip_box(box, w, h) is None:
+                continue
+            got = enc(grid=grid).coverage([box], w, h)
+            assert np.array_equal(got, _single_box_reference(box, w, h, grid)), (grid, box)
+
+
+def test_two_partial_boxes_claim_a_cell_together():
+    # Cell 0 spans 0..16 x 0..16; each box covers a 16x2.4 strip (15%), together 30%.
+    e = enc(thr=0.2)
+    a, b = [0, 0, 16, 2.4], [0, 8, 16, 10.4]
+    assert e.coverage([a], 64, 64)[0, 0] == pytest.approx(0.15)
+    assert e.coverage([a, b], 64, 64)[0, 0] == pytest.approx(0.30)
+    assert 0 in e.cells_from_boxes([a, b], 64, 64)
+    # Two boxes each covering one half of the cell claim it in full.
+    assert e.coverage([[0, 0, 8, 16], [8, 0, 16, 16]], 64, 64)[0, 0] == pytest.approx(1.0)
+
+
+def test_overlapping_boxes_are_not_double_counted():
+    e = enc(thr=0.2)
+    # Identical boxes: same coverage as one. Overlapping 16x3.2 strips (20% each) sharing 16x1.6: union 30%.
+    one = e.coverage([[0, 0, 16, 3.2]], 64, 64)
+    assert np.array_equal(e.coverage([[0, 0, 16, 3.2]] * 3, 64, 64), one)
+    assert e.coverage([[0, 0, 16, 3.2], [0, 1.6, 16, 4.8]], 64, 64)[0, 0] == pytest.approx(0.30)
+    # A box inside another adds nothing; coverage never exceeds 1.
+    cov = e.coverage([[0, 0, 64, 64], [5, 5, 40, 40]], 64, 64)
+    assert np.allclose(cov, 1.0)

@@ -86,3 +86,37 @@ def test_caption_builder_modes(tok):
     assert drop("a red circle", "qr code", [4], rng) == ""
     with pytest.raises(ValueError):
         CaptionConfig(concept_first_prob=0.7, concept_only_prob=0.5).build(tok)
+
+
+def _cells_of(prompt: str) -> list[int]:
+    return [int(t[2:-1]) for t in prompt.split() if t.startswith("<l")]
+
+
+@pytest.mark.parametrize("kind", ["geom", "geom-multi", "geom-cells", "geom-seen"])
+def test_negative_prompts_fit_clip_and_name_every_cell_at_g10(kind):
+    big = build_tokenizer(10)
+    seen = [list(range(100)), list(range(100)), [3, 4]]  # the most seen set has all 100 cells
+    prompts, weights = negative_mixture(kind, "qr code", 10, seen, tokenizer=big)
+    assert all(n_tokens(big, p) <= 77 for p in prompts)
+    assert all(p.startswith("qr code <l") for p in prompts)
+    assert sum(weights) == pytest.approx(1.0)
+    if kind != "geom-seen":
+        assert sorted(c for p in prompts for c in _cells_of(p)) == list(range(100))  # each cell named once
+        per_cell = [w / len(_cells_of(p)) for p, w in zip(prompts, weights)]
+        assert per_cell == pytest.approx([0.01] * len(prompts))  # equal weight per cell
+    else:
+        assert {c for p in prompts for c in _cells_of(p)} == set(range(100))
+        assert sum(w for p, w in zip(prompts, weights) if len(_cells_of(p)) > 2) == pytest.approx(2 / 3)
+    if kind == "geom":
+        assert len(prompts) == 2  # 100 location tokens + "qr code" + start/end need two prompts
+
+
+def test_negative_prompts_at_g4_are_unchanged(tok):
+    every = " ".join(f"<l{i}>" for i in range(16))
+    assert negative_mixture("geom", "qr code", 4, tokenizer=tok) == ([f"qr code {every}"], [1.0])
+    rows = [" ".join(f"<l{r * 4 + c}>" for c in range(4)) for r in range(4)]
+    assert negative_mixture("geom-multi", "qr code", 4, tokenizer=tok) == ([f"qr code {r}" for r in rows], [0.25] * 4)
+    assert negative_mixture("geom-cells", "qr code", 4, tokenizer=tok) == (
+        [f"qr code <l{i}>" for i in range(16)], [1 / 16] * 16)
+    assert negative_mixture("geom-seen", "qr code", 4, [[2, 1], [1, 2], [5]], tokenizer=tok) == (
+        ["qr code <l1> <l2>", "qr code <l5>"], [2 / 3, 1 / 3])

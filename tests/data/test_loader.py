@@ -3,10 +3,11 @@ the pixels."""
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from geomerase.data.loader import InMemoryDataset, MemorySource, mirror_caption, mirror_cells
+from geomerase.data.loader import InMemoryDataset, MemorySource, annotated_cells, mirror_caption, mirror_cells
 from geomerase.data.shards import write_shard
 
 
@@ -47,3 +48,29 @@ def test_hflip_moves_cells_masks_and_words_with_the_image(tmp_path):
             assert b.masks[0, 0, 0] and b.masks[0].sum() == 1
     assert 0 < flipped < 16
     assert torch.equal(ds.images[0], torch.from_numpy(img).permute(2, 0, 1))  # the dataset itself unchanged
+
+
+@pytest.mark.parametrize("annotated, model_grid, cells", [(4, 3, [0, 13]), (3, 4, [0, 4])])
+def test_annotation_grid_other_than_the_models_is_an_error(tmp_path, annotated, model_grid, cells):
+    # Cell 13 of a 4x4 grid does not exist at 3x3; cell 4 of a 3x3 grid is another place at 4x4.
+    meta = {"caption_clean": "a photo", "annotation": {"concept_name": "qr code", "cells": cells,
+                                                       "grid": annotated}}
+    shard = tmp_path / "s.tar"
+    write_shard(shard, [{"__key__": "k0", "png": Image.new("RGB", (16, 16)), "txt": "a photo", "json": meta}])
+    ds = InMemoryDataset(str(shard), 16)
+    with pytest.raises(ValueError, match=rf"s\.tar sample 'k0': annotated at grid {annotated}, but the model's "
+                                         rf"grid is {model_grid}") as err:
+        MemorySource(ds, model_grid, lambda c, n, cells, rng: c, batch_size=1, seed=0)
+    assert "\n" not in str(err.value)
+    assert MemorySource(ds, annotated, lambda c, n, cells, rng: c, batch_size=1, seed=0).masks[0].sum() == len(cells)
+
+
+def test_annotated_cells_reads_cells_and_checks_the_grid(tmp_path):
+    recs = [{"__key__": f"k{i}", "png": Image.new("RGB", (8, 8)), "txt": "a photo", "json": meta}
+            for i, meta in enumerate([{"annotation": {"concept_name": "qr code", "cells": [5, 1], "grid": 4}},
+                                      {"annotation": {"concept_name": "qr code", "cells": [], "grid": 4}}, {}])]
+    write_shard(tmp_path / "s.tar", recs)
+    assert annotated_cells(str(tmp_path / "*.tar")) == [[5, 1]]
+    assert annotated_cells(str(tmp_path / "*.tar"), 4) == [[5, 1]]
+    with pytest.raises(ValueError, match=r"sample 'k0': annotated at grid 4, but the model's grid is 3"):
+        annotated_cells(str(tmp_path / "*.tar"), 3)

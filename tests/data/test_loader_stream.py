@@ -110,3 +110,15 @@ def test_dali_gives_the_same_batches_as_webdataset(shards):
     resumed.load_state_dict(3, resumed.state_dict(3))
     b = resumed.batch(3, (0, 1))
     assert b.captions == ref[3].captions and torch.equal(b.images, ref[3].images)
+
+
+def test_annotation_grid_other_than_the_models_is_an_error(tmp_path):
+    # Annotated at grid 4 (cell 13 = <l13>, outside a 3x3 grid), read at grid 3: no silent drop of the cell.
+    meta = {"caption_clean": "a photo", "annotation": {"cells": [13], "concept_name": "qr code", "grid": 4}}
+    write_shard(tmp_path / "s00.tar", [{"__key__": "k0", "png": encode_png(Image.new("RGB", (16, 16))),
+                                        "json": meta, "txt": "a photo"}])
+    cfg = DataConfig(shards=str(tmp_path / "*.tar"), batch_size=1, loader="webdataset", workers=0, shuffle_buffer=1)
+    with pytest.raises(ValueError, match=r"s00\.tar sample 'k0': annotated at grid 4, but the model's grid is 3"):
+        StreamSource(cfg, 16, 3, _caption, 0, 0, 1).batch(0, (0, 1))
+    b = StreamSource(cfg, 16, 4, _caption, 0, 0, 1).batch(0, (0, 1))
+    assert b.masks[0].flatten().nonzero().flatten().tolist() == [13]
