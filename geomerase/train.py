@@ -58,11 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"geomerase train: train.backend=deepspeed needs the 'distributed' extra "
                   f"(pip install -e .[distributed]): {e}", file=sys.stderr)
             return 2
-    trainer = Trainer(cfg)
     try:
-        trainer.fit(progress=not a.no_progress)
-    finally:
-        trainer.backend.shutdown()
+        trainer = Trainer(cfg)
+        try:
+            trainer.fit(progress=not a.no_progress)
+        finally:
+            trainer.backend.shutdown()
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        # Bad input (a missing shard, a wrong value): one line, from rank 0 only.
+        if rank == 0:
+            print(f"geomerase train: error: {e}", file=sys.stderr)
+        return 2
     if trainer.is_main:
         print(f"model saved to {cfg.out_dir}/model")
     return 0

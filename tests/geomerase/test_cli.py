@@ -16,3 +16,12 @@ def test_sample_seen_cells_with_another_negative_is_an_error(capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--seen-cells is only used by --negative geom-seen" in err
+
+
+def test_train_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    from geomerase.train import main as train_main
+
+    rc = train_main(["--config", "configs/tiny_cpu.yaml", "model.size=debug", f"out_dir={tmp_path / 'run'}",
+                     f"data.shards={tmp_path}/missing/*.tar", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no shard files match" in err[0] and err[0].startswith("geomerase train:")
