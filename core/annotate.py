@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from geomerase.core.captions import concept_phrase, rewrite_caption
 from geomerase.core.detectors import Detection, Detector, MultiDetector
 from geomerase.core.geometry import GeometryConfig, loc_token
-from geomerase.data.shards import (TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, encode_png,
+from geomerase.data.shards import (TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, atomic_write, encode_png,
                                    expand_urls, iter_key_groups, split_member_name, write_shard)
 
 log = logging.getLogger("geomerase.annotate")
@@ -270,13 +270,8 @@ def load_manifest(out: Path) -> dict[str, Any]:
 
 
 def save_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest atomically (temp file, fsync, rename)."""
-    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(manifest, indent=1, sort_keys=True))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / MANIFEST)
+    """Write the manifest atomically (:func:`geomerase.data.shards.atomic_write`)."""
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def clean_stale_temps(out: Path) -> list[str]:

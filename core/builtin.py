@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geomerase.core.checkpoint import verify_manifest, write_manifest
-from geomerase.core.models import META_FILE, atomic_dir, load_model, seeded_vocab_rows
+from geomerase.core.models import META_FILE, load_model, seeded_vocab_rows
 from geomerase.core.tokenizer import base_clip_tokenizer, cache_dir
+from geomerase.data.shards import atomic_dir
 
 PREFIX = "builtin:"
 TOKEN_SUFFIX = "token_embedding.weight"

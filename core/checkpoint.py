@@ -17,15 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from geomerase.data.shards import atomic_dir
 
 log = logging.getLogger("geomerase.checkpoint")
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -101,8 +101,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer: torch.optim.Opti
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:06d}.tmp-"))
-    try:
+    with atomic_dir(final) as tmp:
         model.save(tmp / "model")
         tensors, rest = optimizer_state if optimizer_state is not None else optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -112,12 +111,6 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer: torch.optim.Opti
                  "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None, **extra}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1, default=str))
         write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

