@@ -49,7 +49,7 @@ from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import DataConfig
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write
-from geomerase.distributed.dag import Job, Task, run_dag
+from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
 
 log = logging.getLogger("geomerase.bench")
 
@@ -473,9 +473,7 @@ def run_erasing(cfg: ErasingConfig) -> dict:
     lay = Layout(Path(cfg.out))
     lay.root.mkdir(parents=True, exist_ok=True)
     atomic_write(lay.root / "bench_config.json", json.dumps(to_dict(cfg), indent=1))
-    device = resolve_device(cfg.device)
-    workers = 1 if device.type != "cpu" else max(1, cfg.workers)
-    threads = max(1, cfg.threads // workers)
+    workers, threads = pool_shape(resolve_device(cfg.device), cfg.workers, cfg.threads)
     torch.set_num_threads(max(1, cfg.threads))
     cache: dict[str, dict] = {}
 

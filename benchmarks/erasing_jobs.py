@@ -25,15 +25,6 @@ def build_icd_job(concept: str, n: int, ratio: float, size: int, seed: int, out:
     return time.time() - t
 
 
-def coverage(metas: Sequence[dict], sizes: Sequence[tuple[int, int]], grid: int, thr: float) -> torch.Tensor:
-    """``(N, G, G)`` float32 ground-truth share of each cell covered by each sample's boxes."""
-    from geomerase.core.geometry import GeometryConfig, GridEncoder
-
-    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=thr))
-    return torch.stack([torch.from_numpy(enc.coverage(m.get("boxes", []), w, h)).float()
-                        for m, (w, h) in zip(metas, sizes)])
-
-
 def patch_classifier_job(train_glob: str, res: int, grid: int, steps: int, seed: int, out_dir: str, concept: str,
                          width: int = 16, role: str = "annotator", calibration_share: float = 0.1,
                          hold_back: str = "last", degrade_seed: int = 0) -> float:
@@ -41,14 +32,14 @@ def patch_classifier_job(train_glob: str, res: int, grid: int, steps: int, seed:
     ground-truth coverage, calibrate its decision threshold on the ``hold_back`` ('first' or 'last')
     ``calibration_share`` of its split (half of it degraded with ``degrade_seed``, as generated images
     are) and save it; returns seconds."""
-    from geomerase.core.classifiers import (PatchClassifierConfig, calibrate_threshold, save_classifier,
-                                            train_patch_classifier)
+    from geomerase.core.classifiers import (PatchClassifierConfig, calibrate_threshold, coverage_targets,
+                                            save_classifier, train_patch_classifier)
     from geomerase.data.loader import InMemoryDataset
 
     t = time.time()
     ds = InMemoryDataset(train_glob, res)
     pcfg = PatchClassifierConfig(resolution=res, grid=grid, width=width)
-    cov = coverage(ds.metas, ds.sizes, grid, pcfg.overlap_threshold)
+    cov = coverage_targets(ds.metas, ds.sizes, grid, pcfg.overlap_threshold)
     n_cal = int(len(ds) * calibration_share) if len(ds) >= 20 else 0
     if hold_back not in ("first", "last"):
         raise ValueError(f"hold_back must be 'first' or 'last', got {hold_back!r}")

@@ -347,6 +347,17 @@ def fpr_threshold(negative_scores: torch.Tensor, fpr: float) -> float:
     return torch.nextafter(kth, torch.tensor(math.inf)).item()
 
 
+def coverage_targets(metas: Sequence[dict], sizes: Sequence[tuple[int, int]], grid: int,
+                     overlap_threshold: float) -> torch.Tensor:
+    """``(N, G, G)`` float32 training targets of the patch classifier: the share of each cell covered
+    by each sample's ground-truth boxes (``metas[i]["boxes"]``, in pixels of ``sizes[i]``)."""
+    from geomerase.core.geometry import GeometryConfig, GridEncoder
+
+    enc = GridEncoder(GeometryConfig(grid=grid, overlap_threshold=overlap_threshold))
+    return torch.stack([torch.from_numpy(enc.coverage(m.get("boxes", []), w, h)).float()
+                        for m, (w, h) in zip(metas, sizes)])
+
+
 def patch_classifier_quality(pc: PatchClassifier, images_u8: torch.Tensor, metas: Sequence[dict],
                              sizes: Sequence[tuple[int, int]], seed: int,
                              thresholds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:

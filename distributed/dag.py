@@ -37,6 +37,14 @@ def init_worker(threads: int) -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
+def pool_shape(device: torch.device, workers: int, threads: int) -> tuple[int, int]:
+    """``(processes, torch threads each)`` for :func:`run_dag`: ``workers`` processes sharing ``threads``
+    on the CPU; one inline process with all ``threads`` when the work runs on an accelerator."""
+    if device.type != "cpu" or workers <= 1:
+        return 1, max(1, threads)
+    return workers, max(1, threads // workers)
+
+
 @dataclass
 class Job:
     """One unit of work: ``fn(*args)`` (importable and picklable when it runs in a pool process)."""

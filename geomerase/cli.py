@@ -53,17 +53,13 @@ def _build_icd(a: argparse.Namespace) -> int:
 
 
 def _train_classifier(a: argparse.Namespace) -> int:
-    import torch
-
-    from geomerase.core.classifiers import PatchClassifierConfig, save_classifier, train_patch_classifier
-    from geomerase.core.geometry import GeometryConfig, GridEncoder
+    from geomerase.core.classifiers import (PatchClassifierConfig, coverage_targets, save_classifier,
+                                            train_patch_classifier)
     from geomerase.data.loader import InMemoryDataset
 
     pcfg = PatchClassifierConfig(resolution=a.resolution, grid=a.grid, width=a.width)
     ds = InMemoryDataset(a.input, a.resolution)
-    enc = GridEncoder(GeometryConfig(grid=a.grid, overlap_threshold=pcfg.overlap_threshold))
-    cov = torch.stack([torch.from_numpy(enc.coverage(m.get("boxes", []), w, h)).float()
-                       for m, (w, h) in zip(ds.metas, ds.sizes)])
+    cov = coverage_targets(ds.metas, ds.sizes, a.grid, pcfg.overlap_threshold)
     model = train_patch_classifier(pcfg, ds.images, cov, steps=a.steps, seed=a.seed)
     save_classifier(model, a.out, {"concept": a.concept})
     print(f"patch classifier saved to {a.out}")

@@ -35,8 +35,8 @@ from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_
                                                load_images, patch_classifier_job, progress_file, sample_job,
                                                samples_path, train_model_job)
 from geomerase.core.captions import CaptionConfig, concept_phrase, negative_mixture
-from geomerase.core.classifiers import (PatchClassifier, PatchClassifierConfig, as_float, degraded, fpr_threshold,
-                                        labels_to_index, load_classifier, patch_classifier_quality)
+from geomerase.core.classifiers import (PatchClassifier, as_float, degraded, fpr_threshold, labels_to_index,
+                                        load_classifier, patch_classifier_quality)
 from geomerase.core.config import to_dict
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
 from geomerase.core.metrics import clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
@@ -45,7 +45,7 @@ from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.loader import DataConfig, InMemoryDataset, annotated_cells
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write, iter_samples
-from geomerase.distributed.dag import Job, Task, run_dag
+from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
 
 log = logging.getLogger("geomerase.demo")
 
@@ -153,13 +153,6 @@ class _Layout:
         return self.root / "samples"
 
 
-def _workers(cfg: DemoConfig) -> tuple[int, int]:
-    """(processes, torch threads each): one process per core on the CPU; inline on a GPU."""
-    if resolve_device(cfg.device).type != "cpu" or cfg.workers <= 1:
-        return 1, cfg.threads
-    return cfg.workers, max(1, cfg.threads // cfg.workers)
-
-
 def _splits(cfg: DemoConfig) -> dict[str, tuple[int, int]]:
     """Split name -> (images, seed); the seeds never overlap, so no image is in two splits."""
     return {"train": (cfg.n_train, cfg.seed), "heldout": (cfg.n_heldout, cfg.seed + 1000),
@@ -219,9 +212,10 @@ def _prepare_plan(cfg: DemoConfig, lay: _Layout) -> dict[str, Task]:
     return tasks
 
 
-def _annotation_quality(cfg: DemoConfig, lay: _Layout) -> dict:
-    """Cell precision/recall of the annotations written on the training split against its ground truth."""
-    enc = GridEncoder(GeometryConfig(grid=cfg.grid, overlap_threshold=PatchClassifierConfig().overlap_threshold))
+def _annotation_quality(lay: _Layout, annotator: PatchClassifier) -> dict:
+    """Cell precision/recall of the annotations written on the training split against its ground
+    truth, at the grid and overlap threshold the annotator wrote them with (``annotate_job``)."""
+    enc = GridEncoder(GeometryConfig(grid=annotator.cfg.grid, overlap_threshold=annotator.cfg.overlap_threshold))
     written, truth = [], []
     for s in iter_samples(str(lay.annotated / "*.tar")):
         written.append(list(s.meta.get("annotation", {}).get("cells", [])))
@@ -254,7 +248,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     lay = _Layout(Path(cfg.out))
     atomic_write(lay.root / "demo_config.json", json.dumps(to_dict(cfg), indent=1))
-    workers, threads = _workers(cfg)
+    workers, threads = pool_shape(resolve_device(cfg.device), cfg.workers, cfg.threads)
     timings: dict[str, float] = {}
 
     # 1-4. data, classifiers, annotation and the two fine-tunes: one dependency graph --------------
@@ -265,7 +259,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     scorer, scorer_meta = load_classifier(lay.classifier("scorer"))
     ac, _ = load_classifier(lay.classifier("attributes"))
     quality = {"annotator_heldout": _patch_quality(annotator_pc, held_ds, cfg.seed + 7),
-               "annotations_written": _annotation_quality(cfg, lay)}
+               "annotations_written": _annotation_quality(lay, annotator_pc)}
     bgs, shapes = list(BACKGROUNDS), list(SHAPES)
     hbg = labels_to_index([m["attributes"]["background"] for m in held_ds.metas], bgs, "heldout")
     hsh = labels_to_index([m["attributes"]["shape"] for m in held_ds.metas], shapes, "heldout")

@@ -96,3 +96,13 @@ def test_fpr_threshold_bounds_false_positives_and_is_the_lowest_such():
         fpr_threshold(torch.rand(4), 1.0)
     with pytest.raises(ValueError, match="no negative"):
         fpr_threshold(torch.empty(0), 0.1)
+
+
+def test_coverage_targets_are_the_boxes_share_of_each_cell():
+    from geomerase.core.classifiers import coverage_targets
+
+    metas = [{"boxes": [[0, 0, 16, 16]]}, {"boxes": []}, {"boxes": [[16, 16, 24, 32]]}]
+    cov = coverage_targets(metas, [(64, 64)] * 3, grid=4, overlap_threshold=0.2)
+    assert cov.shape == (3, 4, 4) and cov.dtype == torch.float32
+    assert cov[0, 0, 0] == 1.0 and cov[0].sum() == 1.0 and cov[1].sum() == 0.0
+    assert cov[2, 1, 1] == 0.5 and cov[2].sum() == 0.5

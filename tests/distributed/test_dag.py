@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from geomerase.distributed.dag import Job, Task, last_step, run_dag
+from geomerase.distributed.dag import Job, Task, last_step, pool_shape, run_dag
 
 
 def _append(log: list, name: str) -> str:
@@ -84,3 +85,9 @@ def test_progress_file_counts_steps(tmp_path):
     assert res == {"t": 30} and last_step(str(f)) == 30
     f.write_text("step,loss\nnot-a-number,1\n")
     assert last_step(str(f)) == 0
+
+
+def test_pool_shape_splits_cpu_threads_and_runs_inline_on_an_accelerator():
+    cpu = torch.device("cpu")
+    assert pool_shape(cpu, 2, 2) == (2, 1) and pool_shape(cpu, 2, 8) == (2, 4) and pool_shape(cpu, 4, 2) == (4, 1)
+    assert pool_shape(cpu, 1, 2) == (1, 2) and pool_shape(torch.device("cuda"), 2, 8) == (1, 8)
