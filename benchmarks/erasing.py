@@ -28,6 +28,8 @@ are skipped when their outputs exist, so a rerun resumes.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import time
@@ -41,9 +43,9 @@ from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_
                                                patch_classifier_job, progress_file, sample_job, samples_path,
                                                train_model_job)
 from geomerase.core.captions import CaptionConfig, negative_mixture
-from geomerase.core.config import ConfigError, from_dict, parse_overrides, to_dict
+from geomerase.core.config import ConfigError, from_dict, parse_overrides, set_dotted, to_dict
 from geomerase.core.guidance import SLD_PRESETS
-from geomerase.core.models import ModelConfig
+from geomerase.core.models import MODEL_SIZES, ModelConfig
 from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import DataConfig
@@ -88,15 +90,18 @@ class ErasingConfig:
     ratio: float = 0.5
     """Share of training images carrying the concept."""
     image_size: int = 64
-    """ICD render size (area-downsampled to the model's 32 px)."""
+    """ICD render size (area-downsampled to each concept's model resolution)."""
     grid: int = 4
     """G: location-token grid."""
     model_size: str = "tiny"
     """Registry size of every fine-tuned model (``core.models.MODEL_SIZES``)."""
-    pretrained: str | None = None
-    """Base model every data-removal arm (plain, existence, geom, geom_reweight, oracle) fine-tunes
-    from: ``builtin:NAME`` (a shipped base) or a diffusers folder, as a user fine-tunes a pretrained
-    model. Its text encoder stays frozen (data removal = UNet + location-token rows). Exclusive with
+    pretrained: dict[str, str] = field(default_factory=dict)
+    """Base model of each concept, e.g. ``{qr: builtin:base32, watermark: builtin:base64}``
+    (``builtin:NAME``: a shipped base; or a model folder): the concept's data-removal arms (plain,
+    existence, geom, geom_reweight) and the oracle fine-tune from it, as a user fine-tunes a
+    pretrained model. Its resolution is the concept's (classifiers, samples); concepts with the same
+    base share one oracle. Text encoder frozen (data removal = UNet + location-token rows). Empty:
+    ``base_steps`` or from scratch; otherwise every concept needs an entry. Exclusive with
     ``base_steps``."""
     uncond_prior: bool = True
     """With ``pretrained``: the data-removal arms keep the base's unconditional branch
@@ -106,12 +111,17 @@ class ErasingConfig:
     captions); every data-removal arm (plain, existence, geom, geom_reweight, oracle) then
     fine-tunes from it, as a user fine-tunes a pretrained model. 0: each arm starts from
     random init (a from-scratch model of ``steps`` steps, which on the CPU preset drew noise)."""
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    """Arms to run (of ``plain np sld esd existence geom geom_reweight geom_mr oracle``); a model is
+    trained only when one of these arms uses it. plain, np, geom and oracle are always needed."""
     steps: int = 200
     """Fine-tuning steps of every data-removal model (plain, existence, geom, geom_reweight, oracle)."""
     batch_size: int = 16
     """Fine-tuning batch size."""
     lr: float = 1e-3
     """Fine-tuning learning rate."""
+    loc_lr: float = 5e-3
+    """Learning rate of the location-token rows in the data-removal fine-tunes (the demo's)."""
     reweight_alpha: float = 2.0
     """Region re-weighting alpha of geom_reweight (weight outside / inside the concept cells)."""
     mr_steps: int = 100
@@ -215,9 +225,43 @@ class ErasingConfig:
             raise ConfigError("base_steps must be >= 0")
         if self.base_steps and self.pretrained:
             raise ConfigError("pretrained and base_steps exclude each other: fine-tune a given base or train one")
+        missing = [c for c in self.concepts if self.pretrained and c not in self.pretrained]
+        if missing:
+            raise ConfigError(f"pretrained has no base for concept(s) {missing}; give one per concept, e.g. "
+                              f"pretrained.{missing[0]}=builtin:base32")
+        bad_arms = sorted(set(self.arms) - set(ARMS))
+        if bad_arms or not {"plain", "np", "geom", "oracle"} <= set(self.arms):
+            raise ConfigError(f"arms: {bad_arms or self.arms} invalid; choose from {list(ARMS)} and keep plain, np, "
+                              "geom and oracle")
         if min(self.steps, self.mr_steps, self.esd_steps, self.samples, self.classifier_steps) < 1:
             raise ConfigError("steps, mr_steps, esd_steps, samples and classifier_steps must be >= 1")
 
+    def active_arms(self) -> dict[str, tuple[str, str, bool]]:
+        """:data:`ARMS` restricted to ``arms``, in the report's order."""
+        return {a: spec for a, spec in ARMS.items() if a in self.arms}
+
+    def base_key(self, c: str) -> str:
+        """Name of concept ``c``'s base, shared by the concepts fine-tuning the same one (names the oracle)."""
+        spec = self.pretrained.get(c)
+        if not spec:
+            return "base" if self.base_steps else "scratch"
+        if spec.startswith("builtin:"):
+            return spec[len("builtin:"):]
+        return f"{Path(spec).name}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+
+    def resolution(self, c: str) -> int:
+        """Pixel resolution of concept ``c``'s models, classifiers and samples."""
+        spec = self.pretrained.get(c)
+        if spec:
+            from geomerase.core.builtin import pretrained_resolution
+
+            return pretrained_resolution(spec)
+        return MODEL_SIZES[self.model_size].resolution
+
+
+#: The shipped base of each concept (``core.builtin``): 32 px for qr, 64 px where watermarks and
+#: overlaid text stay readable.
+BASES = {"qr": "builtin:base32", "watermark": "builtin:base64", "text": "builtin:base64"}
 
 #: Named presets: field overrides of :class:`ErasingConfig`.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -225,16 +269,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(n_train=200, n_heldout=16, n_aux=100, steps=3, batch_size=8, mr_steps=2, esd_steps=2, esd_batch=4,
                   samples=8, sample_steps=2, sample_batch=8, guidance_sweep=[6.0], sweep_samples=4,
                   classifier_steps=20, workers=1, threads=1, grid_columns=4, calibration_samples=8),
-    # Sized for <= 60 min for all three concepts on the 2-core CPU with 128 samples per arm
-    # (see benchmarks/results/erasing_cpu for the measured run).
-    # The arms fine-tune 200 steps from a shared 1000-step base model trained on concept-free data:
-    # without it every arm was a 200-step from-scratch model whose samples were noise.
-    "cpu": dict(base_steps=1000),
+    # Fine-tunes of the shipped bases (qr at 32 px, watermark and text at 64 px, where a scorer can
+    # read them), sized for <= 75 min for all three concepts on the 2-core CPU with 128 samples per
+    # arm (benchmarks/results/erasing_cpu has the measured run). The ablation arms (existence,
+    # geom_reweight) run in the gpu preset and on request (``arms=``).
+    "cpu": dict(pretrained=dict(BASES), image_size=128, n_train=2000, steps=800,
+                arms=["plain", "np", "sld", "esd", "geom", "geom_mr", "oracle"]),
     # One GPU: larger data, longer fine-tunes, more samples and DDIM steps, inline (no process pool).
     "gpu": dict(n_train=6000, n_heldout=1024, steps=3000, batch_size=64, mr_steps=1000, esd_steps=400,
                 esd_batch=16, esd_source="model", samples=1024, sample_steps=25, sample_batch=256,
                 guidance_sweep=[1.5, 4.5, 6.0, 9.0], sweep_samples=512, calibration_samples=512,
-                classifier_steps=1500, workers=1, threads=8, device="auto"),
+                classifier_steps=1500, workers=1, threads=8, device="auto", pretrained=dict(BASES), image_size=128),
 }
 
 
@@ -243,13 +288,13 @@ def erasing_config(preset: str, overrides: list[str] | None = None, out: str | N
     """The preset's config with ``key=value`` overrides (typed, unknown keys are errors)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    tree: dict[str, Any] = dict(PRESETS[preset])
+    tree: dict[str, Any] = copy.deepcopy(PRESETS[preset])
     if out is not None:
         tree["out"] = out
     if concepts is not None:
         tree["concepts"] = concepts
     for key, value in parse_overrides(overrides or []):
-        tree[key] = value
+        set_dotted(tree, key, value)
     return from_dict(ErasingConfig, tree)
 
 
@@ -259,6 +304,12 @@ class Layout:
     """Where every artefact of a run lives."""
 
     root: Path
+    oracle_of: dict[str, str] = field(default_factory=dict)
+    """concept -> its base's key (:meth:`ErasingConfig.base_key`): the oracle it shares."""
+
+    @classmethod
+    def of(cls, cfg: ErasingConfig) -> "Layout":
+        return cls(Path(cfg.out), {c: cfg.base_key(c) for c in cfg.concepts})
 
     def icd(self, name: str) -> Path:
         return self.root / "data" / name
@@ -269,18 +320,24 @@ class Layout:
     def concept(self, c: str) -> Path:
         return self.root / c
 
+    def oracle(self, c: str) -> Path:
+        """The oracle shared by the concepts with ``c``'s base."""
+        return self.root / "shared" / f"oracle-{self.oracle_of.get(c, 'scratch')}"
+
     def model_dir(self, c: str, model: str) -> Path:
-        if model in ("oracle", "base"):
-            return self.root / "shared" / "models" / model
+        if model == "base":
+            return self.root / "shared" / "models" / "base"
+        if model == "oracle":
+            return self.oracle(c) / "model"
         return self.concept(c) / "models" / model
 
     def samples(self, c: str, model: str, pset: str) -> Path:
-        base = self.root / "shared" if model == "oracle" else self.concept(c)
+        base = self.oracle(c) if model == "oracle" else self.concept(c)
         return base / "samples" / pset
 
-    def calibration(self, pset: str) -> Path:
-        """The oracle's scorer-calibration samples of ``pset`` (uint8 ``(N, 3, R, R)``)."""
-        return self.root / "shared" / "samples" / "calibration" / f"{pset}.safetensors"
+    def calibration(self, c: str, pset: str) -> Path:
+        """The scorer-calibration samples of ``c``'s oracle on ``pset`` (uint8 ``(N, 3, R, R)``)."""
+        return self.oracle(c) / "samples" / "calibration" / f"{pset}.safetensors"
 
 
 def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionConfig, *, mode: str = "data-removal",
@@ -288,14 +345,14 @@ def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionC
               alpha: float | None = None) -> RunConfig:
     steps = steps or cfg.steps
     # From the given base (not a base this run trained): frozen text encoder, base unconditional branch.
-    from_base = cfg.pretrained is not None and pretrained == cfg.pretrained and mode == "data-removal"
+    from_base = pretrained is not None and pretrained in cfg.pretrained.values() and mode == "data-removal"
     return RunConfig(
         out_dir=str(run_dir),
         model=ModelConfig(size=cfg.model_size, grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend,
                           pretrained=pretrained),
         data=DataConfig(shards=shards, batch_size=cfg.batch_size),
         captions=captions,
-        train=TrainConfig(mode=mode, max_steps=steps, lr=cfg.lr, loc_lr=lr, seed=cfg.seed, reweight_alpha=alpha,
+        train=TrainConfig(mode=mode, max_steps=steps, lr=cfg.lr, loc_lr=lr or cfg.loc_lr, seed=cfg.seed, reweight_alpha=alpha,
                           warmup_steps=min(50, max(steps // 10, 1)), device=cfg.device, log_every=max(1, min(25, steps)),
                           save_every=max(steps // 2, 1), train_text_encoder=not from_base,
                           uncond_prior=from_base and cfg.uncond_prior),
@@ -323,7 +380,7 @@ def sampling_arms(cfg: ErasingConfig, c: str, prompts: dict[str, list[str]]) -> 
     sld = {**asdict(SLD_PRESETS[cfg.sld_preset]), "mu_rule": cfg.sld_mu_rule}
     out: dict[tuple[str, str], list[ArmSpec]] = {}
     for pset in PROMPT_SETS:
-        for arm, (model, kind, use_sld) in ARMS.items():
+        for arm, (model, kind, use_sld) in cfg.active_arms().items():
             negs, w = negative_mixture(kind, name, cfg.grid)
             out.setdefault((model, pset), []).append(
                 ArmSpec(arm, prompts[pset], negs, w, cfg.guidance_scale, name if use_sld else None,
@@ -346,18 +403,22 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                                                            str(lay.icd("clean_heldout")))), outputs=meta("clean_heldout", "qr"))
     tasks["data/clean_train"] = Task(Job(build_icd_job, ("qr", n_tr, 0.0, cfg.image_size, seed,
                                                          str(lay.icd("clean_train")))), outputs=meta("clean_train", "qr"), cost=3)
-    res = 32
     base_deps: tuple[str, ...] = ()
-    base_model: str | None = cfg.pretrained
+    trained_base: str | None = None
     if cfg.base_steps:
         rc = _train_rc(cfg, lay.model_dir("", "base"), lay.glob("clean_train", "qr"),
                        CaptionConfig(mode="clean", dropout=0.1), steps=cfg.base_steps)
         tasks["base/train"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.base_steps),
                                    deps=("data/clean_train",), outputs=(f"{rc.out_dir}/model/geomerase.json",),
                                    cost=cfg.base_steps / 10)
-        base_deps, base_model = ("base/train",), f"{rc.out_dir}/model"
-    for i, c in enumerate(cfg.concepts):
+        base_deps, trained_base = ("base/train",), f"{rc.out_dir}/model"
+    models = {spec[0] for spec in cfg.active_arms().values()}
+    oracles: set[str] = set()
+    for c in cfg.concepts:
         name = CONCEPT_NAMES[c]
+        res = cfg.resolution(c)
+        base_model = cfg.pretrained.get(c) or trained_base
+        ok = f"oracle-{cfg.base_key(c)}"  # the oracle's task prefix, shared by concepts with this base
         cd = lay.concept(c)
         tr, ho = f"{c}_train", f"{c}_heldout"
         tasks[f"{c}/data/train"] = Task(Job(build_icd_job, (c, n_tr, cfg.ratio, cfg.image_size, seed, str(lay.icd(tr)))),
@@ -386,36 +447,42 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                 "geom_reweight": _train_rc(cfg, lay.model_dir(c, "geom_reweight"), ann, geom_captions(),
                                            alpha=cfg.reweight_alpha, pretrained=base_model)}
         for model, rc in runs.items():
+            if model not in models:
+                continue
             tasks[f"{c}/train/{model}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
                                                deps=(f"{c}/annotate", *base_deps),
                                                outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
-        if i == 0:
+        if ok not in oracles:
             rc = _train_rc(cfg, lay.model_dir(c, "oracle"), lay.glob("clean_train", "qr"),
                            CaptionConfig(mode="clean", dropout=0.1), pretrained=base_model)
-            tasks["oracle/train"] = Task(Job(train_model_job, (rc, False)), deps=("data/clean_train", *base_deps),
-                                         outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
+            tasks[f"{ok}/train"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
+                                        deps=("data/clean_train", *base_deps),
+                                        outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
             k = cfg.calibration_samples
             calib = [ArmSpec(pset, [prompts_fn()[pset][j % cfg.samples] for j in range(k)], [""], [1.0],
                              cfg.guidance_scale) for pset in PROMPT_SETS]
-            tasks["oracle/sample/calibration"] = Task(
+            tasks[f"{ok}/sample/calibration"] = Task(
                 Job(sample_job, (str(lay.model_dir(c, "oracle") / "model"), cfg.device, cfg.attention_backend, calib,
                                  calibration_seeds(cfg), cfg.sample_steps, cfg.sample_batch,
-                                 str(lay.calibration("heldout").parent))),
-                deps=("oracle/train", "data/clean_heldout"),
-                outputs=tuple(str(lay.calibration(p)) for p in PROMPT_SETS), cost=2 * k * cfg.sample_steps / 1000)
+                                 str(lay.calibration(c, "heldout").parent))),
+                deps=(f"{ok}/train", "data/clean_heldout"),
+                outputs=tuple(str(lay.calibration(c, p)) for p in PROMPT_SETS), cost=2 * k * cfg.sample_steps / 1000)
         plain_model = str(lay.model_dir(c, "plain") / "model")
         esd_cfg = dict(concept=name, method=cfg.esd_method, eta=cfg.esd_eta, steps=cfg.esd_steps, lr=cfg.esd_lr,
                        batch_size=cfg.esd_batch, xt_source=cfg.esd_source, ddim_steps=cfg.sample_steps,
                        guidance_scale=cfg.guidance_scale, seed=seed)
-        tasks[f"{c}/train/esd"] = Task(Job(esd_job, (plain_model, lay.glob(tr, c), esd_cfg, str(lay.model_dir(c, "esd")),
-                                                     cfg.device)),
-                                       deps=(f"{c}/train/plain", f"{c}/data/train"),
-                                       outputs=(str(lay.model_dir(c, "esd") / "model" / "geomerase.json"),),
-                                       cost=cfg.esd_steps * 1.6 * cfg.esd_batch / cfg.batch_size / 10)
-        rc = _train_rc(cfg, lay.model_dir(c, "geom_mr"), ann, geom_captions(), mode="model-removal",
-                       steps=cfg.mr_steps, lr=cfg.mr_lr, pretrained=plain_model)
-        tasks[f"{c}/train/geom_mr"] = Task(Job(train_model_job, (rc, False)), deps=(f"{c}/train/plain", f"{c}/annotate"),
-                                           outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.mr_steps / 10)
+        if "esd" in models:
+            tasks[f"{c}/train/esd"] = Task(
+                Job(esd_job, (plain_model, lay.glob(tr, c), esd_cfg, str(lay.model_dir(c, "esd")), cfg.device)),
+                deps=(f"{c}/train/plain", f"{c}/data/train"),
+                outputs=(str(lay.model_dir(c, "esd") / "model" / "geomerase.json"),),
+                cost=cfg.esd_steps * 1.6 * cfg.esd_batch / cfg.batch_size / 10)
+        if "geom_mr" in models:
+            rc = _train_rc(cfg, lay.model_dir(c, "geom_mr"), ann, geom_captions(), mode="model-removal",
+                           steps=cfg.mr_steps, lr=cfg.mr_lr, pretrained=plain_model)
+            tasks[f"{c}/train/geom_mr"] = Task(Job(train_model_job, (rc, False)),
+                                               deps=(f"{c}/train/plain", f"{c}/annotate"),
+                                               outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.mr_steps / 10)
         tasks[f"{c}/scorer"] = Task(Job(patch_classifier_job, (lay.glob(sc, c), res, cfg.grid, cfg.classifier_steps,
                                                                seed + 1, str(cls / "scorer"), c, cfg.scorer_width,
                                                                "icr-scorer", 0.1, "first", seed + 1)),
@@ -427,11 +494,11 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
         # Sampling: one job per (model, prompt set); the oracle's samples are shared by the concepts.
         sample_deps: list[str] = []
         for (model, pset), arms in sampling_arms(cfg, c, prompts_fn()).items():
-            if model == "oracle" and i > 0:
-                sample_deps.append(f"oracle/sample/{pset}")
+            if model == "oracle" and ok in oracles:
+                sample_deps.append(f"{ok}/sample/{pset}")
                 continue
-            key = f"oracle/sample/{pset}" if model == "oracle" else f"{c}/sample/{model}/{pset}"
-            train_key = "oracle/train" if model == "oracle" else f"{c}/train/{model}"
+            key = f"{ok}/sample/{pset}" if model == "oracle" else f"{c}/sample/{model}/{pset}"
+            train_key = f"{ok}/train" if model == "oracle" else f"{c}/train/{model}"
             out_dir = lay.samples(c, model, pset)
             evals = sum(len(a.prompts) * (1 + len(a.negatives) + (1 if a.sld_concept else 0)) for a in arms)
             tasks[key] = Task(Job(sample_job, (str(lay.model_dir(c, model) / "model"), cfg.device, cfg.attention_backend,
@@ -443,8 +510,9 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
 
         tasks[f"{c}/score"] = Task(Job(score_concept, (cfg, c)), inline=True,
                                    deps=(*sample_deps, f"{c}/scorer", f"{c}/attributes", f"{c}/data/heldout",
-                                         f"{c}/annotator", "oracle/sample/calibration"),
+                                         f"{c}/annotator", f"{ok}/sample/calibration"),
                                    outputs=(str(cd / "scores.json"),))
+        oracles.add(ok)
     return tasks
 
 
@@ -470,7 +538,7 @@ def run_erasing(cfg: ErasingConfig) -> dict:
 
     t0 = time.time()
     cfg.validate()
-    lay = Layout(Path(cfg.out))
+    lay = Layout.of(cfg)
     lay.root.mkdir(parents=True, exist_ok=True)
     atomic_write(lay.root / "bench_config.json", json.dumps(to_dict(cfg), indent=1))
     workers, threads = pool_shape(resolve_device(cfg.device), cfg.workers, cfg.threads)

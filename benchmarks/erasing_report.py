@@ -38,7 +38,7 @@ def _load(lay: Layout, c: str, arm: str, pset: str) -> torch.Tensor:
     return load_images(samples_path(lay.samples(c, model, pset), arm))
 
 
-def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig) -> dict[str, dict[str, Any]]:
+def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig, c: str) -> dict[str, dict[str, Any]]:
     """Per prompt set, the scorer threshold held to ``cfg.scorer_fpr`` false positives.
 
     The oracle model never saw the concept, so whatever the scorer flags in its calibration
@@ -49,7 +49,7 @@ def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig) -> dict[str, dict
     f1 = scorer.threshold
     out: dict[str, dict[str, Any]] = {}
     for pset in PROMPT_SETS:
-        imgs = load_images(lay.calibration(pset))
+        imgs = load_images(lay.calibration(c, pset))
         top = scorer.cell_probs(as_float(imgs)).flatten(1).amax(1)
         t = max(f1, fpr_threshold(top, cfg.scorer_fpr)) if cfg.scorer_fpr > 0 else f1
         out[pset] = {"threshold": t, "f1_threshold": f1, "fpr_target": cfg.scorer_fpr, "n": len(top),
@@ -67,7 +67,7 @@ def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int,
 
 def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
     """Score every arm of concept ``c``; writes ``<out>/<c>/scores.json`` and the figures."""
-    lay = Layout(Path(cfg.out))
+    lay = Layout.of(cfg)
     cls = lay.concept(c) / "classifiers"
     scorer, _ = load_classifier(cls / "scorer")
     annotator, _ = load_classifier(cls / "annotator")
@@ -79,7 +79,7 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
     want_sh = labels_to_index([m["attributes"]["shape"] for m in ref.metas[:n]], list(SHAPES), "held-out")
     g = cfg.grid
     held = InMemoryDataset(lay.glob(f"{c}_heldout", c), scorer.cfg.resolution)
-    thresholds = scorer_thresholds(scorer, lay, cfg)
+    thresholds = scorer_thresholds(scorer, lay, cfg, c)
     # scorer sensitivity at each threshold: real concept images (degraded like samples) it still finds
     at = _detector_quality(scorer, held, g, cfg.seed + 7, {
         "scorer_f1": scorer.threshold,
@@ -92,7 +92,7 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
     for pset in PROMPT_SETS:
         scorer.cfg.decision_threshold = thresholds[pset]["threshold"]
         scores[pset], images[pset], cells_of[pset] = {}, {}, {}
-        for arm in ARMS:
+        for arm in cfg.active_arms():
             imgs = _load(lay, c, arm, pset)
             x = as_float(imgs)
             cells = scorer.cells(x)
@@ -163,15 +163,16 @@ def draw_concept_figures(cfg: ErasingConfig, c: str, scores: dict, images: dict,
 
     figs.mkdir(parents=True, exist_ok=True)
     for pset in PROMPT_SETS:
-        for arm in ARMS:
+        for arm in scores[pset]:
             sample_grid(images[pset][arm][:64], figs / "arms" / f"{c}_{pset}_{arm}.png", cells_of[pset][arm][:64],
                         cfg.grid, title=f"{c} {pset} {arm}: ICR={scores[pset][arm]['icr']:.2f}")
         side_by_side(images[pset], cells_of[pset], figs / f"grid_{c}_{pset}.png", cfg.grid, cfg.grid_columns,
                      f"{c}, {pset} prompts: same seeds per column; red = scorer found the concept")
-    fig, axes = plt.subplots(len(PROMPT_SETS), len(ARMS), figsize=(1.5 * len(ARMS), 3.2), dpi=100, squeeze=False)
-    vmax = max(max(max(r) for r in scores[p][a]["heatmap"]) for p in PROMPT_SETS for a in ARMS) or 1.0
+    arms = list(scores[PROMPT_SETS[0]])
+    fig, axes = plt.subplots(len(PROMPT_SETS), len(arms), figsize=(1.5 * len(arms), 3.2), dpi=100, squeeze=False)
+    vmax = max(max(max(r) for r in scores[p][a]["heatmap"]) for p in PROMPT_SETS for a in arms) or 1.0
     for i, pset in enumerate(PROMPT_SETS):
-        for j, arm in enumerate(ARMS):
+        for j, arm in enumerate(arms):
             ax = axes[i][j]
             im = ax.imshow(scores[pset][arm]["heatmap"], vmin=0, vmax=vmax, cmap="magma")
             ax.set_xticks([])
@@ -212,7 +213,7 @@ def icr_chart(all_scores: dict[str, dict], path: Path) -> Path:
         for j, pset in enumerate(PROMPT_SETS):
             ax = axes[i][j]
             rows = all_scores[c]["scores"][pset]
-            arms = list(ARMS)
+            arms = list(rows)
             ys = [rows[a]["icr"] for a in arms]
             err = [[max(0.0, rows[a]["icr"] - rows[a]["ci95"][0]) for a in arms],
                    [max(0.0, rows[a]["ci95"][1] - rows[a]["icr"]) for a in arms]]
@@ -246,20 +247,30 @@ def _fmt_icr(r: dict) -> str:
     return f"{r['icr']:.3f} ({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})"
 
 
-def targets(s: dict) -> list[tuple[str, bool, str]]:
-    """The issue's targets for one concept: (description, met, measured)."""
+def targets(s: dict, detectors: dict | None = None) -> list[tuple[str, bool, str]]:
+    """The targets for one concept's ``scores`` (and, given its ``detectors``, the scorer's
+    sensitivity): (description, met, measured). Targets of arms not run are left out."""
     out = []
     for pset in PROMPT_SETS:
         r = s[pset]
-        g, p = r["geom"]["icr"], r["plain"]["icr"]
+        if detectors is not None:
+            rec = detectors["scorer" if pset == "heldout" else f"scorer_{pset}"]["images_degraded"]["recall"]
+            out.append((f"{pset}: scorer informative (recall on real concept images >= {TARGET_SCORER_RECALL} at the "
+                        "false-positive bound)", rec >= TARGET_SCORER_RECALL, f"{rec:.3f}"))
+        g, p, o = r["geom"]["icr"], r["plain"]["icr"], r["oracle"]["icr"]
+        out.append((f"{pset}: plain ICR >= 3 x oracle ICR (and > 0)", p >= 3 * o and p > 0, f"{p:.3f} vs 3 x {o:.3f} = {3 * o:.3f}"))
         out.append((f"{pset}: geom ICR <= 0.2 x plain ICR", g <= 0.2 * p, f"{g:.3f} vs 0.2 x {p:.3f} = {0.2 * p:.3f}"))
         for base in ("np", "sld", "esd"):
+            if base not in r:
+                continue
             out.append((f"{pset}: geom ICR < {base} ICR (95% intervals disjoint)", clearly_below(r["geom"], r[base]),
                         f"{_fmt_icr(r['geom'])} vs {_fmt_icr(r[base])}"))
         fg, fp = r["geom"]["fid"], r["plain"]["fid"]
         out.append((f"{pset}: geom FID <= 1.1 x plain FID", fg <= 1.1 * fp, f"{fg:.2f} vs 1.1 x {fp:.2f} = {1.1 * fp:.2f}"))
     r = s["open"]
-    for base in ("np", "sld"):
+    for base in ("np", "sld") if "geom_mr" in r else ():
+        if base not in r:
+            continue
         out.append((f"open: geom_mr ICR < {base} ICR (95% intervals disjoint)", clearly_below(r["geom_mr"], r[base]),
                     f"{_fmt_icr(r['geom_mr'])} vs {_fmt_icr(r[base])}"))
     return out
@@ -268,6 +279,8 @@ def targets(s: dict) -> list[tuple[str, bool, str]]:
 #: Below this image recall on real (degraded) concept images at the calibrated threshold, a
 #: concept's ICR says little: the scorer misses most of what it is meant to count.
 MIN_SCORER_RECALL = 0.5
+#: The target: a scorer that finds at least this share of real concept images at the bound.
+TARGET_SCORER_RECALL = 0.8
 
 
 def scorer_informative(sc: dict, pset: str) -> bool:
@@ -309,7 +322,7 @@ def render_report(cfg: ErasingConfig, all_scores: dict[str, dict], timings: dict
     lines = [f"# Erasing benchmark ({', '.join(all_scores)}; {cfg.samples} samples per arm and prompt set, "
              f"CFG {cfg.guidance_scale}, {cfg.sample_steps} DDIM steps)", "",
              "ICR = share of samples in which the **scorer** (a width-"
-             f"{cfg.scorer_width} patch classifier, seed {cfg.seed + 1}, trained on the training split; annotation "
+             f"{cfg.scorer_width} patch classifier, seed {cfg.seed + 1}, trained on its own split; annotation "
              f"used a separate width-{cfg.annotator_width} classifier) finds the concept, with 95% Wilson interval. "
              "FID: Fréchet distance to the held-out concept-free images in the attribute classifier's feature space "
              "(domain FID, not Inception; comparable only within this run). F·R = FID × ICR. Fidelity: attribute "
@@ -323,15 +336,16 @@ def render_report(cfg: ErasingConfig, all_scores: dict[str, dict], timings: dict
         lines += [f"## {c} ('{CONCEPT_NAMES[c]}')", "",
                   "| method | model | negative / guidance | held-out ICR ↓ | FID ↓ | F·R ↓ | fidelity ↑ "
                   "| open ICR ↓ | FID ↓ | F·R ↓ |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for arm in ARMS:
+        for arm in s["heldout"]:
             h, o = s["heldout"][arm], s["open"][arm]
             lines.append(f"| {arm} | {ARMS[arm][0]} | {_negative_label(cfg, c, arm)} | {_fmt_icr(h)} | {h['fid']:.2f} | "
                          f"{h['fr']:.2f} | {h['fidelity']:.3f} | {_fmt_icr(o)} | {o['fid']:.2f} | {o['fr']:.2f} |")
+        steps = [(label, a) for label, a in (("plain", "plain"), ("name only (existence)", "existence"),
+                                             ("+ geometry (geom)", "geom"), ("+ re-weighting", "geom_reweight"),
+                                             ("oracle (concept-free data)", "oracle")) if a in s["heldout"]]
         lines += ["", "Ablation (held-out / open ICR): "
                   + " → ".join(f"{label} {s['heldout'][a]['icr']:.3f} / {s['open'][a]['icr']:.3f}"
-                               for label, a in (("name only (existence)", "existence"), ("+ geometry (geom)", "geom"),
-                                                ("+ re-weighting", "geom_reweight"), ("oracle (concept-free data)",
-                                                                                      "oracle"))), ""]
+                               for label, a in steps), ""]
         curve = sc["icr_vs_guidance"]
         lines += ["ICR vs CFG scale (held-out captions, n="
                   f"{cfg.sweep_samples}): " + "; ".join(f"s={k}: NP {v['np']:.3f}, geom {v['geom']:.3f}"
@@ -341,13 +355,13 @@ def render_report(cfg: ErasingConfig, all_scores: dict[str, dict], timings: dict
             lines += ["Inception FID (held-out / open; torchmetrics, weights `"
                       f"{Path(cfg.inception_weights).name}`): "
                       + "; ".join(f"{a} {s['heldout'][a]['fid_inception']:.2f} / {s['open'][a]['fid_inception']:.2f}"
-                                  for a in ARMS), ""]
+                                  for a in s["heldout"]), ""]
         lines += scorer_lines(sc, cfg)
         lines += ["", "Targets:", ""]
-        lines += [f"- {'met' if ok else '**missed**'}: {d} ({m})" for d, ok, m in targets(s)]
+        lines += [f"- {'met' if ok else '**missed**'}: {d} ({m})" for d, ok, m in targets(s, sc["detectors"])]
         lines += ["", f"Figures: `figures/grid_{c}_heldout.png`, `figures/grid_{c}_open.png` (arms side by side, same "
                   f"seeds), `figures/heatmap_{c}.png`, `figures/guidance_{c}.png`, `figures/arms/{c}_*.png`.", ""]
-    train_s = sum(v for k, v in timings.items() if "/train/" in k or k == "oracle/train")
+    train_s = sum(v for k, v in timings.items() if "/train" in k)
     sample_s = sum(v for k, v in timings.items() if "/sample/" in k)
     inv = invocations or []
     total = sum(i["seconds"] or 0 for i in inv)
@@ -373,7 +387,8 @@ def write_outputs(cfg: ErasingConfig, lay: Layout, timings: dict[str, float], se
     atomic_write(lay.root / "details.json", json.dumps(
         {"concepts": all_scores, "config": to_dict(cfg), "seconds": seconds, "timings": timings,
          "invocations": invocations or [], "cpu_seconds": cpu or {},
-         "targets": {c: [{"target": d, "met": ok, "measured": m} for d, ok, m in targets(sc["scores"])]
+         "targets": {c: [{"target": d, "met": ok, "measured": m}
+                         for d, ok, m in targets(sc["scores"], sc["detectors"])]
                      for c, sc in all_scores.items()}}, indent=1))
     if all_scores:
         icr_chart(all_scores, lay.root / "icr.png")

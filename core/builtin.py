@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geomerase.core.checkpoint import verify_manifest, write_manifest
-from geomerase.core.models import META_FILE, load_model, seeded_vocab_rows
+from geomerase.core.models import META_FILE, load_model, seeded_vocab_rows, stored_resolution
 from geomerase.core.tokenizer import base_clip_tokenizer, cache_dir
 from geomerase.data.shards import atomic_dir
 
@@ -58,6 +58,16 @@ def resolve_pretrained(spec: str) -> str:
     if not spec.startswith(PREFIX):
         return spec
     return str(materialise(spec[len(PREFIX):]))
+
+
+def pretrained_resolution(spec: str) -> int:
+    """Pixel resolution of ``builtin:NAME`` or of a model folder, without loading (or materialising) it."""
+    if spec.startswith(PREFIX):
+        src = builtin_root() / spec[len(PREFIX):]
+        if not (src / "manifest.json").is_file():
+            raise FileNotFoundError(f"no builtin model {spec!r} (available: {available() or 'none'})")
+        return stored_resolution(src)
+    return stored_resolution(spec)
 
 
 def _sha256_bytes(t: torch.Tensor) -> str:

@@ -161,7 +161,8 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted`` = "a.b.c", creating sections as needed."""
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -215,7 +216,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
         if not isinstance(tree, dict):
             raise ConfigError(f"{where}: top level must be a mapping")
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return from_dict(cls, tree)
     except ConfigError as e:

@@ -381,6 +381,26 @@ def seeded_vocab_rows(vocab: int, dim: int, seed: int) -> torch.Tensor:
     return torch.randn(vocab, dim, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
+def stored_resolution(folder: str | Path) -> int:
+    """The pixel resolution of the model saved in ``folder``, read from its config files only.
+
+    ``geomerase.json``'s ``resolution`` when present, else ``unet.sample_size`` times the
+    VAE's downsampling factor (a plain diffusers Stable Diffusion folder)."""
+    path = Path(folder)
+    meta_path = path / META_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if "resolution" in meta:
+            return int(meta["resolution"])
+    unet_cfg = path / "unet" / "config.json"
+    if not unet_cfg.is_file():
+        raise FileNotFoundError(f"{path}: neither {META_FILE} with a resolution nor unet/config.json")
+    sample = int(json.loads(unet_cfg.read_text())["sample_size"])
+    vae_cfg = path / "vae" / "config.json"
+    scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1) if vae_cfg.is_file() else 1
+    return sample * scale
+
+
 def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
                loc_init: str = "mean") -> DiffusionModel:
     """Load a geomerase checkpoint or a local diffusers Stable Diffusion folder.

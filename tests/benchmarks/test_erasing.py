@@ -61,7 +61,7 @@ def test_files_written(smoke_run):
         assert t["flagged"] <= cfg.scorer_fpr + 1e-9 and t["n"] == cfg.calibration_samples, (pset, t)
     assert {"scorer", "scorer_open", "scorer_f1", "annotator"} <= set(details["concepts"]["qr"]["detectors"])
     assert "Scorer threshold: F1-calibrated" in report
-    assert (out / "shared" / "samples" / "calibration" / "heldout.safetensors").is_file()
+    assert (out / "shared" / "oracle-base" / "samples" / "calibration" / "heldout.safetensors").is_file()
     assert details["targets"]["qr"] and all({"target", "met", "measured"} <= set(t) for t in details["targets"]["qr"])
     # base_steps > 0: one shared base model, and every data-removal arm fine-tuned from it
     assert (out / "shared" / "models" / "base" / "model" / "geomerase.json").is_file()
@@ -148,18 +148,42 @@ def test_arms_fine_tune_a_given_base_with_its_unconditional_branch(tmp_path):
 
     from geomerase.benchmarks.erasing import Layout, plan
 
-    cfg = erasing_config("smoke", ["concepts=[qr]", "pretrained=builtin:base32", "model_size=base32"], out=str(tmp_path))
-    tasks = plan(cfg, Layout(Path(cfg.out)), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
+    cfg = erasing_config("smoke", ["concepts=[qr]", "pretrained.qr=builtin:base32"], out=str(tmp_path))
+    tasks = plan(cfg, Layout.of(cfg), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
     assert "base/train" not in tasks
     for arm in ("plain", "geom", "existence", "geom_reweight"):
         train = tasks[f"qr/train/{arm}"].job.args[0].train
         assert tasks[f"qr/train/{arm}"].job.args[0].model.pretrained == "builtin:base32"
         assert train.uncond_prior and not train.train_text_encoder, arm
-    assert tasks["oracle/train"].job.args[0].train.uncond_prior
+    assert tasks["oracle-base32/train"].job.args[0].train.uncond_prior
     mr = tasks["qr/train/geom_mr"].job.args[0]
     assert mr.train.mode == "model-removal" and not mr.train.uncond_prior
-    off = erasing_config("smoke", ["concepts=[qr]", "pretrained=builtin:base32", "uncond_prior=false"], out=str(tmp_path))
-    tasks = plan(off, Layout(Path(off.out)), lambda: {p: [""] * off.samples for p in PROMPT_SETS})
+    off = erasing_config("smoke", ["concepts=[qr]", "pretrained.qr=builtin:base32", "uncond_prior=false"],
+                         out=str(tmp_path))
+    tasks = plan(off, Layout.of(off), lambda: {p: [""] * off.samples for p in PROMPT_SETS})
     assert not tasks["qr/train/plain"].job.args[0].train.uncond_prior
     with pytest.raises(ConfigError, match="exclude each other"):
-        erasing_config("smoke", ["pretrained=builtin:base32", "base_steps=10"])
+        erasing_config("smoke", ["concepts=[qr]", "pretrained.qr=builtin:base32", "base_steps=10"])
+    with pytest.raises(ConfigError, match=r"no base for concept\(s\) \['text'\]"):
+        erasing_config("smoke", ["concepts=[qr,text]", "pretrained.qr=builtin:base32"])
+
+
+def test_each_concept_fine_tunes_its_own_base_at_its_resolution(tmp_path):
+    """qr on the 32 px base, watermark and text on the 64 px one: classifiers at each base's
+    resolution, one oracle per base (shared by the concepts on it), only the arms asked for."""
+    from geomerase.benchmarks.erasing import Layout, plan
+
+    cfg = erasing_config("smoke", ["concepts=[qr,watermark,text]", "pretrained.qr=builtin:base32",
+                                   "pretrained.watermark=builtin:base64", "pretrained.text=builtin:base64",
+                                   "arms=[plain,np,sld,geom,oracle]"], out=str(tmp_path))
+    assert PRESETS["smoke"].get("pretrained") is None  # overrides never leak into the preset table
+    tasks = plan(cfg, Layout.of(cfg), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
+    for c, res in (("qr", 32), ("watermark", 64), ("text", 64)):
+        assert tasks[f"{c}/annotator"].job.args[1] == res and tasks[f"{c}/scorer"].job.args[1] == res, c
+        assert tasks[f"{c}/train/plain"].job.args[0].model.pretrained == cfg.pretrained[c]
+    assert {k for k in tasks if k.endswith("/train") and k.startswith("oracle")} == {"oracle-base32/train",
+                                                                                    "oracle-base64/train"}
+    assert "oracle-base64/sample/open" in tasks["text/score"].deps
+    assert not any(k.endswith(("/esd", "/geom_mr", "/existence", "/geom_reweight")) for k in tasks)
+    lay = Layout.of(cfg)
+    assert lay.calibration("watermark", "open") == lay.calibration("text", "open") != lay.calibration("qr", "open")
