@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from geomerase.core.train_metrics import HISTORY_FILE
 from geomerase.data.shards import atomic_write
 
 
@@ -79,7 +80,7 @@ def train_model_job(run_cfg: Any, progress: bool = False) -> float:
 
 def progress_file(run_dir: str | Path) -> str:
     """Where a training run logs its loss rows (``step,...``): the runner's progress source."""
-    return str(Path(run_dir) / "loss.csv")
+    return str(Path(run_dir) / HISTORY_FILE)
 
 
 def annotate_job(train_glob: str, classifier_dir: str, concept: str, concept_name: str, grid: int,

@@ -133,3 +133,67 @@ def latest_valid_checkpoint(out_dir: Path) -> Path | None:
         log.warning("checkpoint %s is unusable (%s); falling back to an earlier one", path, problem)
     return None
 
+
+
+class Checkpointer:
+    """Saves and loads a run's training state under ``out/checkpoints`` through its backend.
+
+    What a checkpoint holds: the model folder (full weights, gathered by the backend), the
+    optimizer state in the single-process layout (:mod:`geomerase.core.backend`), the LR-scheduler
+    state, the EMA weights, each rank's data position and the run's config. ``save`` and ``load``
+    are collective: every rank calls them; rank 0 writes and picks the checkpoint every rank loads.
+    """
+
+    def __init__(self, out: Path, backend, keep: int = 2):
+        self.out, self.backend, self.keep = Path(out), backend, keep
+
+    def save(self, step: int, model, ema, source, config: dict[str, Any], loader: str) -> Path | None:
+        """Write checkpoint ``step``; returns its folder on rank 0 (None elsewhere)."""
+        b = self.backend
+        extra: dict = {"config": config, "world_size": b.world_size, "backend": b.name,
+                       "data": {"loader": loader, "positions": b.all_gather_object(source.state_dict(step))}}
+        tensors, rest = b.optimizer_state()
+        ema_tensors: dict[str, torch.Tensor] = {}
+        if ema is not None:
+            ema_tensors = {f"ema.{i}": t.detach().contiguous().cpu() for i, t in enumerate(ema.tensors())}
+            extra["ema"] = ema.state_json()
+        path = None
+        with b.full_weights():
+            if b.is_main:
+                path = save_checkpoint(self.out, step, model, None, b.lr_scheduler, extra, keep=self.keep,
+                                       extra_tensors=ema_tensors, optimizer_state=(tensors, rest))
+        b.barrier()
+        return path
+
+    def load(self, which: str, model, ema, source) -> int | None:
+        """Restore the state of checkpoint ``which`` ('latest' or a folder); returns its step, or None
+        when 'latest' finds no valid checkpoint."""
+        from safetensors.torch import load_file
+
+        b = self.backend
+        found = latest_valid_checkpoint(self.out) if which == "latest" else Path(which)
+        # Rank 0 decides, so every rank loads the same checkpoint even if files change meanwhile.
+        chosen = b.broadcast_object(str(found) if found is not None else None)
+        if chosen is None:
+            if b.is_main:
+                log.info("no checkpoint in %s; starting fresh", self.out)
+            return None
+        path = Path(chosen)
+        state = json.loads((path / "trainer.json").read_text())
+        unet_sd = load_file(str(path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+        te_sd = load_file(str(path / "model" / "text_encoder" / "model.safetensors"))
+        with b.writable_full_weights():
+            model.unet.load_state_dict(unet_sd)
+            model.text_encoder.load_state_dict(te_sd)
+        b.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        if b.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            b.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        step = int(state["step"])
+        if ema is not None:
+            shadow = load_file(str(path / "extra.safetensors"))
+            ema.load(state["ema"], [shadow[f"ema.{i}"] for i in range(len(shadow))])
+        positions = state.get("data", {}).get("positions")
+        source.load_state_dict(step, positions[b.rank] if positions and len(positions) == b.world_size else None)
+        if b.is_main:
+            log.info("resumed from %s at step %d", path, step)
+        return step

@@ -2,6 +2,7 @@
 and the loss-curve picture."""
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -67,3 +68,29 @@ def plot_loss(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+HISTORY_FILE = "loss.csv"
+"""The loss log of a run (``step,loss,lr,grad_norm,seconds`` per log step): what resume reads back and
+progress displays follow."""
+_HISTORY_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds"]
+
+
+def read_history(out: Path, upto_step: int) -> list[dict]:
+    """The rows of ``out/loss.csv`` up to ``upto_step`` (a resumed run continues its log)."""
+    path = Path(out) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [{k: int(float(v)) if k == "step" else float(v) for k, v in row.items()}
+                for row in csv.DictReader(f) if int(float(row["step"])) <= upto_step]
+
+
+def write_history(out: Path, rows: list[dict]) -> None:
+    """Rewrite ``out/loss.csv`` with ``rows`` (rank 0 only)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / HISTORY_FILE, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_HISTORY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)

@@ -20,31 +20,26 @@ takes its rows, so ZeRO runs reproduce the reference loss curve up to float roun
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from geomerase.core.backend import TrainBackend, build_backend
 from geomerase.core.captions import CaptionConfig
-from geomerase.core.checkpoint import latest_valid_checkpoint, save_checkpoint
+from geomerase.core.checkpoint import Checkpointer
 from geomerase.core.config import to_dict
-from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
 from geomerase.core.models import DiffusionModel, ModelConfig
 from geomerase.core.text_embedding import install_location_embedding, uninstall_location_embedding
-from geomerase.core.train_metrics import MetricsLogger, plot_loss
-from geomerase.data.loader import DataConfig, InMemoryDataset, LocalBatch, build_batch_source
+from geomerase.core.train_metrics import MetricsLogger, plot_loss, read_history, write_history
+from geomerase.core.train_step import BatchMaker, StepModule, trainable_modules
+from geomerase.data.loader import DataConfig, InMemoryDataset, build_batch_source
 
 log = logging.getLogger("geomerase.train")
 
@@ -224,41 +219,14 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-class LossModule(nn.Module):
-    """The module an engine wraps: it registers exactly the *trainable* parts.
-
-    ``forward(step, part, n_parts)`` returns the loss of rows ``part`` of ``n_parts`` of the
-    step's global batch. Frozen modules (the VAE; the text encoder in model removal or when it
-    does not train) are reached through the trainer, not registered here, so ZeRO neither
-    partitions nor steps them. A bare trainable parameter (the location-token rows) is
-    registered directly; ZeRO-3 gathers it for the duration of this forward.
-    """
-
-    def __init__(self, trainer: "Trainer", modules: dict[str, nn.Module], loose: list[nn.Parameter]):
-        super().__init__()
-        self.parts = nn.ModuleDict(modules)
-        for i, p in enumerate(loose):
-            self.register_parameter(f"loose_{i}", p)
-        self.__dict__["_trainer"] = trainer  # a plain reference, not a submodule
-
-    def forward(self, step: int, part: int, n_parts: int) -> torch.Tensor:
-        return self.__dict__["_trainer"].loss(step, (part, n_parts))
-
-
-def _trainable_modules(model: DiffusionModel, tc: TrainConfig, params: list[nn.Parameter]
-                       ) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
-    modules: dict[str, nn.Module] = {}
-    if tc.mode == "data-removal":
-        modules["unet"] = model.unet
-        if tc.train_text_encoder:
-            modules["text_encoder"] = model.text_encoder
-    covered = {id(p) for m in modules.values() for p in m.parameters()}
-    loose = [p for p in params if id(p) not in covered]
-    return modules, loose
-
-
 class Trainer:
-    """Owns the model, data, backend and the step function; ``fit()`` runs the loop."""
+    """Builds a run's parts and runs its loop (``fit``).
+
+    The parts: the model, a :class:`~geomerase.core.train_step.BatchMaker` (the batches), a
+    :class:`~geomerase.core.train_step.StepModule` (the loss, wrapped by the backend), the backend
+    (optimizer, reduction, sharding), the EMA, a :class:`~geomerase.core.checkpoint.Checkpointer`
+    and the metrics log. A step pulls its batch, then runs forward and backward through the backend.
+    """
 
     def __init__(self, cfg: RunConfig, model: DiffusionModel | None = None, dataset: InMemoryDataset | None = None,
                  backend: TrainBackend | None = None):
@@ -282,10 +250,10 @@ class Trainer:
         self.source = build_batch_source(cfg.data, res, self.grid, self.captions, tc.seed, self.rank, self.world,
                                          dataset=dataset)
         self.data = getattr(self.source, "dataset", None)
-        self.latent_moments: torch.Tensor | None = None
+        self.batches = BatchMaker(self.model, self.source, tc.seed, self.device, self.rank, self.world, tc.grad_accum)
         if cfg.data.precompute_latents:
-            self._precompute_latents()
-        self.prior_unet = self._frozen_prior(cfg) if tc.uncond_prior else None
+            self.batches.precompute_latents(self.data, cfg.data.hflip)
+        prior_unet = self._frozen_prior(cfg) if tc.uncond_prior else None
         self.groups = trainable_parameters(self.model, tc)
         self.params = [p for g in self.groups for p in g["params"]]
         if tc.gradient_checkpointing:
@@ -293,13 +261,13 @@ class Trainer:
                 self.model.unet.enable_gradient_checkpointing()
             if tc.mode == "data-removal" and tc.train_text_encoder:
                 self.model.text_encoder.gradient_checkpointing_enable()
-        modules, loose = _trainable_modules(self.model, tc, self.params)
-        self.module = LossModule(self, modules, loose)
+        modules, loose = trainable_modules(self.model, tc.mode, tc.train_text_encoder, self.params)
+        self.module = StepModule(self.model, modules, loose, prior_unet, tc.reweight_alpha)
         self.backend.setup(self.module, self.groups, self.params, tc, lr_lambda(tc))
         self.ema = self.backend.make_ema(tc.ema_decay) if tc.ema_decay is not None else None
+        self.checkpointer = Checkpointer(self.out, self.backend, tc.keep_checkpoints)
         self.step = 0
         self.history: list[dict] = []
-        self._local: tuple[int, LocalBatch] | None = None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -313,106 +281,19 @@ class Trainer:
     def is_main(self) -> bool:
         return self.backend.is_main
 
-    # -- latents ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def _precompute_latents(self, chunk: int = 32) -> None:
-        """Encode every in-memory image once: ``(N, 2C, h, w)`` VAE mean and std (fp32, on the CPU)."""
-        m = self.model
-        if m.vae is None:
-            raise ValueError("data.precompute_latents needs a latent model (one with a VAE)")
-        if self.data is None:
-            raise ValueError("data.precompute_latents needs data.loader=memory")
-        if self.cfg.data.hflip:
-            raise ValueError("data.precompute_latents with data.hflip: a flipped latent is not the latent "
-                             "of the flipped image; turn one off")
-        out = []
-        for i in range(0, len(self.data), chunk):
-            x = self.data.images[i:i + chunk].to(self.device).float().div(127.5).sub(1.0)
-            d = m.vae.encode(x.to(m.vae.dtype)).latent_dist
-            out.append(torch.cat([d.mean, d.std], 1).float().cpu())
-        self.latent_moments = torch.cat(out)
-
-    # -- one step ---------------------------------------------------------------------------
-    def _part(self, step: int, part: tuple[int, int]) -> LocalBatch:
-        if self.source.streaming:
-            # A streaming source yields this rank's batch once per step; micro-batches slice it.
-            if self._local is None or self._local[0] != step:
-                self._local = (step, self.source.batch(step, (self.rank, self.world)))
-            return self._local[1].slice(part[0] % self.cfg.train.grad_accum, self.cfg.train.grad_accum)
-        return self.source.batch(step, part)
-
-    def loss(self, step: int, part: tuple[int, int] | None = None) -> torch.Tensor:
-        """Loss of batch ``step`` (rows ``part=(k, n)``: the k-th of n equal slices; None: all rows).
-
-        Noise and timesteps are drawn for the whole batch from ``(seed, step)`` and sliced, so
-        any split of the batch over processes and micro-batches sees the same draws.
-        """
-        m = self.model
-        b = self._part(step, part or (0, 1))
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step + b.stream_salt)
-        images = b.images.to(self.device, non_blocking=True).float().div(127.5).sub(1.0)
-        if m.vae is None:
-            x0 = m.to_model_space(images)
-        else:
-            moments = (self.latent_moments[b.indices] if self.latent_moments is not None and b.indices is not None
-                       else self._moments(images))
-            x0 = self._sample_latents(moments.to(self.device), step, b)
-        shape = (b.total,) + tuple(x0.shape[1:])
-        # Drawn on the CPU whatever the device, so a run's randomness does not depend on the hardware.
-        noise = torch.randn(shape, generator=gen)[b.lo:b.hi].to(self.device)
-        t = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (b.total,), generator=gen)
-        t = t[b.lo:b.hi].to(self.device)
-        xt = m.noise_scheduler.add_noise(x0, noise.to(x0.dtype), t)
-        cond = m.encode_text(m.tokenize(b.captions))
-        unet_dtype = m.unet.dtype
-        pred = m.denoise(xt.to(unet_dtype), t, cond.to(unet_dtype))
-        target = diffusion_target(m.noise_scheduler, x0, noise.to(x0.dtype), t)
-        if self.prior_unet is not None:
-            target = self._prior_target(target, xt, t, cond, b.captions)
-        weights = None
-        if self.cfg.train.reweight_alpha is not None:
-            weights = weight_map(b.masks.to(self.device), self.cfg.train.reweight_alpha, x0.shape[-2], x0.shape[-1])
-        return denoising_loss(pred, target, weights)
-
     def _frozen_prior(self, cfg: RunConfig) -> torch.nn.Module:
         """A frozen copy of the starting UNet (``train.uncond_prior``); needs a pretrained start."""
         if not cfg.model.pretrained:
             raise ValueError("train.uncond_prior needs model.pretrained: the prior is the pretrained UNet")
         return copy.deepcopy(self.model.unet).eval().requires_grad_(False)
 
-    @torch.no_grad()
-    def _prior_target(self, target: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                      captions: list[str]) -> torch.Tensor:
-        """``target`` ``(B, C, h, w)`` with the rows of empty captions replaced by the frozen prior's
-        prediction for the same ``xt``, ``t`` and (empty-prompt) text states ``cond`` ``(B, 77, D)``."""
-        empty = torch.tensor([c == "" for c in captions], device=target.device)
-        if not bool(empty.any()):
-            return target
-        dtype = next(self.prior_unet.parameters()).dtype
-        prior = self.model.denoise(xt[empty].to(dtype), t[empty], cond[empty].to(dtype), unet=self.prior_unet)
-        out = target.clone()
-        out[empty] = prior.to(out.dtype)
-        return out
-
-    @torch.no_grad()
-    def _moments(self, images: torch.Tensor) -> torch.Tensor:
-        d = self.model.vae.encode(images.to(self.model.vae.dtype)).latent_dist
-        return torch.cat([d.mean, d.std], 1).float()
-
-    def _sample_latents(self, moments: torch.Tensor, step: int, b: LocalBatch) -> torch.Tensor:
-        """``z = (mean + std * eps) * scaling_factor`` with eps from ``(seed, step)`` (resumable, unlike
-        the VAE's own sampling from the global RNG)."""
-        c = moments.shape[1] // 2
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step + b.stream_salt + (1 << 40))
-        eps = torch.randn((b.total, c) + tuple(moments.shape[2:]), generator=gen)[b.lo:b.hi].to(moments.device)
-        return (moments[:, :c] + moments[:, c:] * eps) * self.model.vae.config.scaling_factor
-
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over ``train.grad_accum`` micro-batches; returns (mean loss, grad norm), 0-d."""
         n = self.cfg.train.grad_accum
         total = None
         for micro in range(n):
-            loss = self.backend.forward(step, self.rank * n + micro, self.world * n)
+            batch = self.batches(step, (self.rank * n + micro, self.world * n))
+            loss = self.backend.forward(batch)
             self.backend.backward(loss, n)
             total = loss.detach() if total is None else total + loss.detach()
         grad_norm = self.backend.step()
@@ -423,68 +304,17 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Checkpoint ``step`` (collective: every rank calls it; rank 0 writes). Returns the folder on rank 0."""
-        extra: dict = {"config": to_dict(self.cfg), "world_size": self.world, "backend": self.backend.name,
-                       "data": {"loader": self.cfg.data.loader,
-                                "positions": self.backend.all_gather_object(self.source.state_dict(self.step))}}
-        tensors, rest = self.backend.optimizer_state()
-        ema_tensors: dict[str, torch.Tensor] = {}
-        if self.ema is not None:
-            ema_tensors = {f"ema.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.ema.tensors())}
-            extra["ema"] = self.ema.state_json()
-        path = None
-        with self.backend.full_weights():
-            if self.is_main:
-                path = save_checkpoint(self.out, self.step, self.model, None, self.lr_scheduler, extra,
-                                       keep=self.cfg.train.keep_checkpoints, extra_tensors=ema_tensors,
-                                       optimizer_state=(tensors, rest))
-        self.backend.barrier()
-        return path
+        return self.checkpointer.save(self.step, self.model, self.ema, self.source, to_dict(self.cfg),
+                                      self.cfg.data.loader)
 
     def resume(self, which: str) -> bool:
-        found = latest_valid_checkpoint(self.out) if which == "latest" else Path(which)
-        # Rank 0 decides, so every rank loads the same checkpoint even if files change meanwhile.
-        chosen = self.backend.broadcast_object(str(found) if found is not None else None)
-        if chosen is None:
-            if self.is_main:
-                log.info("no checkpoint in %s; starting fresh", self.out)
+        """Load checkpoint ``which`` ('latest' or a folder); False when there is none to load."""
+        step = self.checkpointer.load(which, self.model, self.ema, self.source)
+        if step is None:
             return False
-        path = Path(chosen)
-        state = json.loads((path / "trainer.json").read_text())
-        unet_sd = load_file(str(path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
-        te_sd = load_file(str(path / "model" / "text_encoder" / "model.safetensors"))
-        with self.backend.writable_full_weights():
-            self.model.unet.load_state_dict(unet_sd)
-            self.model.text_encoder.load_state_dict(te_sd)
-        self.backend.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.step = int(state["step"])
-        if self.ema is not None:
-            shadow = load_file(str(path / "extra.safetensors"))
-            self.ema.load(state["ema"], [shadow[f"ema.{i}"] for i in range(len(shadow))])
-        positions = state.get("data", {}).get("positions")
-        self.source.load_state_dict(self.step, positions[self.rank] if positions and len(positions) == self.world
-                                    else None)
-        self._load_history()
-        if self.is_main:
-            log.info("resumed from %s at step %d", path, self.step)
+        self.step = step
+        self.history = read_history(self.out, step)
         return True
-
-    def _load_history(self) -> None:
-        path = self.out / "loss.csv"
-        if path.is_file():
-            with open(path) as f:
-                self.history = [{k: int(float(v)) if k == "step" else float(v) for k, v in row.items()}
-                                for row in csv.DictReader(f) if int(float(row["step"])) <= self.step]
-
-    def _write_history(self) -> None:
-        if not self.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "loss.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "seconds"])
-            w.writeheader()
-            w.writerows(self.history)
 
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, progress: bool = True, stop_at: int | None = None) -> DiffusionModel:
@@ -520,7 +350,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean:.4f}")
                 acc.zero_()
                 n_acc = 0
-                self._write_history()
+                if self.is_main:
+                    write_history(self.out, self.history)
             if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
                 self.save()
             if tc.sample_every and self.step % tc.sample_every == 0:
@@ -535,7 +366,8 @@ class Trainer:
             metrics.close()
         self.save()
         self.export(self.out / "model")
-        self._write_history()
+        if self.is_main:
+            write_history(self.out, self.history)
         if self.is_main:
             plot_loss(self.history, self.out / "loss.png")
             (self.out / "train_summary.json").write_text(json.dumps(

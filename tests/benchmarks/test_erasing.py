@@ -144,7 +144,6 @@ def test_annotator_and_scorers_train_on_their_own_splits(tmp_path):
 
 
 def test_arms_fine_tune_a_given_base_with_its_unconditional_branch(tmp_path):
-    from pathlib import Path
 
     from geomerase.benchmarks.erasing import Layout, plan
 

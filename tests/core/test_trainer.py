@@ -119,10 +119,13 @@ def test_pretrained_latent_model_trains_with_frozen_vae_and_exports_a_pipeline(t
                "train.train_text_encoder=false", "train.max_steps=2", "data.precompute_latents=true",
                "train.reweight_alpha=2.0")
     tr = Trainer(cfg)
-    assert tr.latent_moments is not None and tr.latent_moments.shape == (len(tr.data), 8, 8, 8)
+    moments = tr.batches.latent_moments
+    assert moments is not None and moments.shape == (len(tr.data), 8, 8, 8)
     vae_before = {k: v.clone() for k, v in tr.model.vae.state_dict().items()}
-    first = tr.loss(0)
-    assert torch.equal(first, tr.loss(0))  # latents sampled from (seed, step): deterministic
+    first = tr.batches(0)
+    again = tr.batches(0)
+    assert torch.equal(first.x0, again.x0) and torch.equal(first.xt, again.xt)  # latents from (seed, step)
+    assert torch.equal(tr.module(first), tr.module(again))
     tr.fit(progress=False)
     for k, v in tr.model.vae.state_dict().items():
         assert torch.equal(v, vae_before[k]), f"VAE changed: {k}"
