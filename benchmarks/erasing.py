@@ -335,9 +335,9 @@ class Layout:
         base = self.oracle(c) if model == "oracle" else self.concept(c)
         return base / "samples" / pset
 
-    def calibration(self, c: str, pset: str) -> Path:
-        """The scorer-calibration samples of ``c``'s oracle on ``pset`` (uint8 ``(N, 3, R, R)``)."""
-        return self.oracle(c) / "samples" / "calibration" / f"{pset}.safetensors"
+    def calibration(self, c: str) -> Path:
+        """The folder of ``c``'s oracle's scorer-calibration samples."""
+        return self.oracle(c) / "samples" / "calibration"
 
 
 def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionConfig, *, mode: str = "data-removal",
@@ -459,14 +459,13 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
                                         deps=("data/clean_train", *base_deps),
                                         outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
             k = cfg.calibration_samples
-            calib = [ArmSpec(pset, [prompts_fn()[pset][j % cfg.samples] for j in range(k)], [""], [1.0],
-                             cfg.guidance_scale) for pset in PROMPT_SETS]
             tasks[f"{ok}/sample/calibration"] = Task(
-                Job(sample_job, (str(lay.model_dir(c, "oracle") / "model"), cfg.device, cfg.attention_backend, calib,
-                                 calibration_seeds(cfg), cfg.sample_steps, cfg.sample_batch,
-                                 str(lay.calibration(c, "heldout").parent))),
+                Job(sample_job, (str(lay.model_dir(c, "oracle") / "model"), cfg.device, cfg.attention_backend,
+                                 calibration_arms(cfg, prompts_fn()), calibration_seeds(cfg), cfg.sample_steps,
+                                 cfg.sample_batch, str(lay.calibration(c)))),
                 deps=(f"{ok}/train", "data/clean_heldout"),
-                outputs=tuple(str(lay.calibration(c, p)) for p in PROMPT_SETS), cost=2 * k * cfg.sample_steps / 1000)
+                outputs=tuple(sample_files(cfg, lay, c, prompts_fn())["calibration"].values()),
+                cost=2 * k * cfg.sample_steps / 1000)
         plain_model = str(lay.model_dir(c, "plain") / "model")
         esd_cfg = dict(concept=name, method=cfg.esd_method, eta=cfg.esd_eta, steps=cfg.esd_steps, lr=cfg.esd_lr,
                        batch_size=cfg.esd_batch, xt_source=cfg.esd_source, ddim_steps=cfg.sample_steps,
@@ -501,19 +500,44 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
             train_key = f"{ok}/train" if model == "oracle" else f"{c}/train/{model}"
             out_dir = lay.samples(c, model, pset)
             evals = sum(len(a.prompts) * (1 + len(a.negatives) + (1 if a.sld_concept else 0)) for a in arms)
-            tasks[key] = Task(Job(sample_job, (str(lay.model_dir(c, model) / "model"), cfg.device, cfg.attention_backend,
-                                               arms, seeds(cfg), cfg.sample_steps, cfg.sample_batch, str(out_dir))),
-                              deps=(train_key, "data/clean_heldout"), outputs=tuple(str(samples_path(out_dir, a.name)) for a in arms),
+            model_dir = str(lay.model_dir(c, model) / "model")
+            tasks[key] = Task(Job(sample_job, (model_dir, cfg.device, cfg.attention_backend, arms, seeds(cfg),
+                                               cfg.sample_steps, cfg.sample_batch, str(out_dir))),
+                              deps=(train_key, "data/clean_heldout"),
+                              outputs=tuple(str(samples_path(out_dir, a, model_dir, seeds(cfg), cfg.sample_steps))
+                                            for a in arms),
                               cost=evals * cfg.sample_steps / 2000)
             sample_deps.append(key)
         from geomerase.benchmarks.erasing_report import score_concept
 
-        tasks[f"{c}/score"] = Task(Job(score_concept, (cfg, c)), inline=True,
+        tasks[f"{c}/score"] = Task(Job(score_concept, (cfg, c, sample_files(cfg, lay, c, prompts_fn()))), inline=True,
                                    deps=(*sample_deps, f"{c}/scorer", f"{c}/attributes", f"{c}/data/heldout",
                                          f"{c}/annotator", f"{ok}/sample/calibration"),
                                    outputs=(str(cd / "scores.json"),))
         oracles.add(ok)
     return tasks
+
+
+def calibration_arms(cfg: ErasingConfig, prompts: dict[str, list[str]]) -> list[ArmSpec]:
+    """The oracle's scorer-calibration arms: per prompt set, its prompts cycled, no negative."""
+    k = cfg.calibration_samples
+    return [ArmSpec(pset, [prompts[pset][j % cfg.samples] for j in range(k)], [""], [1.0], cfg.guidance_scale)
+            for pset in PROMPT_SETS]
+
+
+def sample_files(cfg: ErasingConfig, lay: Layout, c: str, prompts: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+    """Where concept ``c``'s samples are: ``{prompt set: {arm (or "arm@scale"): file}}`` and
+    ``{"calibration": {prompt set: file}}`` (the oracle's calibration samples)."""
+    out: dict[str, dict[str, str]] = {pset: {} for pset in PROMPT_SETS}
+    for (model, pset), arms in sampling_arms(cfg, c, prompts).items():
+        model_dir = str(lay.model_dir(c, model) / "model")
+        for a in arms:
+            out[pset][a.name] = str(samples_path(lay.samples(c, model, pset), a, model_dir, seeds(cfg),
+                                                 cfg.sample_steps))
+    oracle = str(lay.model_dir(c, "oracle") / "model")
+    out["calibration"] = {a.name: str(samples_path(lay.calibration(c), a, oracle, calibration_seeds(cfg),
+                                                   cfg.sample_steps)) for a in calibration_arms(cfg, prompts)}
+    return out
 
 
 def seeds(cfg: ErasingConfig) -> list[int]:

@@ -5,8 +5,10 @@ small result, so an interrupted run resumes from what was written.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -145,7 +147,8 @@ def sample_job(model_dir: str, device: str, backend: str, arms: list[ArmSpec], s
     """Sample each arm with the same seeds (one per prompt); :func:`samples_path` holds its ``(N, 3, R, R)``
     uint8 images.
 
-    Arms whose file exists are skipped. Returns seconds per arm sampled.
+    Arms whose file exists are skipped (the file name carries a digest of the settings, so only
+    samples made with the same ones are). Returns seconds per arm sampled.
     """
     from geomerase.core.guidance import SLDConfig, SLDGuidance
     from geomerase.core.models import load_model
@@ -155,7 +158,7 @@ def sample_job(model_dir: str, device: str, backend: str, arms: list[ArmSpec], s
     model = None
     out: dict[str, float] = {}
     for arm in arms:
-        path = samples_path(out_dir, arm.name)
+        path = samples_path(out_dir, arm, model_dir, seeds, steps)
         if path.exists():
             continue
         if model is None:
@@ -171,9 +174,12 @@ def sample_job(model_dir: str, device: str, backend: str, arms: list[ArmSpec], s
     return out
 
 
-def samples_path(out_dir: str | Path, arm: str) -> Path:
-    """The file of one arm's samples."""
-    return Path(out_dir) / f"{arm}.safetensors"
+def samples_path(out_dir: str | Path, arm: ArmSpec, model_dir: str, seeds: list[int], steps: int) -> Path:
+    """The file of one arm's samples: ``<arm name>-<digest>.safetensors``, the digest over everything
+    that decides the images (model folder, prompts, negatives and weights, CFG scale, SLD, the seeds
+    used and the DDIM steps), so a rerun with other settings never reuses stale samples."""
+    blob = json.dumps([asdict(arm), str(model_dir), list(seeds[:len(arm.prompts)]), steps], sort_keys=True)
+    return Path(out_dir) / f"{arm.name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.safetensors"
 
 
 def save_images(images: torch.Tensor, path: str | Path) -> None:

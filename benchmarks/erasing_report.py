@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from geomerase.benchmarks.erasing import ARMS, PROMPT_SETS, ErasingConfig, Layout
-from geomerase.benchmarks.erasing_jobs import load_images, samples_path
+from geomerase.benchmarks.erasing_jobs import load_images
 from geomerase.core.captions import negative_mixture
 from geomerase.core.classifiers import (as_float, fpr_threshold, labels_to_index, load_classifier,
                                         patch_classifier_quality)
@@ -30,15 +30,7 @@ from geomerase.data.loader import InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write
 
-MODEL_OF = {arm: spec[0] for arm, spec in ARMS.items()}
-
-
-def _load(lay: Layout, c: str, arm: str, pset: str) -> torch.Tensor:
-    model = MODEL_OF[arm.split("@")[0]]
-    return load_images(samples_path(lay.samples(c, model, pset), arm))
-
-
-def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig, c: str) -> dict[str, dict[str, Any]]:
+def scorer_thresholds(scorer, cfg: ErasingConfig, calibration: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per prompt set, the scorer threshold held to ``cfg.scorer_fpr`` false positives.
 
     The oracle model never saw the concept, so whatever the scorer flags in its calibration
@@ -49,7 +41,7 @@ def scorer_thresholds(scorer, lay: Layout, cfg: ErasingConfig, c: str) -> dict[s
     f1 = scorer.threshold
     out: dict[str, dict[str, Any]] = {}
     for pset in PROMPT_SETS:
-        imgs = load_images(lay.calibration(c, pset))
+        imgs = load_images(calibration[pset])
         top = scorer.cell_probs(as_float(imgs)).flatten(1).amax(1)
         t = max(f1, fpr_threshold(top, cfg.scorer_fpr)) if cfg.scorer_fpr > 0 else f1
         out[pset] = {"threshold": t, "f1_threshold": f1, "fpr_target": cfg.scorer_fpr, "n": len(top),
@@ -65,8 +57,9 @@ def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int,
     return patch_classifier_quality(pc, ds.images, ds.metas, ds.sizes, seed, thresholds)
 
 
-def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
-    """Score every arm of concept ``c``; writes ``<out>/<c>/scores.json`` and the figures."""
+def score_concept(cfg: ErasingConfig, c: str, files: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Score every arm of concept ``c`` from its sample ``files`` (:func:`~geomerase.benchmarks.erasing.sample_files`);
+    writes ``<out>/<c>/scores.json`` and the figures."""
     lay = Layout.of(cfg)
     cls = lay.concept(c) / "classifiers"
     scorer, _ = load_classifier(cls / "scorer")
@@ -79,7 +72,7 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
     want_sh = labels_to_index([m["attributes"]["shape"] for m in ref.metas[:n]], list(SHAPES), "held-out")
     g = cfg.grid
     held = InMemoryDataset(lay.glob(f"{c}_heldout", c), scorer.cfg.resolution)
-    thresholds = scorer_thresholds(scorer, lay, cfg, c)
+    thresholds = scorer_thresholds(scorer, cfg, files["calibration"])
     # scorer sensitivity at each threshold: real concept images (degraded like samples) it still finds
     at = _detector_quality(scorer, held, g, cfg.seed + 7, {
         "scorer_f1": scorer.threshold,
@@ -93,7 +86,7 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
         scorer.cfg.decision_threshold = thresholds[pset]["threshold"]
         scores[pset], images[pset], cells_of[pset] = {}, {}, {}
         for arm in cfg.active_arms():
-            imgs = _load(lay, c, arm, pset)
+            imgs = load_images(files[pset][arm])
             x = as_float(imgs)
             cells = scorer.cells(x)
             r = icr([bool(cs) for cs in cells])
@@ -118,7 +111,7 @@ def score_concept(cfg: ErasingConfig, c: str) -> dict[str, Any]:
     for scale in sorted({*cfg.guidance_sweep, cfg.guidance_scale}):
         for arm in ("np", "geom"):
             imgs = (images["heldout"][arm][:k] if scale == cfg.guidance_scale
-                    else _load(lay, c, f"{arm}@{scale:g}", "heldout"))
+                    else load_images(files["heldout"][f"{arm}@{scale:g}"]))
             curve.setdefault(f"{scale:g}", {})[arm] = icr([bool(cs) for cs in scorer.cells(as_float(imgs))])["icr"]
     figs = lay.root / "figures"
     draw_concept_figures(cfg, c, scores, images, cells_of, curve, figs)

@@ -22,11 +22,10 @@ outputs atomically and is skipped when they exist, so an interrupted demo resume
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -332,7 +331,6 @@ def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers
     seeds = list(range(10_000, 10_000 + n))
     jobs = [(str(lay.model(m) / "model"), group, seeds) for m, arm_specs in specs.items()
             for group in balance(arm_specs, workers)]
-    names = [a.name for _, group, _ in jobs for a in group]
     if cfg.pretrained:
         # The concept-free base model, half held-out prompts and half open ones, on seeds no arm uses.
         from geomerase.core.builtin import resolve_pretrained
@@ -340,25 +338,17 @@ def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers
         jobs.append((resolve_pretrained(cfg.pretrained), [ArmSpec("base", prompts + open_prompt_list(cfg), [""], [1.0],
                                                                   cfg.guidance_scale)],
                      list(range(20_000, 20_000 + 2 * n))))
-        names.append("base")
     # Each arm's file is named by what made it, so a rerun with other sampling settings resamples.
-    jobs = [(model_dir, [replace(a, name=_keyed(a, model_dir, sd, cfg.sample_steps)) for a in group], sd)
-            for model_dir, group, sd in jobs]
     tasks = {f"sample/{i}": Task(Job(sample_job, (model_dir, cfg.device, cfg.attention_backend, group, sd,
                                                   cfg.sample_steps, 64, str(lay.samples))),
-                                 outputs=tuple(str(samples_path(lay.samples, a.name)) for a in group),
+                                 outputs=tuple(str(samples_path(lay.samples, a, model_dir, sd, cfg.sample_steps))
+                                               for a in group),
                                  cost=sum(a.cost for a in group) * cfg.sample_steps / 1000)
              for i, (model_dir, group, sd) in enumerate(jobs)}
     run_dag(tasks, workers, threads, desc="sample")
-    files = [a.name for _, group, _ in jobs for a in group]
-    images = {name: load_images(samples_path(lay.samples, f)) for name, f in zip(names, files)}
+    images = {a.name: load_images(samples_path(lay.samples, a, model_dir, sd, cfg.sample_steps))
+              for model_dir, group, sd in jobs for a in group}
     return images, arms, probe_cells, neg
-
-
-def _keyed(arm: ArmSpec, model_dir: str, seeds: list[int], steps: int) -> str:
-    """``arm.name`` plus a digest of the model, prompts, negatives, scale, seeds and DDIM steps."""
-    blob = json.dumps([asdict(arm), model_dir, seeds, steps], sort_keys=True).encode()
-    return f"{arm.name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
 def _score(cfg: DemoConfig, out: Path, images: dict[str, torch.Tensor], arms: dict, probe_cells: list[list[int]],

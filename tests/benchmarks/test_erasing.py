@@ -61,7 +61,7 @@ def test_files_written(smoke_run):
         assert t["flagged"] <= cfg.scorer_fpr + 1e-9 and t["n"] == cfg.calibration_samples, (pset, t)
     assert {"scorer", "scorer_open", "scorer_f1", "annotator"} <= set(details["concepts"]["qr"]["detectors"])
     assert "Scorer threshold: F1-calibrated" in report
-    assert (out / "shared" / "oracle-base" / "samples" / "calibration" / "heldout.safetensors").is_file()
+    assert len(list((out / "shared" / "oracle-base" / "samples" / "calibration").glob("heldout-*.safetensors"))) == 1
     assert details["targets"]["qr"] and all({"target", "met", "measured"} <= set(t) for t in details["targets"]["qr"])
     # base_steps > 0: one shared base model, and every data-removal arm fine-tuned from it
     assert (out / "shared" / "models" / "base" / "model" / "geomerase.json").is_file()
@@ -117,7 +117,10 @@ def test_inception_fid_is_scored_per_arm_when_weights_are_given(smoke_run, monke
 
     monkeypatch.setattr(erasing_report, "inception_fid", fake_fid)
     with_weights = dataclasses.replace(cfg, inception_weights="/models/pt_inception.pth")
-    scores = erasing_report.score_concept(with_weights, "qr")
+    from geomerase.benchmarks.erasing import Layout, prompt_sets, sample_files
+
+    lay = Layout.of(cfg)
+    scores = erasing_report.score_concept(with_weights, "qr", sample_files(cfg, lay, "qr", prompt_sets(cfg, lay)))
     assert len(calls) == 2 * len(ARMS)
     for shape, ref_shape, weights, dtype in calls:
         assert shape[0] == cfg.samples and shape[1:] == ref_shape[1:] and weights == "/models/pt_inception.pth"
@@ -185,4 +188,22 @@ def test_each_concept_fine_tunes_its_own_base_at_its_resolution(tmp_path):
     assert "oracle-base64/sample/open" in tasks["text/score"].deps
     assert not any(k.endswith(("/esd", "/geom_mr", "/existence", "/geom_reweight")) for k in tasks)
     lay = Layout.of(cfg)
-    assert lay.calibration("watermark", "open") == lay.calibration("text", "open") != lay.calibration("qr", "open")
+    assert lay.calibration("watermark") == lay.calibration("text") != lay.calibration("qr")
+
+
+def test_sample_files_are_named_by_their_settings(tmp_path):
+    """Another CFG scale, DDIM step count or seed names other files, so a rerun in the same folder
+    with changed settings resamples instead of scoring stale images."""
+    from geomerase.benchmarks.erasing import Layout, sample_files
+
+    prompts = {p: [f"a prompt {i}" for i in range(8)] for p in PROMPT_SETS}
+    files = {}
+    for name, extra in (("base", []), ("cfg", ["guidance_scale=5.0"]), ("steps", ["sample_steps=3"]),
+                        ("seed", ["seed=1"]), ("again", [])):
+        cfg = erasing_config("smoke", ["concepts=[qr]", *extra], out=str(tmp_path))
+        files[name] = sample_files(cfg, Layout.of(cfg), "qr", prompts)
+    assert files["again"] == files["base"]
+    for name in ("cfg", "steps", "seed"):
+        assert files[name]["heldout"]["geom"] != files["base"]["heldout"]["geom"], name
+        assert files[name]["calibration"]["open"] != files["base"]["calibration"]["open"], name
+    assert files["base"]["heldout"]["np"] != files["base"]["heldout"]["plain"]  # same model, other negative
