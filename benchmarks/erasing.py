@@ -6,16 +6,16 @@ For each concept (qr, watermark, text):
    unseen scenes; shared by all concepts, a concept-free training split (the oracle's data)
    and the held-out scenes without the concept (FID reference; their captions are the
    held-out prompts, since an ICD index renders the same scene for every concept and ratio);
-2. classifiers, all trained on the training split only: the *annotator* (patch classifier,
-   width 16), the *ICR scorer* (a second patch classifier, width 32, another seed and
-   another calibration share: annotation and scoring do not share a detector; OpenCV and
-   Tesseract cannot read 32 px samples) and the attribute classifier (prompt fidelity; its
+2. classifiers, each on its own split (never the training split): the *annotator* (patch
+   classifier, width 16), the *ICR scorer* (a second patch classifier, width 32, another seed
+   and another calibration share: annotation and scoring do not share a detector; OpenCV and
+   Tesseract cannot read 32-64 px samples) and the attribute classifier (prompt fidelity; its
    penultimate features are the FID space);
 3. annotation of the training split with the annotator (location tokens);
-4. fine-tunes, same budget and seed: ``plain`` (clean captions), ``existence`` (caption +
-   name), ``geom`` (caption + name + location tokens), ``geom_reweight`` (+ region
-   re-weighting), ``oracle`` (concept-free data; shared by the concepts), then from the
-   plain model ``esd`` (ESD-x on the name) and ``geom_mr`` (model removal: plain frozen,
+4. fine-tunes of the concept's base (``pretrained``), same budget and seed: ``plain`` (clean
+   captions), ``existence`` (caption + name), ``geom`` (caption + name + location tokens),
+   ``geom_reweight`` (+ region re-weighting), ``oracle`` (concept-free data; shared by the
+   concepts with the same base), then from the plain model ``esd`` (ESD-x on the name) and ``geom_mr`` (model removal: plain frozen,
    location-token rows trained on the annotated captions);
 5. sampling with the same seeds of the held-out captions and of open prompts (the empty
    prompt and generic ones) under the arms of :data:`ARMS`, plus an ICR-vs-guidance sweep
@@ -23,37 +23,21 @@ For each concept (qr, watermark, text):
    scorer's false-positive rate on generated images (``scorer_fpr``);
 6. scoring and the report (:mod:`geomerase.benchmarks.erasing_report`).
 
-Stages run side by side (one 1-thread process per core, :func:`geomerase.distributed.dag.run_dag`) and
-are skipped when their outputs exist, so a rerun resumes.
+This module holds the configuration (arms, presets) and where a run's files live;
+:mod:`geomerase.benchmarks.erasing_run` plans the stages as one DAG and runs them side by side (one
+1-thread process per core), skipping those whose outputs exist, so a rerun resumes.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_classifier_job, build_icd_job, esd_job,
-                                               patch_classifier_job, progress_file, sample_job, samples_path,
-                                               train_model_job)
-from geomerase.core.captions import CaptionConfig, negative_mixture
-from geomerase.core.config import ConfigError, from_dict, parse_overrides, set_dotted, to_dict
+from geomerase.core.config import ConfigError, from_dict, parse_overrides, set_dotted
 from geomerase.core.guidance import SLD_PRESETS
-from geomerase.core.models import MODEL_SIZES, ModelConfig
-from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
-from geomerase.data.concepts import CONCEPT_NAMES
-from geomerase.data.loader import DataConfig
-from geomerase.data.scenes import BACKGROUNDS, SHAPES
-from geomerase.data.shards import atomic_write
-from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
-
-log = logging.getLogger("geomerase.bench")
+from geomerase.core.models import MODEL_SIZES
 
 #: arm -> (model, negative kind, SLD on). The order is the report's.
 ARMS: dict[str, tuple[str, str, bool]] = {
@@ -298,7 +282,7 @@ def erasing_config(preset: str, overrides: list[str] | None = None, out: str | N
     return from_dict(ErasingConfig, tree)
 
 
-# -- plan ----------------------------------------------------------------------------------------
+# -- where a run's files live ---------------------------------------------------------------------
 @dataclass
 class Layout:
     """Where every artefact of a run lives."""
@@ -338,268 +322,3 @@ class Layout:
     def calibration(self, c: str) -> Path:
         """The folder of ``c``'s oracle's scorer-calibration samples."""
         return self.oracle(c) / "samples" / "calibration"
-
-
-def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionConfig, *, mode: str = "data-removal",
-              steps: int | None = None, lr: float | None = None, pretrained: str | None = None,
-              alpha: float | None = None) -> RunConfig:
-    steps = steps or cfg.steps
-    # From the given base (not a base this run trained): frozen text encoder, base unconditional branch.
-    from_base = pretrained is not None and pretrained in cfg.pretrained.values() and mode == "data-removal"
-    return RunConfig(
-        out_dir=str(run_dir),
-        model=ModelConfig(size=cfg.model_size, grid=cfg.grid, seed=cfg.seed, attention_backend=cfg.attention_backend,
-                          pretrained=pretrained),
-        data=DataConfig(shards=shards, batch_size=cfg.batch_size),
-        captions=captions,
-        train=TrainConfig(mode=mode, max_steps=steps, lr=cfg.lr, loc_lr=lr or cfg.loc_lr, seed=cfg.seed, reweight_alpha=alpha,
-                          warmup_steps=min(50, max(steps // 10, 1)), device=cfg.device, log_every=max(1, min(25, steps)),
-                          save_every=max(steps // 2, 1), train_text_encoder=not from_base,
-                          uncond_prior=from_base and cfg.uncond_prior),
-        resume="latest")
-
-
-def geom_captions() -> CaptionConfig:
-    """The geom models' caption variants (the demo's: varied order, concept-only captions, shuffled cells)."""
-    return CaptionConfig(mode="geom", concept_first_prob=0.2, concept_only_prob=0.1, shuffle_cells=True, dropout=0.1)
-
-
-def held_out_prompts(cfg: ErasingConfig, lay: Layout) -> list[str]:
-    """The first ``samples`` captions of the concept-free held-out split (unseen scenes)."""
-    from geomerase.data.shards import iter_samples
-
-    caps = [s.meta.get("caption_clean", s.caption) for s in iter_samples(lay.glob("clean_heldout", "qr"))]
-    if len(caps) < cfg.samples:
-        raise ValueError(f"held-out split has {len(caps)} captions, need {cfg.samples}")
-    return caps[:cfg.samples]
-
-
-def sampling_arms(cfg: ErasingConfig, c: str, prompts: dict[str, list[str]]) -> dict[tuple[str, str], list[ArmSpec]]:
-    """``{(model, prompt set): [ArmSpec]}`` of one concept (oracle arms are concept-free)."""
-    name = CONCEPT_NAMES[c]
-    sld = {**asdict(SLD_PRESETS[cfg.sld_preset]), "mu_rule": cfg.sld_mu_rule}
-    out: dict[tuple[str, str], list[ArmSpec]] = {}
-    for pset in PROMPT_SETS:
-        for arm, (model, kind, use_sld) in cfg.active_arms().items():
-            negs, w = negative_mixture(kind, name, cfg.grid)
-            out.setdefault((model, pset), []).append(
-                ArmSpec(arm, prompts[pset], negs, w, cfg.guidance_scale, name if use_sld else None,
-                        sld if use_sld else {}))
-    k = cfg.sweep_samples
-    for scale in cfg.guidance_sweep:
-        for arm, model, kind in (("np", "plain", "name"), ("geom", "geom", "geom")):
-            negs, w = negative_mixture(kind, name, cfg.grid)
-            out[(model, "heldout")].append(ArmSpec(f"{arm}@{scale:g}", prompts["heldout"][:k], negs, w, scale))
-    return out
-
-
-def plan(cfg: ErasingConfig, lay: Layout, prompts_fn) -> dict[str, Task]:
-    """Every task of the run, in priority order (concept by concept)."""
-    tasks: dict[str, Task] = {}
-    n_tr, n_ho, seed = cfg.n_train, cfg.n_heldout, cfg.seed
-    meta = lambda name, c: (str(lay.icd(name) / f"icd-{c}-meta.json"),)  # noqa: E731
-    # Concept-free splits, shared: same scenes as every concept's splits (same seeds).
-    tasks["data/clean_heldout"] = Task(Job(build_icd_job, ("qr", n_ho, 0.0, cfg.image_size, seed + 1000,
-                                                           str(lay.icd("clean_heldout")))), outputs=meta("clean_heldout", "qr"))
-    tasks["data/clean_train"] = Task(Job(build_icd_job, ("qr", n_tr, 0.0, cfg.image_size, seed,
-                                                         str(lay.icd("clean_train")))), outputs=meta("clean_train", "qr"), cost=3)
-    base_deps: tuple[str, ...] = ()
-    trained_base: str | None = None
-    if cfg.base_steps:
-        rc = _train_rc(cfg, lay.model_dir("", "base"), lay.glob("clean_train", "qr"),
-                       CaptionConfig(mode="clean", dropout=0.1), steps=cfg.base_steps)
-        tasks["base/train"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.base_steps),
-                                   deps=("data/clean_train",), outputs=(f"{rc.out_dir}/model/geomerase.json",),
-                                   cost=cfg.base_steps / 10)
-        base_deps, trained_base = ("base/train",), f"{rc.out_dir}/model"
-    models = {spec[0] for spec in cfg.active_arms().values()}
-    oracles: set[str] = set()
-    for c in cfg.concepts:
-        name = CONCEPT_NAMES[c]
-        res = cfg.resolution(c)
-        base_model = cfg.pretrained.get(c) or trained_base
-        ok = f"oracle-{cfg.base_key(c)}"  # the oracle's task prefix, shared by concepts with this base
-        cd = lay.concept(c)
-        tr, ho = f"{c}_train", f"{c}_heldout"
-        tasks[f"{c}/data/train"] = Task(Job(build_icd_job, (c, n_tr, cfg.ratio, cfg.image_size, seed, str(lay.icd(tr)))),
-                                        outputs=meta(tr, c), cost=3)
-        tasks[f"{c}/data/heldout"] = Task(Job(build_icd_job, (c, n_ho, cfg.ratio, cfg.image_size, seed + 1000,
-                                                              str(lay.icd(ho)))), outputs=meta(ho, c))
-        an, sc = f"{c}_annot", f"{c}_scorer"
-        for split, split_seed in ((an, seed + 2000), (sc, seed + 3000)):
-            tasks[f"{c}/data/{split.split('_')[1]}"] = Task(
-                Job(build_icd_job, (c, cfg.n_aux, cfg.ratio, cfg.image_size, split_seed, str(lay.icd(split)))),
-                outputs=meta(split, c))
-        cls = cd / "classifiers"
-        tasks[f"{c}/annotator"] = Task(Job(patch_classifier_job, (lay.glob(an, c), res, cfg.grid, cfg.classifier_steps,
-                                                                  seed, str(cls / "annotator"), c, cfg.annotator_width)),
-                                       deps=(f"{c}/data/annot",), outputs=(str(cls / "annotator" / "model.safetensors"),))
-        tasks[f"{c}/annotate"] = Task(Job(annotate_job, (lay.glob(tr, c), str(cls / "annotator"), c, name, cfg.grid,
-                                                         str(cd / "annotated"))),
-                                      deps=(f"{c}/annotator", f"{c}/data/train"), outputs=(str(cd / "annotated" / "_manifest.json"),))
-        ann = str(cd / "annotated" / "*.tar")
-        runs = {"plain": _train_rc(cfg, lay.model_dir(c, "plain"), ann, CaptionConfig(mode="clean", dropout=0.1),
-                                   pretrained=base_model),
-                "geom": _train_rc(cfg, lay.model_dir(c, "geom"), ann, geom_captions(), pretrained=base_model),
-                "existence": _train_rc(cfg, lay.model_dir(c, "existence"), ann, CaptionConfig(
-                    mode="existence", concept_first_prob=0.2, concept_only_prob=0.1, dropout=0.1),
-                    pretrained=base_model),
-                "geom_reweight": _train_rc(cfg, lay.model_dir(c, "geom_reweight"), ann, geom_captions(),
-                                           alpha=cfg.reweight_alpha, pretrained=base_model)}
-        for model, rc in runs.items():
-            if model not in models:
-                continue
-            tasks[f"{c}/train/{model}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
-                                               deps=(f"{c}/annotate", *base_deps),
-                                               outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
-        if ok not in oracles:
-            rc = _train_rc(cfg, lay.model_dir(c, "oracle"), lay.glob("clean_train", "qr"),
-                           CaptionConfig(mode="clean", dropout=0.1), pretrained=base_model)
-            tasks[f"{ok}/train"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
-                                        deps=("data/clean_train", *base_deps),
-                                        outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
-            k = cfg.calibration_samples
-            tasks[f"{ok}/sample/calibration"] = Task(
-                Job(sample_job, (str(lay.model_dir(c, "oracle") / "model"), cfg.device, cfg.attention_backend,
-                                 calibration_arms(cfg, prompts_fn()), calibration_seeds(cfg), cfg.sample_steps,
-                                 cfg.sample_batch, str(lay.calibration(c)))),
-                deps=(f"{ok}/train", "data/clean_heldout"),
-                outputs=tuple(sample_files(cfg, lay, c, prompts_fn())["calibration"].values()),
-                cost=2 * k * cfg.sample_steps / 1000)
-        plain_model = str(lay.model_dir(c, "plain") / "model")
-        esd_cfg = dict(concept=name, method=cfg.esd_method, eta=cfg.esd_eta, steps=cfg.esd_steps, lr=cfg.esd_lr,
-                       batch_size=cfg.esd_batch, xt_source=cfg.esd_source, ddim_steps=cfg.sample_steps,
-                       guidance_scale=cfg.guidance_scale, seed=seed)
-        if "esd" in models:
-            tasks[f"{c}/train/esd"] = Task(
-                Job(esd_job, (plain_model, lay.glob(tr, c), esd_cfg, str(lay.model_dir(c, "esd")), cfg.device)),
-                deps=(f"{c}/train/plain", f"{c}/data/train"),
-                outputs=(str(lay.model_dir(c, "esd") / "model" / "geomerase.json"),),
-                cost=cfg.esd_steps * 1.6 * cfg.esd_batch / cfg.batch_size / 10)
-        if "geom_mr" in models:
-            rc = _train_rc(cfg, lay.model_dir(c, "geom_mr"), ann, geom_captions(), mode="model-removal",
-                           steps=cfg.mr_steps, lr=cfg.mr_lr, pretrained=plain_model)
-            tasks[f"{c}/train/geom_mr"] = Task(Job(train_model_job, (rc, False)),
-                                               deps=(f"{c}/train/plain", f"{c}/annotate"),
-                                               outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.mr_steps / 10)
-        tasks[f"{c}/scorer"] = Task(Job(patch_classifier_job, (lay.glob(sc, c), res, cfg.grid, cfg.classifier_steps,
-                                                               seed + 1, str(cls / "scorer"), c, cfg.scorer_width,
-                                                               "icr-scorer", 0.1, "first", seed + 1)),
-                                    deps=(f"{c}/data/scorer",), outputs=(str(cls / "scorer" / "model.safetensors"),))
-        tasks[f"{c}/attributes"] = Task(Job(attribute_classifier_job, (lay.glob(sc, c), res, cfg.classifier_steps, seed,
-                                                                       str(cls / "attributes"), list(BACKGROUNDS),
-                                                                       list(SHAPES))),
-                                        deps=(f"{c}/data/scorer",), outputs=(str(cls / "attributes" / "model.safetensors"),))
-        # Sampling: one job per (model, prompt set); the oracle's samples are shared by the concepts.
-        sample_deps: list[str] = []
-        for (model, pset), arms in sampling_arms(cfg, c, prompts_fn()).items():
-            if model == "oracle" and ok in oracles:
-                sample_deps.append(f"{ok}/sample/{pset}")
-                continue
-            key = f"{ok}/sample/{pset}" if model == "oracle" else f"{c}/sample/{model}/{pset}"
-            train_key = f"{ok}/train" if model == "oracle" else f"{c}/train/{model}"
-            out_dir = lay.samples(c, model, pset)
-            evals = sum(len(a.prompts) * (1 + len(a.negatives) + (1 if a.sld_concept else 0)) for a in arms)
-            model_dir = str(lay.model_dir(c, model) / "model")
-            tasks[key] = Task(Job(sample_job, (model_dir, cfg.device, cfg.attention_backend, arms, seeds(cfg),
-                                               cfg.sample_steps, cfg.sample_batch, str(out_dir))),
-                              deps=(train_key, "data/clean_heldout"),
-                              outputs=tuple(str(samples_path(out_dir, a, model_dir, seeds(cfg), cfg.sample_steps))
-                                            for a in arms),
-                              cost=evals * cfg.sample_steps / 2000)
-            sample_deps.append(key)
-        from geomerase.benchmarks.erasing_report import score_concept
-
-        tasks[f"{c}/score"] = Task(Job(score_concept, (cfg, c, sample_files(cfg, lay, c, prompts_fn()))), inline=True,
-                                   deps=(*sample_deps, f"{c}/scorer", f"{c}/attributes", f"{c}/data/heldout",
-                                         f"{c}/annotator", f"{ok}/sample/calibration"),
-                                   outputs=(str(cd / "scores.json"),))
-        oracles.add(ok)
-    return tasks
-
-
-def calibration_arms(cfg: ErasingConfig, prompts: dict[str, list[str]]) -> list[ArmSpec]:
-    """The oracle's scorer-calibration arms: per prompt set, its prompts cycled, no negative."""
-    k = cfg.calibration_samples
-    return [ArmSpec(pset, [prompts[pset][j % cfg.samples] for j in range(k)], [""], [1.0], cfg.guidance_scale)
-            for pset in PROMPT_SETS]
-
-
-def sample_files(cfg: ErasingConfig, lay: Layout, c: str, prompts: dict[str, list[str]]) -> dict[str, dict[str, str]]:
-    """Where concept ``c``'s samples are: ``{prompt set: {arm (or "arm@scale"): file}}`` and
-    ``{"calibration": {prompt set: file}}`` (the oracle's calibration samples)."""
-    out: dict[str, dict[str, str]] = {pset: {} for pset in PROMPT_SETS}
-    for (model, pset), arms in sampling_arms(cfg, c, prompts).items():
-        model_dir = str(lay.model_dir(c, model) / "model")
-        for a in arms:
-            out[pset][a.name] = str(samples_path(lay.samples(c, model, pset), a, model_dir, seeds(cfg),
-                                                 cfg.sample_steps))
-    oracle = str(lay.model_dir(c, "oracle") / "model")
-    out["calibration"] = {a.name: str(samples_path(lay.calibration(c), a, oracle, calibration_seeds(cfg),
-                                                   cfg.sample_steps)) for a in calibration_arms(cfg, prompts)}
-    return out
-
-
-def seeds(cfg: ErasingConfig) -> list[int]:
-    """Noise seeds, one per sample, shared by every arm and prompt set."""
-    return list(range(10_000 + cfg.seed, 10_000 + cfg.seed + cfg.samples))
-
-
-def calibration_seeds(cfg: ErasingConfig) -> list[int]:
-    """Noise seeds of the scorer-calibration samples: disjoint from :func:`seeds`."""
-    return list(range(20_000 + cfg.seed, 20_000 + cfg.seed + cfg.calibration_samples))
-
-
-def prompt_sets(cfg: ErasingConfig, lay: Layout) -> dict[str, list[str]]:
-    """``{"heldout": held-out captions, "open": open prompts cycled}`` (``samples`` each)."""
-    return {"heldout": held_out_prompts(cfg, lay),
-            "open": [cfg.open_prompts[i % len(cfg.open_prompts)] for i in range(cfg.samples)]}
-
-
-def run_erasing(cfg: ErasingConfig) -> dict:
-    """Run (or resume) the whole benchmark; returns ``results.json``'s content."""
-    from geomerase.benchmarks.erasing_report import write_outputs
-
-    t0 = time.time()
-    cfg.validate()
-    lay = Layout.of(cfg)
-    lay.root.mkdir(parents=True, exist_ok=True)
-    atomic_write(lay.root / "bench_config.json", json.dumps(to_dict(cfg), indent=1))
-    workers, threads = pool_shape(resolve_device(cfg.device), cfg.workers, cfg.threads)
-    torch.set_num_threads(max(1, cfg.threads))
-    cache: dict[str, dict] = {}
-
-    def prompts() -> dict[str, list[str]]:
-        # Read lazily: the held-out split may not exist when the plan is made; sampling tasks
-        # re-read it through their args, so the plan is rebuilt once the data stage is done.
-        if "p" not in cache:
-            cache["p"] = prompt_sets(cfg, lay)
-        return cache["p"]
-
-    timings_path = lay.root / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    inv_path = lay.root / "invocations.json"
-    invocations: list[dict] = json.loads(inv_path.read_text()) if inv_path.exists() else []
-    invocations.append({"start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "seconds": None,
-                        "workers": workers, "threads_per_worker": threads})
-
-    cpu_path = lay.root / "cpu_seconds.json"
-    cpu: dict[str, float] = json.loads(cpu_path.read_text()) if cpu_path.exists() else {}
-
-    def save_progress(_: str = "") -> None:
-        invocations[-1]["seconds"] = round(time.time() - t0, 1)
-        atomic_write(timings_path, json.dumps(timings, indent=1))
-        atomic_write(cpu_path, json.dumps(cpu, indent=1))
-        atomic_write(inv_path, json.dumps(invocations, indent=1))
-
-    # Data first (the sampling plan needs the held-out captions), then everything else.
-    data_plan = {k: v for k, v in plan(cfg, lay, lambda: {"heldout": [""] * cfg.samples, "open": [""] * cfg.samples}).items()
-                 if k == "data/clean_heldout"}
-    try:
-        run_dag(data_plan, 1, cfg.threads, desc="held-out split", timings=timings, on_finish=save_progress,
-                cpu_times=cpu)
-        run_dag(plan(cfg, lay, prompts), workers, threads, desc="erasing bench", timings=timings,
-                on_finish=save_progress, cpu_times=cpu)
-    finally:
-        save_progress()
-    return write_outputs(cfg, lay, timings, time.time() - t0, invocations, cpu)

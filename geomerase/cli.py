@@ -150,7 +150,8 @@ def _sample(a: argparse.Namespace) -> int:
 
 
 def _bench_erasing(a: argparse.Namespace) -> int:
-    from geomerase.benchmarks.erasing import erasing_config, run_erasing
+    from geomerase.benchmarks.erasing import erasing_config
+    from geomerase.benchmarks.erasing_run import run_erasing
 
     concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else None
     cfg = erasing_config(a.preset, list(a.overrides), out=a.out, concepts=concepts)

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from geomerase.benchmarks.erasing import ARMS, PRESETS, PROMPT_SETS, ErasingConfig, erasing_config, run_erasing
+from geomerase.benchmarks.erasing import ARMS, PRESETS, PROMPT_SETS, ErasingConfig, erasing_config
+from geomerase.benchmarks.erasing_run import run_erasing
 from geomerase.core.config import ConfigError
 
 TINY = ["n_train=48", "n_heldout=8", "n_aux=24", "image_size=32", "samples=4", "sweep_samples=2", "classifier_steps=5",
@@ -117,7 +118,8 @@ def test_inception_fid_is_scored_per_arm_when_weights_are_given(smoke_run, monke
 
     monkeypatch.setattr(erasing_report, "inception_fid", fake_fid)
     with_weights = dataclasses.replace(cfg, inception_weights="/models/pt_inception.pth")
-    from geomerase.benchmarks.erasing import Layout, prompt_sets, sample_files
+    from geomerase.benchmarks.erasing import Layout
+    from geomerase.benchmarks.erasing_run import prompt_sets, sample_files
 
     lay = Layout.of(cfg)
     scores = erasing_report.score_concept(with_weights, "qr", sample_files(cfg, lay, "qr", prompt_sets(cfg, lay)))
@@ -134,7 +136,8 @@ def test_inception_fid_is_scored_per_arm_when_weights_are_given(smoke_run, monke
 def test_annotator_and_scorers_train_on_their_own_splits(tmp_path):
     from pathlib import Path
 
-    from geomerase.benchmarks.erasing import Layout, plan
+    from geomerase.benchmarks.erasing import Layout
+    from geomerase.benchmarks.erasing_run import plan
 
     cfg = erasing_config("smoke", ["concepts=[qr]"], out=str(tmp_path))
     tasks = plan(cfg, Layout(Path(cfg.out)), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
@@ -148,7 +151,8 @@ def test_annotator_and_scorers_train_on_their_own_splits(tmp_path):
 
 def test_arms_fine_tune_a_given_base_with_its_unconditional_branch(tmp_path):
 
-    from geomerase.benchmarks.erasing import Layout, plan
+    from geomerase.benchmarks.erasing import Layout
+    from geomerase.benchmarks.erasing_run import plan
 
     cfg = erasing_config("smoke", ["concepts=[qr]", "pretrained.qr=builtin:base32"], out=str(tmp_path))
     tasks = plan(cfg, Layout.of(cfg), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
@@ -173,7 +177,8 @@ def test_arms_fine_tune_a_given_base_with_its_unconditional_branch(tmp_path):
 def test_each_concept_fine_tunes_its_own_base_at_its_resolution(tmp_path):
     """qr on the 32 px base, watermark and text on the 64 px one: classifiers at each base's
     resolution, one oracle per base (shared by the concepts on it), only the arms asked for."""
-    from geomerase.benchmarks.erasing import Layout, plan
+    from geomerase.benchmarks.erasing import Layout
+    from geomerase.benchmarks.erasing_run import plan
 
     cfg = erasing_config("smoke", ["concepts=[qr,watermark,text]", "pretrained.qr=builtin:base32",
                                    "pretrained.watermark=builtin:base64", "pretrained.text=builtin:base64",
@@ -194,7 +199,8 @@ def test_each_concept_fine_tunes_its_own_base_at_its_resolution(tmp_path):
 def test_sample_files_are_named_by_their_settings(tmp_path):
     """Another CFG scale, DDIM step count or seed names other files, so a rerun in the same folder
     with changed settings resamples instead of scoring stale images."""
-    from geomerase.benchmarks.erasing import Layout, sample_files
+    from geomerase.benchmarks.erasing import Layout
+    from geomerase.benchmarks.erasing_run import sample_files
 
     prompts = {p: [f"a prompt {i}" for i in range(8)] for p in PROMPT_SETS}
     files = {}
