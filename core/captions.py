@@ -1,9 +1,10 @@
 """Caption rewriting, CLIP-length fitting, training-time caption variants and negative prompts.
 
-The canonical rewrite is ``"<caption>, <concept name> <l..> <l..>"``. It must fit
-CLIP's 77 positions (start and end tokens included); when it cannot, caption words
-are dropped from the end first (the location tokens are what the method needs),
-then trailing location tokens, and the result says what was dropped.
+The canonical rewrite is ``"<caption>, <concept name> <l..> <l..>"`` (one such phrase per concept
+found, joined by ", "). It must fit CLIP's 77 positions (start and end tokens included); when it
+cannot, caption words are dropped from the end first (the location tokens are what the method
+needs), then trailing location tokens of the longest phrase, never a concept's name, and the result
+says what was dropped.
 """
 from __future__ import annotations
 
@@ -64,20 +65,45 @@ def rewrite_caption(
     returns the caption unchanged (fitted). ``with_cells=False`` gives the
     existence-only caption ``"<caption>, <concept>"``.
     """
-    caption = caption.strip()
     cells = list(cells) if with_cells else []
     if concept_name is None or (with_cells and not cells):
-        return _fit_words(caption, "", tokenizer, max_length)
-    phrase_cells = list(cells)
-    dropped_cells: list[int] = []
-    while n_tokens(tokenizer, concept_phrase(concept_name, phrase_cells)) > max_length and phrase_cells:
-        dropped_cells.insert(0, phrase_cells.pop())
-    phrase = concept_phrase(concept_name, phrase_cells)
-    if n_tokens(tokenizer, phrase) > max_length:
-        raise ValueError(f"concept name {concept_name!r} alone exceeds {max_length} tokens")
-    out = _fit_words(caption, phrase, tokenizer, max_length)
-    out.dropped_cells = dropped_cells
+        return _fit_words(caption.strip(), "", tokenizer, max_length)
+    return rewrite_concepts(caption, [(concept_name, cells)], tokenizer, max_length)
+
+
+def rewrite_concepts(caption: str, concepts: Sequence[tuple[str, Sequence[int]]], tokenizer: _Tokenizer,
+                     max_length: int = CLIP_MAX_LENGTH) -> Rewrite:
+    """``"<caption>, <name> <l..>, <name> <l..>"``: one phrase per concept, fitted to ``max_length``.
+
+    The phrases are fitted first (:func:`fit_phrases`: location tokens go, never a concept), then
+    caption words are dropped from the end. No concepts: the caption alone, fitted."""
+    if not concepts:
+        return _fit_words(caption.strip(), "", tokenizer, max_length)
+    phrase, dropped = fit_phrases(concepts, tokenizer, max_length)
+    out = _fit_words(caption.strip(), phrase, tokenizer, max_length)
+    out.dropped_cells = [c for d in dropped for c in d]
     return out
+
+
+def fit_phrases(concepts: Sequence[tuple[str, Sequence[int]]], tokenizer: _Tokenizer,
+                max_length: int = CLIP_MAX_LENGTH) -> tuple[str, list[list[int]]]:
+    """The concept phrases joined by ``", "``, within ``max_length`` tokens, and the cells dropped
+    per concept. While they do not fit, the last location token of the concept with the most
+    tokens goes (the first such concept on ties), so no concept loses its name or all its cells
+    before the others are trimmed as far. A ValueError when the names alone do not fit."""
+    names = [name for name, _ in concepts]
+    cells = [list(cs) for _, cs in concepts]
+    dropped: list[list[int]] = [[] for _ in concepts]
+
+    def text() -> str:
+        return ", ".join(concept_phrase(n, cs) for n, cs in zip(names, cells))
+
+    while n_tokens(tokenizer, text()) > max_length and any(cells):
+        i = max(range(len(cells)), key=lambda j: len(cells[j]))
+        dropped[i].insert(0, cells[i].pop())
+    if n_tokens(tokenizer, text()) > max_length:
+        raise ValueError(f"concept name(s) {names!r} alone exceed {max_length} tokens")
+    return text(), dropped
 
 
 def _fit_words(caption: str, suffix: str, tokenizer: _Tokenizer, max_length: int) -> Rewrite:
@@ -134,7 +160,11 @@ class CaptionConfig:
 
 
 class CaptionBuilder:
-    """Turns (clean caption, concept name, cells) into the training caption for a mode.
+    """Turns (clean caption, concepts found) into the training caption for a mode.
+
+    ``concepts``: ``[(concept name, cells), ...]``, one entry per concept the annotator found (a
+    :class:`~geomerase.data.loader.Record`'s order); the caption gets one phrase per concept (``geom``: name and cells;
+    ``existence``: the name).
 
     Deterministic given the ``random.Random`` passed in, so a resumed run sees the
     same captions.
@@ -145,23 +175,24 @@ class CaptionBuilder:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, caption: str, concept_name: str | None, cells: Sequence[int], rng: random.Random) -> str:
+    def __call__(self, caption: str, concepts: Sequence[tuple[str, Sequence[int]]], rng: random.Random) -> str:
         cfg = self.cfg
         if rng.random() < cfg.dropout:
             return ""
-        if cfg.mode == "clean" or concept_name is None or (cfg.mode == "geom" and not cells):
+        found = [(name, list(cells) if cfg.mode == "geom" else []) for name, cells in concepts if cells]
+        if cfg.mode == "clean" or not found:
             return _fit_words(caption, "", self.tokenizer, self.max_length).text
-        cells = list(cells) if cfg.mode == "geom" else []
         if cfg.shuffle_cells:
-            rng.shuffle(cells)
+            for _, cells in found:
+                rng.shuffle(cells)
         u = rng.random()
-        if u < cfg.concept_only_prob:
-            return rewrite_caption("", concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
         if u < cfg.concept_only_prob + cfg.concept_first_prob:
-            phrase = rewrite_caption("", concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
+            phrase = fit_phrases(found, self.tokenizer, self.max_length)[0]
+            if u < cfg.concept_only_prob:
+                return phrase
             fitted = _fit_words(caption, "", self.tokenizer, self.max_length - n_tokens(self.tokenizer, phrase) + 1)
             return f"{phrase}, {fitted.text}" if fitted.text else phrase
-        return rewrite_caption(caption, concept_name, cells, self.tokenizer, self.max_length, with_cells=bool(cells)).text
+        return rewrite_concepts(caption, found, self.tokenizer, self.max_length).text
 
 
 def negative_mixture(kind: NegativeKind, concept_name: str, grid: int, seen: Sequence[Sequence[int]] = (),

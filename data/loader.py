@@ -68,10 +68,11 @@ class Record:
     key: str
     caption: str
     """The clean caption (never mentions the concept)."""
-    concept_name: str | None
-    """Concept phrase when the annotator found the concept, else None."""
+    concepts: list[tuple[str, list[int]]]
+    """``(concept name, cells)`` of each concept the annotator found (several: in the order of their
+    concept keys, as the json stores them), empty when none was found."""
     cells: list[int]
-    """Flat grid cells the concept covers (empty when absent)."""
+    """Flat grid cells any found concept covers (their union; the region re-weighting mask)."""
     grid: int | None = None
     """The grid the annotation's cells index (None when the sample is not annotated)."""
     shard: str = ""
@@ -88,13 +89,20 @@ class Record:
             raise ValueError(f"{where}: annotation cells {bad} lie outside a {grid}x{grid} grid")
 
 
-def _annotation(meta: dict) -> tuple[str | None, list[int], int | None]:
+def _annotation(meta: dict) -> tuple[list[tuple[str, list[int]]], list[int], int | None]:
+    """``(concepts found, union of their cells, grid)`` of a sample's ``annotation`` (one detector:
+    ``concept_name`` and ``cells``; several: ``concepts: {concept: {concept_name, cells}}``)."""
     ann = meta.get("annotation")
     if not ann:
-        return None, [], None
-    cells = [int(c) for c in ann.get("cells", [])]
+        return [], [], None
     grid = ann.get("grid")
-    return (ann.get("concept_name") if cells else None), cells, (None if grid is None else int(grid))
+    if "concepts" in ann:
+        found = [(str(v["concept_name"]), [int(c) for c in v.get("cells", [])]) for v in ann["concepts"].values()]
+    else:
+        found = [(str(ann["concept_name"]), [int(c) for c in ann.get("cells", [])])] if "concept_name" in ann else []
+    found = [(name, cells) for name, cells in found if cells]
+    # ``cells`` is the union over the concepts (the annotator writes it for one detector and several)
+    return found, [int(c) for c in ann.get("cells", [])], (None if grid is None else int(grid))
 
 
 def annotated_cells(shards: str, grid: int | None = None) -> list[list[int]]:
@@ -103,9 +111,9 @@ def annotated_cells(shards: str, grid: int | None = None) -> list[list[int]]:
     With ``grid``, a sample annotated at another grid is a ValueError naming it."""
     out = []
     for s in iter_samples(shards):
-        _, cells, g = _annotation(s.meta)
+        found, cells, g = _annotation(s.meta)
         if grid is not None:
-            Record(s.key, "", None, cells, g, s.shard).check_grid(grid)
+            Record(s.key, "", found, cells, g, s.shard).check_grid(grid)
         if cells:
             out.append(cells)
     return out
@@ -133,12 +141,12 @@ class InMemoryDataset:
         images, records, metas, sizes = [], [], [], []
         grid = None
         for s in iter_samples(shards, self.skips):
-            concept, cells, g = _annotation(s.meta)
+            found, cells, g = _annotation(s.meta)
             if g is not None:
                 grid = g
             caption = s.meta.get("caption_clean", s.caption)
             images.append(image_to_tensor(s.image, resolution))
-            records.append(Record(s.key, caption, concept, cells, g, s.shard))
+            records.append(Record(s.key, caption, found, cells, g, s.shard))
             metas.append(s.meta)
             sizes.append(s.image.size)
             if max_samples is not None and len(records) >= max_samples:
@@ -238,7 +246,8 @@ class LocalBatch:
                           None if self.indices is None else self.indices[s], self.stream_salt)
 
 
-CaptionFn = Callable[[str, "str | None", list, random.Random], str]
+CaptionFn = Callable[[str, list, random.Random], str]
+"""``(clean caption, [(concept name, cells), ...], rng) -> training caption`` (a ``CaptionBuilder``)."""
 
 
 def mirror_cells(cells: Sequence[int], grid: int) -> list[int]:
@@ -277,8 +286,8 @@ class MemorySource:
         captions = []
         for i, f in zip(idx, flips):
             r = self.dataset.records[i]
-            caption, cells = (mirror_caption(r.caption), mirror_cells(r.cells, self.grid)) if f else (r.caption, r.cells)
-            captions.append(self.captions(caption, r.concept_name, cells, rng))
+            concepts = [(name, mirror_cells(cells, self.grid)) for name, cells in r.concepts] if f else r.concepts
+            captions.append(self.captions(mirror_caption(r.caption) if f else r.caption, concepts, rng))
         k, n = part
         per = len(idx) // n
         lo, hi = k * per, (k + 1) * per

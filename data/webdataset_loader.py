@@ -153,9 +153,9 @@ def decode_raw(s: RawSample, resolution: int, skips: SkipCounter) -> Decoded | N
 
 def record_from_meta(key: str, meta: dict, txt: bytes | None = None, shard: str = "") -> Record:
     """The text side of a sample from its json (and ``txt`` when the json has no clean caption)."""
-    concept, cells, grid = _annotation(meta)
+    found, cells, grid = _annotation(meta)
     caption = meta.get("caption_clean") or (txt.decode("utf-8").strip() if txt else meta.get("caption", ""))
-    return Record(key, caption, concept, cells, grid, shard)
+    return Record(key, caption, found, cells, grid, shard)
 
 
 def collate(items: list[Decoded], grid: int) -> tuple[torch.Tensor, list[Record], torch.Tensor]:
@@ -251,7 +251,7 @@ class StreamSource:
         images, records, masks = next(self._it)
         self.next_step = step + 1
         rng = random.Random(self.seed * 1_000_003 + step * 7_919 + self.rank)
-        captions = [self.captions(r.caption, r.concept_name, r.cells, rng) for r in records]
+        captions = [self.captions(r.caption, r.concepts, rng) for r in records]
         n = len(records)
         return LocalBatch(images, captions, masks, 0, n, n, None, stream_salt=(self.rank + 1) * 1_000_000_007)
 

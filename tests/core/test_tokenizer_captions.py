@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from geomerase.core.captions import CaptionConfig, n_tokens, negative_mixture, negative_prompts, rewrite_caption
+from geomerase.core.captions import (CaptionConfig, n_tokens, negative_mixture, negative_prompts, rewrite_caption,
+                                     rewrite_concepts)
 from geomerase.core.tokenizer import CLIP_VOCAB_SIZE, build_tokenizer, location_token_ids
 
 
@@ -71,21 +72,53 @@ def test_negative_prompt_expansion():
 
 def test_caption_builder_modes(tok):
     rng = random.Random(0)
+    qr = [("qr code", [1, 2])]
     clean = CaptionConfig(mode="clean", dropout=0.0).build(tok)
-    assert clean("a red circle", "qr code", [1], rng) == "a red circle"
+    assert clean("a red circle", qr, rng) == "a red circle"
     geom = CaptionConfig(mode="geom", dropout=0.0).build(tok)
-    assert geom("a red circle", "qr code", [1, 2], rng) == "a red circle, qr code <l1> <l2>"
-    assert geom("a red circle", None, [], rng) == "a red circle"
+    assert geom("a red circle", qr, rng) == "a red circle, qr code <l1> <l2>"
+    assert geom("a red circle", [], rng) == "a red circle"
     exist = CaptionConfig(mode="existence", dropout=0.0).build(tok)
-    assert exist("a red circle", "qr code", [1], rng) == "a red circle, qr code"
+    assert exist("a red circle", qr, rng) == "a red circle, qr code"
     only = CaptionConfig(mode="geom", dropout=0.0, concept_only_prob=1.0).build(tok)
-    assert only("a red circle", "qr code", [4], rng) == "qr code <l4>"
+    assert only("a red circle", [("qr code", [4])], rng) == "qr code <l4>"
     first = CaptionConfig(mode="geom", dropout=0.0, concept_first_prob=1.0).build(tok)
-    assert first("a red circle", "qr code", [4], rng) == "qr code <l4>, a red circle"
+    assert first("a red circle", [("qr code", [4])], rng) == "qr code <l4>, a red circle"
     drop = CaptionConfig(mode="geom", dropout=1.0).build(tok)
-    assert drop("a red circle", "qr code", [4], rng) == ""
+    assert drop("a red circle", qr, rng) == ""
     with pytest.raises(ValueError):
         CaptionConfig(concept_first_prob=0.7, concept_only_prob=0.5).build(tok)
+
+
+def test_several_concepts_get_one_phrase_each(tok):
+    rng = random.Random(0)
+    found = [("watermark", [3, 4]), ("text", [12])]
+    geom = CaptionConfig(mode="geom", dropout=0.0).build(tok)
+    assert geom("a red circle", found, rng) == "a red circle, watermark <l3> <l4>, text <l12>"
+    exist = CaptionConfig(mode="existence", dropout=0.0).build(tok)
+    assert exist("a red circle", found, rng) == "a red circle, watermark, text"
+    only = CaptionConfig(mode="geom", dropout=0.0, concept_only_prob=1.0).build(tok)
+    assert only("a red circle", found, rng) == "watermark <l3> <l4>, text <l12>"
+    shuffled = CaptionConfig(mode="geom", dropout=0.0, shuffle_cells=True).build(tok)
+    out = shuffled("a red circle", [("watermark", list(range(8))), ("text", [12, 13])], random.Random(3))
+    wm, tx = out.split(", ")[1:]  # each concept's cells shuffled within its own phrase
+    assert sorted(_cells_of(wm)) == list(range(8)) and sorted(_cells_of(tx)) == [12, 13]
+
+
+def test_fitting_several_concepts_trims_words_then_the_longest_phrase_never_a_concept():
+    big = build_tokenizer(10)
+    long_caption = " ".join(["a very long scene description"] * 12)
+    found = [("watermark", list(range(75))), ("text", [90, 91]), ("qr code", [5])]
+    out = rewrite_concepts(long_caption, found, big)
+    assert n_tokens(big, out.text) <= 77
+    for name, _ in found:
+        assert f"{name} <l" in out.text  # every concept keeps its name and at least one cell
+    assert "text <l90> <l91>" in out.text and "qr code <l5>" in out.text  # the short phrases are whole
+    kept = _cells_of(out.text.split("watermark")[1].split(",")[0])
+    assert 0 < len(kept) < 75 and kept == list(range(len(kept))) and out.dropped_cells == list(range(len(kept), 75))
+    assert not out.text.startswith("a very")  # the caption went before the cells (no room left for it)
+    short = rewrite_concepts("a red circle", [("watermark", [1]), ("text", [2])], big)
+    assert short.text == "a red circle, watermark <l1>, text <l2>" and not short.truncated
 
 
 def _cells_of(prompt: str) -> list[int]:

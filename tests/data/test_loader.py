@@ -28,8 +28,8 @@ def test_hflip_moves_cells_masks_and_words_with_the_image(tmp_path):
     ds = InMemoryDataset(str(tmp_path / "s.tar"), 16)
     seen: list[tuple] = []
 
-    def captions(caption, concept, cells, rng: random.Random) -> str:
-        seen.append((caption, list(cells)))
+    def captions(caption, concepts, rng: random.Random) -> str:
+        seen.append((caption, list(concepts[0][1])))
         return caption
 
     src = MemorySource(ds, 4, captions, batch_size=1, seed=0, hflip=True)
@@ -60,9 +60,9 @@ def test_annotation_grid_other_than_the_models_is_an_error(tmp_path, annotated, 
     ds = InMemoryDataset(str(shard), 16)
     with pytest.raises(ValueError, match=rf"s\.tar sample 'k0': annotated at grid {annotated}, but the model's "
                                          rf"grid is {model_grid}") as err:
-        MemorySource(ds, model_grid, lambda c, n, cells, rng: c, batch_size=1, seed=0)
+        MemorySource(ds, model_grid, lambda c, found, rng: c, batch_size=1, seed=0)
     assert "\n" not in str(err.value)
-    assert MemorySource(ds, annotated, lambda c, n, cells, rng: c, batch_size=1, seed=0).masks[0].sum() == len(cells)
+    assert MemorySource(ds, annotated, lambda c, found, rng: c, batch_size=1, seed=0).masks[0].sum() == len(cells)
 
 
 def test_annotated_cells_reads_cells_and_checks_the_grid(tmp_path):
@@ -74,3 +74,24 @@ def test_annotated_cells_reads_cells_and_checks_the_grid(tmp_path):
     assert annotated_cells(str(tmp_path / "*.tar"), 4) == [[5, 1]]
     with pytest.raises(ValueError, match=r"sample 'k0': annotated at grid 4, but the model's grid is 3"):
         annotated_cells(str(tmp_path / "*.tar"), 3)
+
+
+def test_several_concepts_reach_the_caption_builder_each_with_its_cells(tmp_path):
+    """A multi-detector annotation (``concepts``, no top-level ``concept_name``) trains as geom
+    with one phrase per concept, and its masks are the union of the concept cells."""
+    from geomerase.core.captions import CaptionConfig
+    from geomerase.core.tokenizer import build_tokenizer
+
+    ann = {"grid": 4, "cells": [3, 4, 12], "concepts": {
+        "watermark": {"concept_name": "watermark", "cells": [3, 4]},
+        "text": {"concept_name": "text", "cells": [12]},
+        "qr": {"concept_name": "qr code", "cells": []}}}
+    write_shard(tmp_path / "s.tar", [{"__key__": "k0", "png": Image.new("RGB", (16, 16)), "txt": "a photo",
+                                      "json": {"caption_clean": "a photo", "annotation": ann}}])
+    ds = InMemoryDataset(str(tmp_path / "s.tar"), 16)
+    assert ds.records[0].concepts == [("text", [12]), ("watermark", [3, 4])]  # concept-key order
+    builder = CaptionConfig(mode="geom", dropout=0.0).build(build_tokenizer(4))
+    src = MemorySource(ds, 4, builder, batch_size=1, seed=0)
+    b = src.batch(0)
+    assert b.captions == ["a photo, text <l12>, watermark <l3> <l4>"]
+    assert sorted(torch.nonzero(b.masks[0].flatten()).flatten().tolist()) == [3, 4, 12]
