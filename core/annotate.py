@@ -10,8 +10,15 @@ in its workers, so both engines write identical bytes.
 
 Exactly once: every sample key of an input shard ends up either in the output
 shard or in the manifest's ``skipped_samples`` with its reason ("bad image",
-"missing field 'txt'", "empty caption", "non-contiguous key", "detector error",
-"corrupt shard", ...), never both and never twice.
+"missing image", "missing field 'txt'", "empty caption", "non-contiguous key",
+"detector error", "corrupt shard", ...), never both and never twice.
+
+Inputs are any shards with an image (png, jpg, jpeg or webp: img2dataset's output as it is),
+a caption and a json object. The json needs no ICD field: it is copied into the output and
+extended with ``caption_clean`` and ``annotation``. Of the built-in detectors only the oracle
+reads ground truth (``boxes``); a sample without it is skipped as "detector error" under the
+oracle, never taken for a sample without the concept. The output image is the input's bytes
+under the input's field name.
 """
 from __future__ import annotations
 
@@ -29,8 +36,8 @@ from tqdm.auto import tqdm
 from geomerase.core.captions import concept_phrase, rewrite_caption
 from geomerase.core.detectors import Detection, Detector, MultiDetector
 from geomerase.core.geometry import GeometryConfig, loc_token
-from geomerase.data.shards import (TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, atomic_write, encode_png,
-                                   expand_urls, iter_key_groups, split_member_name, write_shard)
+from geomerase.data.shards import (IMAGE, TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, atomic_write,
+                                   encode_png, expand_urls, iter_key_groups, split_member_name, write_shard)
 
 log = logging.getLogger("geomerase.annotate")
 
@@ -94,7 +101,10 @@ class Annotator:
             return out
 
     def annotate(self, samples: Sequence[Sample], skips: SkipCounter | None = None) -> list[dict[str, Any]]:
-        """Output records (``__key__``, ``png``, ``txt``, ``json``) for ``samples`` (skipped ones left out)."""
+        """Output records (``__key__``, image, ``txt``, ``json``) for ``samples`` (skipped ones left out).
+
+        The image keeps the input's field and bytes unchanged (a ``jpg`` stays the same ``jpg``); a
+        sample built in memory, without source bytes, is written as ``png``."""
         skips = skips if skips is not None else SkipCounter()
         out = []
         for s, found in zip(samples, self._detect(samples, skips)):
@@ -143,7 +153,8 @@ class Annotator:
         if rw.truncated:
             log.warning("sample %s in %s: caption too long for 77 tokens; dropped words %s, cells %s",
                         s.key, s.shard, rw.dropped_words, rw.dropped_cells)
-        return {"__key__": s.key, "png": encode_png(s.image), "txt": rw.text, "json": meta}
+        image = {s.image_ext: s.image_bytes} if s.image_bytes else {"png": encode_png(s.image)}
+        return {"__key__": s.key, **image, "txt": rw.text, "json": meta}
 
 
 # ------------------------------------------------------------------ reading, exactly once
@@ -175,7 +186,7 @@ def scan_keys(shard: str) -> tuple[list[str], set[str]]:
     return order, split
 
 
-def iter_shard_once(shard: str, skips: SkipCounter, require: tuple[str, ...] = ("png", "txt", "json")
+def iter_shard_once(shard: str, skips: SkipCounter, require: tuple[str, ...] = (IMAGE, "txt", "json")
                     ) -> Iterator[Sample]:
     """Decoded samples of one shard; each key yielded at most once, every other key recorded in
     ``skips`` exactly once with its reason (including "non-contiguous key" and "empty caption")."""

@@ -1,7 +1,9 @@
 """NVIDIA DALI input: the stream of :mod:`geomerase.data.webdataset_loader`, read and decoded by DALI.
 
 Each stream is a DALI pipeline per epoch: ``fn.readers.webdataset`` over the stream's shards
-in the epoch's order (no reader shuffling: the order is ours), ``fn.decoders.image``
+in the epoch's order (no reader shuffling: the order is ours; the image output is the extension
+set of :data:`~geomerase.data.shards.IMAGE_EXTS`, so png, jpg, jpeg and webp samples all read),
+``fn.decoders.image``
 (``device="mixed"``, i.e. nvJPEG/GPU decode, when a GPU is present; CPU otherwise, with
 ``device_id=None``) and ``fn.resize`` to the training resolution. The decoded samples then go
 through the same shuffle buffer and batching as the Python path, so for the same seed both
@@ -20,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from geomerase.data.shards import IMAGE_EXTS
 from geomerase.data.webdataset_loader import (Decoded, ShuffleBuffer, collate, epoch_order, record_from_meta,
                                               stream_rng, stream_shards)
 
@@ -38,9 +41,10 @@ def _pipeline(paths: list[str], resolution: int, batch: int, threads: int, seed:
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=2)
     def pipe():
-        png, meta = fn.readers.webdataset(paths=paths, ext=["png", "json"], missing_component_behavior="skip",
-                                          random_shuffle=False, name="Reader", pad_last_batch=False)
-        images = fn.decoders.image(png, device="mixed" if device_id is not None else "cpu",
+        encoded, meta = fn.readers.webdataset(paths=paths, ext=[";".join(IMAGE_EXTS), "json"],
+                                              missing_component_behavior="skip", random_shuffle=False, name="Reader",
+                                              pad_last_batch=False)
+        images = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu",
                                    output_type=types.RGB)
         images = fn.resize(images, resize_x=resolution, resize_y=resolution, antialias=True)
         return images, meta

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["Sample", "SkipCounter", "iter_samples", "write_shard", "expand_urls", "encode_png",
-           "split_member_name"]
+           "split_member_name", "IMAGE_EXTS", "IMAGE", "image_field", "missing_requirement", "decode_image"]
 
 log = logging.getLogger("geomerase.data")
 
@@ -41,10 +41,40 @@ log = logging.getLogger("geomerase.data")
 _MTIME = 0
 _MODE = 0o644
 
+IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
+"""Field names that hold a sample's image (encoded bytes), in order of preference when a sample has
+several. The one owner of the set: readers find the image with :func:`image_field`."""
+
+IMAGE = "image"
+"""The requirement name (in ``require``) met by any field of :data:`IMAGE_EXTS`."""
+
+
+def image_field(fields: Iterable[str]) -> str | None:
+    """The field of a sample that holds its image (the first of :data:`IMAGE_EXTS` present), or None."""
+    present = set(fields)
+    return next((ext for ext in IMAGE_EXTS if ext in present), None)
+
+
+def missing_requirement(fields: dict[str, bytes], require: Iterable[str]) -> str | None:
+    """The skip reason for the first requirement ``fields`` lack, or None when all are met.
+
+    A requirement is a field name (``"txt"``: reason ``"missing field 'txt'"``) or :data:`IMAGE`
+    (met by any field of :data:`IMAGE_EXTS`; reason ``"missing image"``)."""
+    for req in require:
+        if req == IMAGE:
+            if image_field(fields) is None:
+                return "missing image"
+        elif req not in fields:
+            return f"missing field '{req}'"
+    return None
+
 
 @dataclass
 class Sample:
-    """One decoded sample; ``extras`` holds raw bytes of fields beyond png/txt/json."""
+    """One decoded sample; ``extras`` holds raw bytes of fields beyond the image, txt and json.
+
+    ``image_ext`` and ``image_bytes`` are the image's field name and its encoded bytes as stored
+    in the shard (empty for a sample without an image or one built in memory)."""
 
     key: str
     image: Image.Image | None
@@ -52,6 +82,8 @@ class Sample:
     meta: dict
     shard: str
     extras: dict[str, bytes] = field(default_factory=dict)
+    image_ext: str = ""
+    image_bytes: bytes = b""
 
 
 class SkipCounter:
@@ -233,9 +265,11 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext if dot else ""
 
 
-def _decode_image(data: bytes) -> Image.Image:
-    # verify() catches broken chunk CRCs cheaply but leaves the image unusable,
-    # and load() catches truncated pixel data verify() may miss: do both.
+def decode_image(data: bytes) -> Image.Image:
+    """RGB image decoded from encoded bytes (any format PIL reads); raises on damaged data.
+
+    ``verify()`` catches broken chunk CRCs cheaply but leaves the image unusable, and ``load()``
+    catches truncated pixel data ``verify()`` may miss: both run."""
     with Image.open(io.BytesIO(data)) as probe:
         probe.verify()
     img = Image.open(io.BytesIO(data))
@@ -245,16 +279,17 @@ def _decode_image(data: bytes) -> Image.Image:
 
 def _build_sample(key: str, fields: dict[str, bytes], shard: str, require: tuple[str, ...],
                   skips: SkipCounter) -> Sample | None:
-    for ext in require:
-        if ext not in fields:
-            skips.skip(shard, key, f"missing field '{ext}'", f"present: {sorted(fields) or 'none'}")
-            return None
+    reason = missing_requirement(fields, require)
+    if reason is not None:
+        skips.skip(shard, key, reason, f"present: {sorted(fields) or 'none'}")
+        return None
     image = None
-    if "png" in fields:
+    image_ext = image_field(fields)
+    if image_ext is not None:
         try:
-            image = _decode_image(fields["png"])
+            image = decode_image(fields[image_ext])
         except Exception as exc:  # PIL raises many types for bad data
-            skips.skip(shard, key, "bad image", f"field 'png': {type(exc).__name__}: {exc}")
+            skips.skip(shard, key, "bad image", f"field '{image_ext}': {type(exc).__name__}: {exc}")
             return None
     caption = ""
     if "txt" in fields:
@@ -273,8 +308,9 @@ def _build_sample(key: str, fields: dict[str, bytes], shard: str, require: tuple
         if not isinstance(meta, dict):
             skips.skip(shard, key, "invalid json", f"field 'json' is a {type(meta).__name__}, not an object")
             return None
-    extras = {k: v for k, v in fields.items() if k not in ("png", "txt", "json")}
-    return Sample(key=key, image=image, caption=caption, meta=meta, shard=shard, extras=extras)
+    extras = {k: v for k, v in fields.items() if k not in (image_ext, "txt", "json")}
+    return Sample(key=key, image=image, caption=caption, meta=meta, shard=shard, extras=extras,
+                  image_ext=image_ext or "", image_bytes=fields[image_ext] if image_ext else b"")
 
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
@@ -342,14 +378,17 @@ def _iter_shard(shard: str, require: tuple[str, ...], skips: SkipCounter) -> Ite
 
 
 def iter_samples(urls: list[str] | str, skips: SkipCounter | None = None,
-                 require: tuple[str, ...] = ("png", "txt", "json")) -> Iterator[Sample]:
+                 require: tuple[str, ...] = (IMAGE, "txt", "json")) -> Iterator[Sample]:
     """Yield decoded samples from tar shards, skipping (and counting) bad ones.
 
     ``urls`` is a list of shard paths or a single glob/brace pattern (see
-    :func:`expand_urls`).  Skips are recorded in ``skips`` (a private counter
+    :func:`expand_urls`).  ``require`` names the fields a sample must have
+    (:data:`IMAGE`: any image field, see :func:`missing_requirement`); the image
+    is the field :func:`image_field` picks, so img2dataset shards (``jpg``)
+    read as they are.  Skips are recorded in ``skips`` (a private counter
     is used when None, so problems are still logged).  Reasons: "corrupt
-    shard", "missing shard", "bad image", "missing field '<ext>'", "invalid json",
-    "bad caption".
+    shard", "missing shard", "bad image", "missing image", "missing field '<ext>'",
+    "invalid json", "bad caption".
     """
     skips = skips if skips is not None else SkipCounter()
     shards = expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]

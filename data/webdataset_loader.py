@@ -25,7 +25,6 @@ a GPU is present).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -34,17 +33,17 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from geomerase.data.loader import DataConfig, LocalBatch, Record, _annotation, image_to_tensor
-from geomerase.data.shards import SkipCounter, TarDamage, expand_urls, iter_key_groups
+from geomerase.data.shards import (IMAGE, SkipCounter, TarDamage, decode_image, expand_urls, image_field,
+                                   iter_key_groups, missing_requirement)
 
 log = logging.getLogger("geomerase.data")
 
 
 @dataclass
 class RawSample:
-    """One sample's undecoded fields (``png``, ``json``, ``txt`` bytes), with its shard."""
+    """One sample's undecoded fields (image, ``json``, ``txt`` bytes), with its shard."""
 
     key: str
     fields: dict[str, bytes]
@@ -63,16 +62,17 @@ def epoch_order(paths: list[str], seed: int, rank: int, stream: int, epoch: int)
     return [paths[i] for i in order]
 
 
-def iter_raw(shard: str, skips: SkipCounter, require: tuple[str, ...] = ("png", "json")) -> Iterator[RawSample]:
-    """Undecoded samples of one tar shard; a damaged shard yields what precedes the damage."""
+def iter_raw(shard: str, skips: SkipCounter, require: tuple[str, ...] = (IMAGE, "json")) -> Iterator[RawSample]:
+    """Undecoded samples of one tar shard (``require`` as in :func:`~geomerase.data.shards.iter_samples`);
+    a damaged shard yields what precedes the damage."""
     for item in iter_key_groups(shard):
         if isinstance(item, TarDamage):
             skips.skip(shard, item.key or "<start of shard>", "corrupt shard", item.describe())
             return
         key, fields = item
-        missing = [r for r in require if r not in fields]
-        if missing:
-            skips.skip(shard, key, f"missing field '{missing[0]}'")
+        reason = missing_requirement(fields, require)
+        if reason is not None:
+            skips.skip(shard, key, reason)
         else:
             yield RawSample(key, fields, shard)
 
@@ -133,7 +133,8 @@ class Decoded:
 
 
 def decode_raw(s: RawSample, resolution: int, skips: SkipCounter) -> Decoded | None:
-    """PIL decode + resize; None (counted in ``skips``) for a bad image or json."""
+    """PIL decode (of the field :func:`~geomerase.data.shards.image_field` picks) + resize; None
+    (counted in ``skips``) for a bad image or json."""
     try:
         meta = json.loads(s.fields["json"].decode("utf-8"))
         if not isinstance(meta, dict):
@@ -142,9 +143,7 @@ def decode_raw(s: RawSample, resolution: int, skips: SkipCounter) -> Decoded | N
         skips.skip(s.shard, s.key, "invalid json", str(exc))
         return None
     try:
-        img = Image.open(io.BytesIO(s.fields["png"]))
-        img.load()
-        img = img.convert("RGB")
+        img = decode_image(s.fields[image_field(s.fields)])
     except Exception as exc:  # PIL raises many types for bad data
         skips.skip(s.shard, s.key, "bad image", f"{type(exc).__name__}: {exc}")
         return None

@@ -4,6 +4,7 @@ Sub-commands::
 
     geomerase demo --out DIR                         whole method on the embedded default
     geomerase data build-icd --concept qr --n N ...  Implicit Concept Dataset shards
+    geomerase data import --input FOLDER --out DIR   image folder + captions -> img2dataset-style shards
     geomerase classifier train --input GLOB --out D  patch classifier from ground-truth boxes
     geomerase annotate --input GLOB --detector NAME --grid G --out DIR
     geomerase train --config C [key.sub=value ...]   fine-tune (same as python -m geomerase.train)
@@ -49,6 +50,14 @@ def _build_icd(a: argparse.Namespace) -> int:
 
     summary = build_icd(a.concept, a.n, a.ratio, a.size, a.seed, a.out, a.shard_size, sizes=a.sizes)
     print(json.dumps({k: v for k, v in summary.items() if k != "shards"}, sort_keys=True))
+    return 0
+
+
+def _import_folder(a: argparse.Namespace) -> int:
+    from geomerase.data.importer import import_folder
+
+    manifest = import_folder(a.input, a.out, a.shard_size)
+    print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 
 
@@ -235,6 +244,14 @@ def _fill_data(p: argparse.ArgumentParser) -> None:
     q.add_argument("--sizes", choices=["default", "wide"], default="default",
                    help="overlay size profile; 'wide' reaches below what OpenCV/Tesseract detect (default: default)")
     q.set_defaults(fn=_build_icd)
+    q = dsub.add_parser("import", help="turn an image folder with captions into img2dataset-style shards")
+    q.add_argument("--input", required=True,
+                   help="folder of png/jpg/jpeg/webp images (walked recursively); captions from a metadata.jsonl "
+                        "(file_name, text; it wins) or a same-name .txt beside each image")
+    q.add_argument("--out", required=True,
+                   help="new or empty output folder: shards 00000.tar, ... and _manifest.json (every file's outcome)")
+    q.add_argument("--shard-size", type=int, default=1000, help="images per tar shard, at most 10000 (default: 1000)")
+    q.set_defaults(fn=_import_folder)
 
 
 def _fill_classifier_train(q: argparse.ArgumentParser) -> None:

@@ -33,6 +33,12 @@ def test_annotated_shards_carry_tokens_and_clean_caption(tiny_icd):
     assert manifest["totals"]["annotated"] == 48 and manifest["totals"]["skipped"] == 0
 
 
+def test_annotated_shards_keep_the_input_png_bytes(tiny_icd):
+    raw = {s.key: s for s in iter_samples(str(tiny_icd / "raw" / "*.tar"))}
+    for s in iter_samples(str(tiny_icd / "ann" / "*.tar")):
+        assert s.image_ext == "png" and s.image_bytes == raw[s.key].image_bytes
+
+
 def test_annotate_skips_and_counts_bad_samples_and_resumes(tiny_icd, tmp_path, caplog):
     good = list(iter_samples(str(tiny_icd / "raw" / "icd-qr-000000.tar")))[:3]
     recs = [{"__key__": s.key, "png": b"\x89PNG broken", "txt": s.caption, "json": s.meta} for s in good[:1]]

@@ -122,3 +122,27 @@ def test_annotation_grid_other_than_the_models_is_an_error(tmp_path):
         StreamSource(cfg, 16, 3, _caption, 0, 0, 1).batch(0, (0, 1))
     b = StreamSource(cfg, 16, 4, _caption, 0, 0, 1).batch(0, (0, 1))
     assert b.masks[0].flatten().nonzero().flatten().tolist() == [13]
+
+
+@pytest.mark.parametrize("loader", ["webdataset", "dali"])
+def test_jpg_and_webp_shards_with_img2dataset_json_stream(tmp_path, loader):
+    # img2dataset's json has no annotation: the caption is the sample's own and the masks are empty.
+    import io
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+
+    for s, fmt in enumerate(["JPEG", "WEBP"]):
+        recs = []
+        for j in range(3):
+            buf = io.BytesIO()
+            Image.new("RGB", (24 + j, 20), (40 * j, 90, 200)).save(buf, format=fmt)
+            key = f"{s:05d}{j:04d}"
+            recs.append({"__key__": key, "jpg" if fmt == "JPEG" else "webp": buf.getvalue(), "txt": f"photo {key}",
+                         "json": {"key": key, "status": "success", "caption": f"photo {key}", "width": 24 + j}})
+        write_shard(tmp_path / f"{s:05d}.tar", recs)
+    cfg = DataConfig(shards=str(tmp_path / "*.tar"), batch_size=6, loader=loader, workers=0, shuffle_buffer=1,
+                     dali_threads=1)
+    b = StreamSource(cfg, 16, 4, _caption, 0, 0, 1).batch(0, (0, 1))
+    assert sorted(_ids(b)) == [f"photo {s:05d}{j:04d}" for s in range(2) for j in range(3)]
+    assert b.images.shape == (6, 3, 16, 16) and not b.masks.any()

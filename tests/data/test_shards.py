@@ -168,3 +168,29 @@ def test_webdataset_reads_our_shards(tmp_path: Path) -> None:
     got = list(wds.WebDataset(str(path), shardshuffle=False))
     assert [g["__key__"] for g in got] == [r["__key__"] for r in recs]
     assert got[0]["txt"].decode() == recs[0]["txt"]
+
+
+def test_jpg_jpeg_and_webp_fields_are_images(tmp_path: Path) -> None:
+    from geomerase.data.shards import IMAGE_EXTS, image_field
+
+    arr = np.random.default_rng(1).integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
+    encoded = {}
+    for ext, fmt in [("jpg", "JPEG"), ("jpeg", "JPEG"), ("webp", "WEBP")]:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        encoded[ext] = buf.getvalue()
+    png = encode_png(Image.fromarray(arr))
+    recs = [{"__key__": f"k_{ext}", ext: data, "txt": ext, "json": {"key": ext}} for ext, data in encoded.items()]
+    recs.append({"__key__": "k_both", "png": png, "jpg": encoded["jpg"], "txt": "both", "json": {}})
+    recs.append({"__key__": "k_none", "txt": "no image", "json": {}})
+    path = tmp_path / "mixed.tar"
+    write_shard(path, recs)
+    skips = SkipCounter()
+    got = {s.key: s for s in iter_samples(str(path), skips)}
+    assert skips.counts == {"missing image": 1}
+    for ext, data in encoded.items():
+        s = got[f"k_{ext}"]
+        assert (s.image_ext, s.image_bytes, s.image.size, s.extras) == (ext, data, (20, 12), {})
+    assert got["k_both"].image_ext == "png" and got["k_both"].extras == {"jpg": encoded["jpg"]}
+    assert image_field(["json", "webp", "jpg"]) == "jpg" and image_field(["txt"]) is None
+    assert IMAGE_EXTS[0] == "png"
