@@ -13,8 +13,9 @@ from geomerase.data.shards import encode_png, write_shard
 from geomerase.data.webdataset_loader import ShuffleBuffer, StreamSource, stream_shards
 
 
-def _caption(caption, concept, cells, rng):
-    return f"{caption}|{concept}|{','.join(map(str, cells))}|{rng.random():.6f}"
+def _caption(caption, concepts, rng):
+    found = ";".join(f"{name}|{','.join(map(str, cells))}" for name, cells in concepts) or "None|"
+    return f"{caption}|{found}|{rng.random():.6f}"
 
 
 @pytest.fixture(scope="module")
