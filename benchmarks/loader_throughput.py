@@ -28,7 +28,7 @@ def measure(shards: str, loader: str, resolution: int, batch: int, batches: int,
             threads: int, buffer: int) -> dict:
     cfg = DataConfig(shards=shards, batch_size=batch, loader=loader, workers=workers, dali_threads=threads,
                      shuffle_buffer=buffer)
-    src = StreamSource(cfg, resolution, 4, lambda c, n, cells, rng: c, 0, 0, 1)
+    src = StreamSource(cfg, resolution, 4, lambda c, found, rng: c, 0, 0, 1)
     t_start = time.time()
     for step in range(warmup):
         src.batch(step, (0, 1))
