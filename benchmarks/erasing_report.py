@@ -58,8 +58,8 @@ def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int,
 
 
 def score_concept(cfg: ErasingConfig, c: str, files: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """Score every arm of concept ``c`` from its sample ``files`` (:func:`~geomerase.benchmarks.erasing.sample_files`);
-    writes ``<out>/<c>/scores.json`` and the figures."""
+    """Score every arm of concept ``c`` from its sample ``files``
+    (:func:`~geomerase.benchmarks.erasing_run.sample_files`); writes ``<out>/<c>/scores.json`` and the figures."""
     lay = Layout.of(cfg)
     cls = lay.concept(c) / "classifiers"
     scorer, _ = load_classifier(cls / "scorer")
@@ -251,7 +251,8 @@ def targets(s: dict, detectors: dict | None = None) -> list[tuple[str, bool, str
             out.append((f"{pset}: scorer informative (recall on real concept images >= {TARGET_SCORER_RECALL} at the "
                         "false-positive bound)", rec >= TARGET_SCORER_RECALL, f"{rec:.3f}"))
         g, p, o = r["geom"]["icr"], r["plain"]["icr"], r["oracle"]["icr"]
-        out.append((f"{pset}: plain ICR >= 3 x oracle ICR (and > 0)", p >= 3 * o and p > 0, f"{p:.3f} vs 3 x {o:.3f} = {3 * o:.3f}"))
+        out.append((f"{pset}: plain ICR >= 3 x oracle ICR (and > 0)", p >= 3 * o and p > 0,
+                    f"{p:.3f} vs 3 x {o:.3f} = {3 * o:.3f}"))
         out.append((f"{pset}: geom ICR <= 0.2 x plain ICR", g <= 0.2 * p, f"{g:.3f} vs 0.2 x {p:.3f} = {0.2 * p:.3f}"))
         for base in ("np", "sld", "esd"):
             if base not in r:
@@ -261,8 +262,8 @@ def targets(s: dict, detectors: dict | None = None) -> list[tuple[str, bool, str
         fg, fp = r["geom"]["fid"], r["plain"]["fid"]
         out.append((f"{pset}: geom FID <= 1.1 x plain FID", fg <= 1.1 * fp, f"{fg:.2f} vs 1.1 x {fp:.2f} = {1.1 * fp:.2f}"))
     r = s["open"]
-    for base in ("np", "sld") if "geom_mr" in r else ():
-        if base not in r:
+    for base in ("np", "sld"):
+        if "geom_mr" not in r or base not in r:
             continue
         out.append((f"open: geom_mr ICR < {base} ICR (95% intervals disjoint)", clearly_below(r["geom_mr"], r[base]),
                     f"{_fmt_icr(r['geom_mr'])} vs {_fmt_icr(r[base])}"))

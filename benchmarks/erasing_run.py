@@ -99,11 +99,12 @@ def plan(cfg: ErasingConfig, lay: Layout, prompts_fn: Callable[[], dict[str, lis
         tasks.update(_classifier_tasks(cfg, lay, c))
         tasks.update(_fine_tune_tasks(cfg, lay, c, base_model, base_deps))
         ok = f"oracle-{cfg.base_key(c)}"
+        files = sample_files(cfg, lay, c, prompts_fn())
         if ok not in oracles:
-            tasks.update(_oracle_tasks(cfg, lay, c, ok, base_model, base_deps, prompts_fn()))
-        tasks.update(_sample_tasks(cfg, lay, c, ok, ok in oracles, prompts_fn()))
+            tasks.update(_oracle_tasks(cfg, lay, c, ok, base_model, base_deps, prompts_fn(), files))
+        tasks.update(_sample_tasks(cfg, lay, c, ok, ok in oracles, prompts_fn(), files))
         sample_deps = [k for k in tasks if k.startswith((f"{c}/sample/", f"{ok}/sample/"))]
-        tasks[f"{c}/score"] = Task(Job(score_concept, (cfg, c, sample_files(cfg, lay, c, prompts_fn()))), inline=True,
+        tasks[f"{c}/score"] = Task(Job(score_concept, (cfg, c, files)), inline=True,
                                    deps=(*sample_deps, f"{c}/scorer", f"{c}/attributes", f"{c}/data/heldout",
                                          f"{c}/annotator"),
                                    outputs=(str(lay.concept(c) / "scores.json"),))
@@ -211,9 +212,10 @@ def _fine_tune_tasks(cfg: ErasingConfig, lay: Layout, c: str, base_model: str | 
 
 
 def _oracle_tasks(cfg: ErasingConfig, lay: Layout, c: str, ok: str, base_model: str | None,
-                  base_deps: tuple[str, ...], prompts: dict[str, list[str]]) -> dict[str, Task]:
+                  base_deps: tuple[str, ...], prompts: dict[str, list[str]],
+                  files: dict[str, dict[str, str]]) -> dict[str, Task]:
     """The oracle of ``c``'s base (prefix ``ok``): its fine-tune on concept-free data and its
-    scorer-calibration samples; shared by every concept with that base."""
+    scorer-calibration samples (``files["calibration"]``); shared by every concept with that base."""
     rc = _train_rc(cfg, lay.model_dir(c, "oracle"), lay.glob("clean_train", "qr"),
                    CaptionConfig(mode="clean", dropout=0.1), pretrained=base_model)
     k = cfg.calibration_samples
@@ -226,26 +228,24 @@ def _oracle_tasks(cfg: ErasingConfig, lay: Layout, c: str, ok: str, base_model: 
                              calibration_arms(cfg, prompts), calibration_seeds(cfg), cfg.sample_steps,
                              cfg.sample_batch, str(lay.calibration(c)))),
             deps=(f"{ok}/train", "data/clean_heldout"),
-            outputs=tuple(sample_files(cfg, lay, c, prompts)["calibration"].values()),
+            outputs=tuple(files["calibration"].values()),
             cost=2 * k * cfg.sample_steps / 1000)}
 
 
 def _sample_tasks(cfg: ErasingConfig, lay: Layout, c: str, ok: str, oracle_sampled: bool,
-                  prompts: dict[str, list[str]]) -> dict[str, Task]:
-    """One sampling job per (model, prompt set); the oracle's are made once per base."""
+                  prompts: dict[str, list[str]], files: dict[str, dict[str, str]]) -> dict[str, Task]:
+    """One sampling job per (model, prompt set), writing ``files`` (:func:`sample_files`); the
+    oracle's are made once per base."""
     out: dict[str, Task] = {}
     for (model, pset), arms in sampling_arms(cfg, c, prompts).items():
         if model == "oracle" and oracle_sampled:
             continue
         key = f"{ok}/sample/{pset}" if model == "oracle" else f"{c}/sample/{model}/{pset}"
         train_key = f"{ok}/train" if model == "oracle" else f"{c}/train/{model}"
-        out_dir = lay.samples(c, model, pset)
         model_dir = str(lay.model_dir(c, model) / "model")
         out[key] = Task(Job(sample_job, (model_dir, cfg.device, cfg.attention_backend, arms, seeds(cfg),
-                                         cfg.sample_steps, cfg.sample_batch, str(out_dir))),
-                        deps=(train_key, "data/clean_heldout"),
-                        outputs=tuple(str(samples_path(out_dir, a, model_dir, seeds(cfg), cfg.sample_steps))
-                                      for a in arms),
+                                         cfg.sample_steps, cfg.sample_batch, str(lay.samples(c, model, pset)))),
+                        deps=(train_key, "data/clean_heldout"), outputs=tuple(files[pset][a.name] for a in arms),
                         cost=sum(a.cost for a in arms) * cfg.sample_steps / 2000)
     return out
 

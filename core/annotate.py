@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from geomerase.core.captions import concept_phrase, rewrite_caption
+from geomerase.core.captions import rewrite_caption, rewrite_concepts
 from geomerase.core.detectors import Detection, Detector, MultiDetector
 from geomerase.core.geometry import GeometryConfig, loc_token
 from geomerase.data.shards import (IMAGE, TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, atomic_write,
@@ -131,24 +131,21 @@ class Annotator:
             }
         else:
             per: dict[str, Any] = {}
-            phrases = []
             for det in self.detector.detectors:
                 mine = [d for d in found if d.concept == det.concept]
                 cells = self.encoder.cells_from_boxes([d.box for d in mine], w, h)
                 per[det.concept] = {"detector": det.name, "concept_name": self.concept_names[det.concept],
                                     "detections": [d.to_json() for d in mine], "cells": cells,
                                     "tokens": [loc_token(c) for c in cells]}
-                if cells:
-                    phrases.append(concept_phrase(self.concept_names[det.concept], cells))
             union = sorted({c for p in per.values() for c in p["cells"]})
-            rw = rewrite_caption(clean, ", ".join(phrases) if phrases else None, [], self.tokenizer,
-                                 with_cells=False)
+            rw = rewrite_concepts(clean, [(p["concept_name"], p["cells"]) for p in per.values() if p["cells"]],
+                                  self.tokenizer)
             meta["annotation"] = {
                 "detector": self.detector.name, "concept": self.detector.concept, "concepts": per,
                 "grid": self.geometry.grid, "mode": self.geometry.mode,
                 "overlap_threshold": self.geometry.overlap_threshold,
                 "cells": union, "tokens": [loc_token(c) for c in union],
-                "dropped_words": rw.dropped_words, "dropped_cells": [],
+                "dropped_words": rw.dropped_words, "dropped_cells": rw.dropped_cells,
             }
         if rw.truncated:
             log.warning("sample %s in %s: caption too long for 77 tokens; dropped words %s, cells %s",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from geomerase.data.shards import atomic_dir
 
@@ -134,7 +134,6 @@ def latest_valid_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
-
 class Checkpointer:
     """Saves and loads a run's training state under ``out/checkpoints`` through its backend.
 
@@ -168,8 +167,6 @@ class Checkpointer:
     def load(self, which: str, model, ema, source) -> int | None:
         """Restore the state of checkpoint ``which`` ('latest' or a folder); returns its step, or None
         when 'latest' finds no valid checkpoint."""
-        from safetensors.torch import load_file
-
         b = self.backend
         found = latest_valid_checkpoint(self.out) if which == "latest" else Path(which)
         # Rank 0 decides, so every rank loads the same checkpoint even if files change meanwhile.

@@ -339,15 +339,15 @@ def _sample_all(cfg: DemoConfig, lay: _Layout, held_ds: InMemoryDataset, workers
                                                                   cfg.guidance_scale)],
                      list(range(20_000, 20_000 + 2 * n))))
     # Each arm's file is named by what made it, so a rerun with other sampling settings resamples.
+    files = {a.name: str(samples_path(lay.samples, a, model_dir, sd, cfg.sample_steps))
+             for model_dir, group, sd in jobs for a in group}
     tasks = {f"sample/{i}": Task(Job(sample_job, (model_dir, cfg.device, cfg.attention_backend, group, sd,
                                                   cfg.sample_steps, 64, str(lay.samples))),
-                                 outputs=tuple(str(samples_path(lay.samples, a, model_dir, sd, cfg.sample_steps))
-                                               for a in group),
+                                 outputs=tuple(files[a.name] for a in group),
                                  cost=sum(a.cost for a in group) * cfg.sample_steps / 1000)
              for i, (model_dir, group, sd) in enumerate(jobs)}
     run_dag(tasks, workers, threads, desc="sample")
-    images = {a.name: load_images(samples_path(lay.samples, a, model_dir, sd, cfg.sample_steps))
-              for model_dir, group, sd in jobs for a in group}
+    images = {name: load_images(path) for name, path in files.items()}
     return images, arms, probe_cells, neg
 
 
