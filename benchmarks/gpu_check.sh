@@ -15,11 +15,14 @@
 #                      Triton launches per call and the tile configs it tuned (its own
 #                      tuning: ~1-2 s per shape; the compiled binaries come from stage 3)
 #   4. bench-emb     - bench_loc_embedding at CLIP size
-#   4b. train-tput   - SD-1.5-shaped UNet 512 px: ZeRO-2 bf16 vs plain PyTorch loop, img/s and MFU
+#   4b. train-*      - SD-1.5-shaped UNet 512 px, bf16, img/s and MFU: plain loop and ZeRO-2 (one
+#                      rank) with attention through sdpa, then through Triton; the plain loop
+#                      under torch.compile (compile time in the warm-up, not timed)
 #   5. summary       - compact tables, printed last
-# Budget: stage limits add up to 475 s (< 10 minutes with start-up and transfers). Everything goes to
-# ${OUT:-benchmarks/results}: attention.{json,csv,md}, attention_profile.{json,csv,md},
-# loc_embedding_gpu.{json,csv,md}, train_throughput_gpu.json and gpu_check.log (11 files).
+# Budget: stage limits add up to 490 s (about 10 minutes with start-up and transfers). Everything goes
+# to ${OUT:-benchmarks/results}: attention.{json,csv,md}, attention_profile.{json,csv,md},
+# loc_embedding_gpu.{json,csv,md}, train_throughput_gpu_*.json and gpu_check.log (13 files: more
+# than a lent machine sends back, so point OUT elsewhere and pack them into one archive).
 # Without a GPU it still runs (tests in the interpreter, tiny benchmarks): a dry run of the script.
 set -u
 set -o pipefail
@@ -64,7 +67,7 @@ run_stage() {  # run_stage NAME LIMIT_S CMD...
 }
 
 # ---- 1. environment
-run_stage env 30 bash -c "
+run_stage env 20 bash -c "
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || echo 'nvidia-smi: none'
   $PY - <<'EOF'
 import importlib, torch
@@ -83,18 +86,18 @@ XDIST=()
 if [ "$HAS_GPU" = 1 ] && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 12); fi  # compiles are CPU-bound
 
 # ---- 2. correctness on the GPU (compiled kernels)
-run_stage tests 135 env GEOMERASE_FLASH_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
+run_stage tests 90 env GEOMERASE_FLASH_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
   tests/kernels/test_attention.py tests/kernels/test_loc_embedding.py tests/core/test_attention_dispatch.py
 
 # ---- 3./4. benchmarks (bench_attention rewrites its files after every shape)
 if [ "$HAS_GPU" = 1 ]; then
   # (first H200 run: 76 s for the whole table; the budget stops new shapes, files stay)
-  run_stage bench-attn 145 "$PY" -m geomerase.benchmarks.bench_attention --out "$OUT" \
-    --precompile-workers 8 --precompile-timeout 75 --budget-s 115
+  run_stage bench-attn 105 "$PY" -m geomerase.benchmarks.bench_attention --out "$OUT" \
+    --precompile-workers 8 --precompile-timeout 60 --budget-s 85
   # reuses bench-attn's compiled kernels (tunes again: the on-disk autotune cache is not used,
   # one knob less that could break the main numbers); small shapes first, budget-capped
-  run_stage profile-attn 45 "$PY" -m geomerase.benchmarks.profile_attention --out "$OUT" --budget-s 28
-  run_stage bench-emb 25 "$PY" -m geomerase.benchmarks.bench_loc_embedding --out "$OUT"
+  run_stage profile-attn 40 "$PY" -m geomerase.benchmarks.profile_attention --out "$OUT" --budget-s 25
+  run_stage bench-emb 20 "$PY" -m geomerase.benchmarks.bench_loc_embedding --out "$OUT"
 else
   run_stage bench-attn 120 "$PY" -m geomerase.benchmarks.bench_attention --tiny --out "$OUT"
   # no GPU: Triton launches mocked, the wrapper's host cost per SD shape (two shapes, batch 1)
@@ -103,13 +106,16 @@ else
   run_stage bench-emb 120 "$PY" -m geomerase.benchmarks.bench_loc_embedding --tiny --out "$OUT"
 fi
 
-# ---- 4b. training throughput: SD-1.5-shaped UNet, 512 px, ZeRO-2 bf16 vs a plain PyTorch loop
+# ---- 4b. training throughput: SD-1.5-shaped UNet, 512 px, bf16: plain loop + ZeRO-2 (one rank) with
+#      attention through sdpa, then through the Triton kernel, then the plain loop under torch.compile
 #      (DeepSpeed may be absent from the machine's python: then only the plain loop is reported)
 if [ "$HAS_GPU" = 1 ]; then
-  run_stage train-tput 95 "$PY" -m geomerase.benchmarks.train_throughput --size sd15 --batch 16 --steps 8 \
-    --warmup 3 --precision bf16 --stage 2 --out "$OUT"
+  TPUT=(--size sd15 --batch 16 --steps 8 --warmup 3 --precision bf16 --out "$OUT")
+  run_stage train-sdpa 65 "$PY" -m geomerase.benchmarks.train_throughput "${TPUT[@]}" --attention sdpa --stage 2
+  run_stage train-triton 70 "$PY" -m geomerase.benchmarks.train_throughput "${TPUT[@]}" --attention triton --stage 2
+  run_stage train-compile 80 "$PY" -m geomerase.benchmarks.train_throughput "${TPUT[@]}" --attention sdpa --compile --stage 0
 else
-  run_stage train-tput 120 "$PY" -m geomerase.benchmarks.train_throughput --size debug --batch 4 --steps 3 \
+  run_stage train-sdpa 120 "$PY" -m geomerase.benchmarks.train_throughput --size debug --batch 4 --steps 3 \
     --warmup 1 --precision fp32 --stage 2 --out "$OUT"
 fi
 
@@ -166,6 +172,12 @@ for stem in ("attention_profile", "attention_profile_cpu"):
               f"{r.get('triton_config', '')}")
     for e in d["errors"][:8]:
         print("  !", e[:160])
+rows = [json.loads(p.read_text()) for p in sorted(out.glob("train_throughput_*.json"))]
+if rows:
+    print(f"\ntraining step: {'attention':>9} {'compile':>7} {'plain img/s':>11} {'MFU':>6} {'ZeRO img/s':>10} {'MFU':>6}  TFLOP/img")
+    for r in rows:
+        print(f"{'':>14} {r.get('attention', 'sdpa'):>9} {str(r.get('compile', False)):>7} {f(r['plain_images_per_s']):>11} "
+              f"{f(r['plain_mfu']):>6} {f(r['zero_images_per_s']):>10} {f(r['zero_mfu']):>6}  {r['flops_per_image'] / 1e12:.3g}")
 for stem in ("loc_embedding_gpu", "loc_embedding_tiny_gpu", "loc_embedding_tiny_cpu"):
     p = out / f"{stem}.json"
     if p.exists():
