@@ -33,9 +33,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from geomerase.core.captions import rewrite_caption, rewrite_concepts
+from geomerase.core.captions import rewrite_concepts
 from geomerase.core.detectors import Detection, Detector, MultiDetector
-from geomerase.core.geometry import GeometryConfig, loc_token
+from geomerase.core.geometry import GeometryConfig, loc_token, unit_cells
 from geomerase.data.shards import (IMAGE, TAR_ERRORS, Sample, SkipCounter, TarDamage, _build_sample, atomic_write,
                                    encode_png, expand_urls, iter_key_groups, split_member_name, write_shard)
 
@@ -113,33 +113,46 @@ class Annotator:
             out.append(self._record(s, found))
         return out
 
+    def _place(self, found: list[Detection], w: int, h: int) -> dict[str, Any]:
+        """Where ``found`` is: ``cells`` (covered: the region), ``units`` (the caption's location
+        units), ``tokens`` (their tokens) and, in corner mode, ``corners`` (the pairs)."""
+        boxes = [d.box for d in found]
+        units = self.encoder.caption_units(boxes, w, h)
+        place = {"cells": self.encoder.cells_from_boxes(boxes, w, h), "units": units,
+                 "tokens": [loc_token(c) for c in unit_cells(units)]}
+        if self.geometry.mode == "corner":
+            place["corners"] = [list(p) for p in units]
+        return place
+
     def _record(self, s: Sample, found: list[Detection]) -> dict[str, Any]:
         w, h = s.image.size
         clean = s.meta.get("caption_clean", s.caption)
         meta = dict(s.meta)
         meta["caption_clean"] = clean
         if not self.multi:
-            cells = self.encoder.cells_from_boxes([d.box for d in found], w, h)
-            rw = rewrite_caption(clean, self.concept_name, cells, self.tokenizer)
+            place = self._place(found, w, h)
+            units = place.pop("units")
+            rw = rewrite_concepts(clean, [(self.concept_name, units)] if units else [], self.tokenizer)
             meta["annotation"] = {
                 "detector": self.detector.name, "concept": self.detector.concept, "concept_name": self.concept_name,
                 "grid": self.geometry.grid, "mode": self.geometry.mode,
                 "overlap_threshold": self.geometry.overlap_threshold,
-                "detections": [d.to_json() for d in found], "cells": cells,
-                "tokens": [loc_token(c) for c in cells],
+                "detections": [d.to_json() for d in found], **place,
                 "dropped_words": rw.dropped_words, "dropped_cells": rw.dropped_cells,
             }
         else:
             per: dict[str, Any] = {}
+            units = []
             for det in self.detector.detectors:
                 mine = [d for d in found if d.concept == det.concept]
-                cells = self.encoder.cells_from_boxes([d.box for d in mine], w, h)
+                place = self._place(mine, w, h)
+                if place["units"]:
+                    units.append((self.concept_names[det.concept], place["units"]))
+                del place["units"]
                 per[det.concept] = {"detector": det.name, "concept_name": self.concept_names[det.concept],
-                                    "detections": [d.to_json() for d in mine], "cells": cells,
-                                    "tokens": [loc_token(c) for c in cells]}
+                                    "detections": [d.to_json() for d in mine], **place}
             union = sorted({c for p in per.values() for c in p["cells"]})
-            rw = rewrite_concepts(clean, [(p["concept_name"], p["cells"]) for p in per.values() if p["cells"]],
-                                  self.tokenizer)
+            rw = rewrite_concepts(clean, units, self.tokenizer)
             meta["annotation"] = {
                 "detector": self.detector.name, "concept": self.detector.concept, "concepts": per,
                 "grid": self.geometry.grid, "mode": self.geometry.mode,

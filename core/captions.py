@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
-from geomerase.core.geometry import loc_token
+from geomerase.core.geometry import CellUnit, loc_token, unit_cells
 
 CLIP_MAX_LENGTH = 77
 
@@ -30,9 +30,9 @@ def n_tokens(tokenizer: _Tokenizer, text: str) -> int:
     return len(tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"])
 
 
-def concept_phrase(concept_name: str, cells: Sequence[int] = ()) -> str:
-    """``"qr code <l3> <l7>"`` (or just the name when no cells)."""
-    return " ".join([concept_name, *(loc_token(c) for c in cells)])
+def concept_phrase(concept_name: str, cells: Sequence[CellUnit] = ()) -> str:
+    """``"qr code <l3> <l7>"`` (or just the name when no cells); a corner pair gives its two tokens."""
+    return " ".join([concept_name, *(loc_token(c) for c in unit_cells(cells))])
 
 
 @dataclass
@@ -71,7 +71,7 @@ def rewrite_caption(
     return rewrite_concepts(caption, [(concept_name, cells)], tokenizer, max_length)
 
 
-def rewrite_concepts(caption: str, concepts: Sequence[tuple[str, Sequence[int]]], tokenizer: _Tokenizer,
+def rewrite_concepts(caption: str, concepts: Sequence[tuple[str, Sequence[CellUnit]]], tokenizer: _Tokenizer,
                      max_length: int = CLIP_MAX_LENGTH) -> Rewrite:
     """``"<caption>, <name> <l..>, <name> <l..>"``: one phrase per concept, fitted to ``max_length``.
 
@@ -81,19 +81,20 @@ def rewrite_concepts(caption: str, concepts: Sequence[tuple[str, Sequence[int]]]
         return _fit_words(caption.strip(), "", tokenizer, max_length)
     phrase, dropped = fit_phrases(concepts, tokenizer, max_length)
     out = _fit_words(caption.strip(), phrase, tokenizer, max_length)
-    out.dropped_cells = [c for d in dropped for c in d]
+    out.dropped_cells = unit_cells(u for d in dropped for u in d)
     return out
 
 
-def fit_phrases(concepts: Sequence[tuple[str, Sequence[int]]], tokenizer: _Tokenizer,
-                max_length: int = CLIP_MAX_LENGTH) -> tuple[str, list[list[int]]]:
-    """The concept phrases joined by ``", "``, within ``max_length`` tokens, and the cells dropped
-    per concept. While they do not fit, the last location token of the concept with the most
-    tokens goes (the first such concept on ties), so no concept loses its name or all its cells
-    before the others are trimmed as far. A ValueError when the names alone do not fit."""
+def fit_phrases(concepts: Sequence[tuple[str, Sequence[CellUnit]]], tokenizer: _Tokenizer,
+                max_length: int = CLIP_MAX_LENGTH) -> tuple[str, list[list[CellUnit]]]:
+    """The concept phrases joined by ``", "``, within ``max_length`` tokens, and the units dropped
+    per concept. While they do not fit, the last location unit (a cell, or a whole corner pair) of
+    the concept with the most units goes (the first such concept on ties), so no concept loses
+    its name or all its cells before the others are trimmed as far. A ValueError when the names
+    alone do not fit."""
     names = [name for name, _ in concepts]
     cells = [list(cs) for _, cs in concepts]
-    dropped: list[list[int]] = [[] for _ in concepts]
+    dropped: list[list[CellUnit]] = [[] for _ in concepts]
 
     def text() -> str:
         return ", ".join(concept_phrase(n, cs) for n, cs in zip(names, cells))
@@ -142,7 +143,7 @@ class CaptionConfig:
     concept_only_prob: float = 0.0
     """Probability of training on the concept phrase alone (the form a negative prompt has)."""
     shuffle_cells: bool = False
-    """Shuffle the order of the location tokens in each caption."""
+    """Shuffle the order of the location units in each caption (a corner pair stays in order)."""
     dropout: float = 0.1
     """Probability of the empty caption (trains the unconditional branch for guidance)."""
 
@@ -162,9 +163,10 @@ class CaptionConfig:
 class CaptionBuilder:
     """Turns (clean caption, concepts found) into the training caption for a mode.
 
-    ``concepts``: ``[(concept name, cells), ...]``, one entry per concept the annotator found (a
-    :class:`~geomerase.data.loader.Record`'s order); the caption gets one phrase per concept (``geom``: name and cells;
-    ``existence``: the name).
+    ``concepts``: ``[(concept name, units), ...]``, one entry per concept the annotator found (a
+    :class:`~geomerase.data.loader.Record`'s order); the caption gets one phrase per concept
+    (``geom``: name and location tokens; ``existence``: the name). A unit is a cell or a corner
+    pair (:data:`~geomerase.core.geometry.CellUnit`): shuffling and fitting move whole units.
 
     Deterministic given the ``random.Random`` passed in, so a resumed run sees the
     same captions.
@@ -175,7 +177,7 @@ class CaptionBuilder:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, caption: str, concepts: Sequence[tuple[str, Sequence[int]]], rng: random.Random) -> str:
+    def __call__(self, caption: str, concepts: Sequence[tuple[str, Sequence[CellUnit]]], rng: random.Random) -> str:
         cfg = self.cfg
         if rng.random() < cfg.dropout:
             return ""

@@ -7,8 +7,14 @@ grazes a cell does not claim it, while a large box claims every cell it fills).
 Two encodings:
 
 * ``cells``  — every covered cell (Geom-Erasing's encoding).
-* ``corner`` — the cells holding the box's top-left and bottom-right corners
-  (GeoDiffusion's two-token encoding).
+* ``corner`` — per box, the ordered pair (top-left cell, bottom-right cell) (GeoDiffusion's
+  two-token encoding).
+
+The encoding decides only the caption's location tokens (:meth:`GridEncoder.caption_units`):
+the *covered cells* (:meth:`GridEncoder.cells_from_boxes`) are the region in both, which the
+re-weighting masks and the annotation-quality metrics use. A caption unit is one cell (``cells``)
+or one ``(top-left, bottom-right)`` pair (``corner``); captions shuffle and trim whole units, so
+a pair is never split or reordered.
 """
 from __future__ import annotations
 
@@ -20,6 +26,9 @@ import numpy as np
 
 LOC_TOKEN_RE = re.compile(r"<l(\d+)>")
 
+CellUnit = int | tuple[int, int]
+"""One caption unit: a flat cell index, or a ``(top-left, bottom-right)`` corner pair."""
+
 
 def loc_token(index: int) -> str:
     """The location token for flat cell ``index`` (``row * G + col``)."""
@@ -29,6 +38,14 @@ def loc_token(index: int) -> str:
 def all_loc_tokens(grid: int) -> list[str]:
     """``["<l0>", ..., "<l{G*G-1}>"]``."""
     return [loc_token(i) for i in range(grid * grid)]
+
+
+def unit_cells(units: Iterable[CellUnit]) -> list[int]:
+    """The flat cell indices of caption units, in order (a pair gives its two cells)."""
+    out: list[int] = []
+    for u in units:
+        out.extend(u if isinstance(u, (tuple, list)) else (u,))
+    return out
 
 
 def parse_loc_tokens(text: str) -> list[int]:
@@ -43,7 +60,8 @@ class GeometryConfig:
     overlap_threshold: float = 0.2
     """Share of a cell's area that a box must cover for the cell to count (0 < t <= 1)."""
     mode: Literal["cells", "corner"] = "cells"
-    """'cells': every covered cell; 'corner': top-left and bottom-right corner cells only."""
+    """Caption location tokens. 'cells': every covered cell; 'corner': per box, its top-left and
+    bottom-right cells as an ordered pair. The covered cells are the region in both modes."""
 
     def validate(self) -> None:
         if self.grid < 1:
@@ -118,10 +136,8 @@ class GridEncoder:
         return cov / cell_area
 
     def cells_from_boxes(self, boxes: Iterable[Sequence[float]], width: int, height: int) -> list[int]:
-        """Sorted flat indices ``row*G+col`` of the cells the boxes cover."""
+        """Sorted flat indices ``row*G+col`` of the cells the boxes cover (either mode)."""
         boxes = list(boxes)
-        if self.cfg.mode == "corner":
-            return self._corner_cells(boxes, width, height)
         cov = self.coverage(boxes, width, height)
         # A tiny box that covers no cell up to the threshold still exists: keep the
         # cell holding most of it rather than losing the detection.
@@ -141,8 +157,17 @@ class GridEncoder:
         row = min(int(y / height * g), g - 1)
         return row * g + col
 
-    def _corner_cells(self, boxes: list[Sequence[float]], width: int, height: int) -> list[int]:
-        out: list[int] = []
+    def caption_units(self, boxes: Iterable[Sequence[float]], width: int, height: int) -> list[CellUnit]:
+        """The caption's location units: the covered cells (``cells``) or one corner pair per box
+        (``corner``, in box order)."""
+        boxes = list(boxes)
+        if self.cfg.mode == "corner":
+            return list(self.corner_pairs(boxes, width, height))
+        return list(self.cells_from_boxes(boxes, width, height))
+
+    def corner_pairs(self, boxes: Iterable[Sequence[float]], width: int, height: int) -> list[tuple[int, int]]:
+        """``(top-left cell, bottom-right cell)`` of each box inside the image, in box order."""
+        out: list[tuple[int, int]] = []
         for box in boxes:
             clipped = clip_box(box, width, height)
             if clipped is None:
@@ -150,13 +175,13 @@ class GridEncoder:
             x1, y1, x2, y2 = clipped
             # The bottom-right corner is exclusive: step just inside the box.
             eps = 1e-6
-            out.append(self._cell_of_point(x1, y1, width, height))
-            out.append(self._cell_of_point(max(x2 - eps, x1), max(y2 - eps, y1), width, height))
+            out.append((self._cell_of_point(x1, y1, width, height),
+                        self._cell_of_point(max(x2 - eps, x1), max(y2 - eps, y1), width, height)))
         return out
 
     def tokens_from_boxes(self, boxes: Iterable[Sequence[float]], width: int, height: int) -> list[str]:
-        """Location tokens for ``boxes`` (see :meth:`cells_from_boxes`)."""
-        return [loc_token(i) for i in self.cells_from_boxes(boxes, width, height)]
+        """The caption's location tokens for ``boxes`` (see :meth:`caption_units`)."""
+        return [loc_token(i) for i in unit_cells(self.caption_units(boxes, width, height))]
 
     def cell_mask(self, cells: Iterable[int]) -> np.ndarray:
         """``(G, G)`` bool mask with the given flat cells set."""

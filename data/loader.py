@@ -68,9 +68,10 @@ class Record:
     key: str
     caption: str
     """The clean caption (never mentions the concept)."""
-    concepts: list[tuple[str, list[int]]]
-    """``(concept name, cells)`` of each concept the annotator found (several: in the order of their
-    concept keys, as the json stores them), empty when none was found."""
+    concepts: list[tuple[str, list[int | tuple[int, int]]]]
+    """``(concept name, caption units)`` of each concept the annotator found (several: in the order
+    of their concept keys, as the json stores them), empty when none was found. A unit is a cell,
+    or a corner pair when the annotation's mode is ``corner``."""
     cells: list[int]
     """Flat grid cells any found concept covers (their union; the region re-weighting mask)."""
     grid: int | None = None
@@ -84,23 +85,33 @@ class Record:
         if self.grid is not None and self.grid != grid:
             raise ValueError(f"{where}: annotated at grid {self.grid}, but the model's grid is {grid}; "
                              f"re-annotate the shards at grid {grid} or train at grid {self.grid}")
-        bad = [c for c in self.cells if not 0 <= c < grid * grid]
+        named = self.cells + [c for _, us in self.concepts for u in us for c in (u if isinstance(u, tuple) else (u,))]
+        bad = sorted({c for c in named if not 0 <= c < grid * grid})
         if bad:
             raise ValueError(f"{where}: annotation cells {bad} lie outside a {grid}x{grid} grid")
 
 
-def _annotation(meta: dict) -> tuple[list[tuple[str, list[int]]], list[int], int | None]:
-    """``(concepts found, union of their cells, grid)`` of a sample's ``annotation`` (one detector:
-    ``concept_name`` and ``cells``; several: ``concepts: {concept: {concept_name, cells}}``)."""
+def _annotation(meta: dict) -> tuple[list[tuple[str, list[int | tuple[int, int]]]], list[int], int | None]:
+    """``(concepts found with their caption units, union of their covered cells, grid)`` of a
+    sample's ``annotation`` (one detector: ``concept_name`` and ``cells``; several: ``concepts:
+    {concept: {concept_name, cells}}``). In corner mode a concept's units are its ``corners``
+    pairs; the covered ``cells`` stay the region either way."""
     ann = meta.get("annotation")
     if not ann:
         return [], [], None
     grid = ann.get("grid")
+    corner = ann.get("mode") == "corner"
+
+    def units(entry: dict) -> list[int | tuple[int, int]]:
+        if corner:
+            return [(int(a), int(b)) for a, b in entry.get("corners", [])]
+        return [int(c) for c in entry.get("cells", [])]
+
     if "concepts" in ann:
-        found = [(str(v["concept_name"]), [int(c) for c in v.get("cells", [])]) for v in ann["concepts"].values()]
+        found = [(str(v["concept_name"]), units(v)) for v in ann["concepts"].values()]
     else:
-        found = [(str(ann["concept_name"]), [int(c) for c in ann.get("cells", [])])] if "concept_name" in ann else []
-    found = [(name, cells) for name, cells in found if cells]
+        found = [(str(ann["concept_name"]), units(ann))] if "concept_name" in ann else []
+    found = [(name, us) for name, us in found if us]
     # ``cells`` is the union over the concepts (the annotator writes it for one detector and several)
     return found, [int(c) for c in ann.get("cells", [])], (None if grid is None else int(grid))
 

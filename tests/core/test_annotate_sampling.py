@@ -123,3 +123,25 @@ def test_clip_x0_clamps_the_implied_image_and_keeps_x0_and_noise_consistent(kind
     torch.testing.assert_close(x0_2, x0.clamp(-1, 1), atol=1e-4, rtol=0)
     inside = (x0.abs() <= 1)
     torch.testing.assert_close(eps2[inside], eps[inside], atol=1e-4, rtol=0)  # in range: unchanged
+
+
+def test_corner_mode_annotation_keeps_pairs_for_captions_and_covered_cells_for_masks(tiny_icd, tmp_path):
+    geo = GeometryConfig(grid=4, mode="corner")
+    ann = Annotator(OracleDetector("qr"), geo, build_tokenizer(4), "qr code")
+    annotate_shards(ann, str(tiny_icd / "raw" / "*.tar"), tmp_path / "out", progress=False)
+    data = InMemoryDataset(str(tmp_path / "out" / "*.tar"), resolution=32)
+    cells_enc, corner_enc = GeometryConfig(grid=4).build(), geo.build()
+    masks = data.cell_masks(4).view(len(data), -1)
+    raw = {s.key: s for s in iter_samples(str(tiny_icd / "raw" / "*.tar"))}
+    seen = 0
+    for rec, mask in zip(data.records, masks):
+        boxes, size = raw[rec.key].meta["boxes"], raw[rec.key].image.size
+        if not boxes:
+            assert rec.concepts == [] and not mask.any()
+            continue
+        seen += 1
+        pairs = corner_enc.corner_pairs(boxes, *size)
+        assert rec.concepts == [("qr code", pairs)]  # ordered pairs, as the caption names them
+        assert rec.cells == cells_enc.cells_from_boxes(boxes, *size)  # the region, not the corners
+        assert mask.nonzero().flatten().tolist() == rec.cells
+    assert seen > 0

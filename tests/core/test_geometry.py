@@ -60,11 +60,16 @@ def test_non_square_image_and_non_power_of_two_grid():
     assert e.cells_from_boxes([[30, 0, 60, 60]], 90, 60) == [1, 4, 7]
 
 
-def test_corner_mode_gives_two_cells_per_box():
+def test_corner_mode_gives_one_ordered_pair_per_box_and_keeps_the_covered_region():
     e = enc(mode="corner")
-    assert e.cells_from_boxes([[2, 2, 62, 62]], 64, 64) == [0, 15]
+    assert e.caption_units([[2, 2, 62, 62]], 64, 64) == [(0, 15)]
     # Exclusive bottom-right edge on a border stays in the inner cell.
-    assert e.cells_from_boxes([[16, 16, 32, 32]], 64, 64) == [5, 5]
+    assert e.caption_units([[16, 16, 32, 32]], 64, 64) == [(5, 5)]
+    # Box order is kept; the tokens are the pairs flattened; the region is the covered cells.
+    boxes = [[40, 40, 60, 60], [0, 0, 30, 14]]
+    assert e.caption_units(boxes, 64, 64) == [(10, 15), (0, 1)]
+    assert e.tokens_from_boxes(boxes, 64, 64) == ["<l10>", "<l15>", "<l0>", "<l1>"]
+    assert e.cells_from_boxes(boxes, 64, 64) == enc().cells_from_boxes(boxes, 64, 64) == [0, 1, 10, 11, 14, 15]
 
 
 def test_tokens_and_parsing_round_trip():

@@ -121,6 +121,21 @@ def test_fitting_several_concepts_trims_words_then_the_longest_phrase_never_a_co
     assert short.text == "a red circle, watermark <l1>, text <l2>" and not short.truncated
 
 
+def test_corner_pairs_shuffle_and_fit_as_whole_pairs():
+    pairs = [(i, i + 50) for i in range(40)]  # 80 tokens: must be trimmed at G = 10
+    shuffled = CaptionConfig(mode="geom", dropout=0.0, shuffle_cells=True).build(build_tokenizer(10))
+    for seed in range(5):
+        out = shuffled("a red circle", [("qr code", list(pairs))], random.Random(seed))
+        cells = _cells_of(out)
+        assert n_tokens(build_tokenizer(10), out) <= 77 and len(cells) % 2 == 0
+        got = list(zip(cells[::2], cells[1::2]))
+        assert set(got) <= set(pairs) and len(got) < len(pairs)  # whole, ordered pairs only
+        assert got != sorted(got) or seed > 0  # the pairs themselves were shuffled (seed 0)
+    out = rewrite_concepts("a red circle", [("qr code", pairs)], build_tokenizer(10))
+    kept = _cells_of(out.text)
+    assert len(kept) % 2 == 0 and out.dropped_cells == [c for p in pairs[len(kept) // 2:] for c in p]
+
+
 def _cells_of(prompt: str) -> list[int]:
     return [int(t[2:-1]) for t in prompt.split() if t.startswith("<l")]
 
