@@ -58,7 +58,7 @@ class Detector(ABC):
 
 
 class OracleDetector(Detector):
-    """Ground truth: the ``boxes`` an ICD sample carries."""
+    """Ground truth: the ``boxes`` an ICD sample carries (a mixed ICD's ``boxes_by_concept[concept]``)."""
 
     name = "oracle"
 
@@ -68,7 +68,8 @@ class OracleDetector(Detector):
     def detect(self, image: Image.Image, meta: dict | None = None) -> list[Detection]:
         if meta is None or "boxes" not in meta:
             raise KeyError("oracle detector needs the sample's json with a 'boxes' field")
-        return [Detection(list(map(float, b)), 1.0, self.concept) for b in meta["boxes"]]
+        boxes = meta["boxes_by_concept"].get(self.concept, []) if "boxes_by_concept" in meta else meta["boxes"]
+        return [Detection(list(map(float, b)), 1.0, self.concept) for b in boxes]
 
 
 class PatchClassifierDetector(Detector):

@@ -214,3 +214,23 @@ def test_invalid_arguments(tmp_path: Path) -> None:
         build_icd("logo", 1, 0.5, 32, 0, tmp_path, progress=False)
     with pytest.raises(ValueError, match="ratio"):
         build_icd("qr", 1, 1.5, 32, 0, tmp_path, progress=False)
+
+
+def test_mixed_icd_draws_each_member_independently_with_its_own_boxes(tmp_path) -> None:
+    summary = build_icd("qr+watermark+text", 300, 0.4, 64, 3, tmp_path, progress=False)
+    assert all(abs(summary[f"n_with_{c}"] - 120) <= 1 for c in ("qr", "watermark", "text"))
+    samples = list(iter_samples(str(tmp_path / "icd-qr+watermark+text-*.tar")))
+    assert len(samples) == 300 and summary["n_with_concept"] == sum(bool(s.meta["boxes"]) for s in samples)
+    several = 0
+    for s in samples:
+        by = s.meta["boxes_by_concept"]
+        assert set(by) == {"qr", "watermark", "text"}
+        assert s.meta["boxes"] == [b for c in ("qr", "watermark", "text") for b in by[c]]
+        several += sum(bool(b) for b in by.values()) >= 2
+    assert 0.2 * 300 < several < 0.5 * 300  # independent at 0.4 each: P(two or more) = 0.352
+    # the scene and caption of an index are the concept's paired clean sample's
+    img, cap, meta = make_sample("qr+watermark+text", 3, 5, 64, {"qr": False, "watermark": False, "text": False})
+    clean_img, clean_cap, _ = make_sample("qr", 3, 5, 64, carry=False)
+    assert cap == clean_cap and img.tobytes() == clean_img.tobytes() and meta["boxes"] == []
+    with pytest.raises(ValueError, match="unknown concept"):
+        build_icd("qr+qr", 10, 0.5, 64, 0, tmp_path)
