@@ -197,10 +197,16 @@ class CaptionBuilder:
         return rewrite_concepts(caption, found, self.tokenizer, self.max_length).text
 
 
-def negative_mixture(kind: NegativeKind, concept_name: str, grid: int, seen: Sequence[Sequence[int]] = (),
-                     top_k: int = 8, tokenizer: _Tokenizer | None = None,
+def negative_mixture(kind: NegativeKind, concept_name: str | Sequence[str], grid: int,
+                     seen: Sequence[Sequence[int]] = (), top_k: int = 8, tokenizer: _Tokenizer | None = None,
                      max_length: int = CLIP_MAX_LENGTH) -> tuple[list[str], list[float]]:
     """Negative prompt(s) and their weights for guidance (the sampler mixes their predictions).
+
+    ``concept_name`` may list several concepts (a mixed dataset): ``name`` joins the names in one
+    prompt; ``geom`` puts every concept with all its cells in one prompt
+    (``qr code <l0>…, watermark <l0>…``), or, when that exceeds ``max_length``, gives each concept
+    its own ``geom`` prompt(s) at an equal share of the weight; the other ``geom*`` kinds mix the
+    concepts' own mixtures at equal shares. A single name in a list is the single-concept case.
 
     * ``none``: ``[""]`` (plain classifier-free guidance).
     * ``name``: ``[concept_name]`` (the usual negative prompt).
@@ -217,14 +223,27 @@ def negative_mixture(kind: NegativeKind, concept_name: str, grid: int, seen: Seq
     ``concept <cells...>``, that share its weight in proportion to their cells, so every cell
     is still named and keeps its weight.
     """
+    names = [concept_name] if isinstance(concept_name, str) else list(concept_name)
+    if not names:
+        raise ValueError("negative_mixture needs at least one concept name")
     if kind == "none":
         return [""], [1.0]
     if kind == "name":
-        return [concept_name], [1.0]
+        return [", ".join(names)], [1.0]
     if kind not in NEGATIVE_KINDS:
         raise ValueError(f"unknown negative prompt kind {kind!r}; choose from {list(NEGATIVE_KINDS)}")
     tokenizer = tokenizer if tokenizer is not None else _project_tokenizer(grid)
-    return _fit_mixture(concept_name, _cell_mixture(kind, grid, seen, top_k), tokenizer, max_length)
+    if kind == "geom" and len(names) > 1:
+        joined = ", ".join(concept_phrase(n, range(grid * grid)) for n in names)
+        if n_tokens(tokenizer, joined) <= max_length:
+            return [joined], [1.0]
+    prompts: list[str] = []
+    weights: list[float] = []
+    for name in names:
+        p, w = _fit_mixture(name, _cell_mixture(kind, grid, seen, top_k), tokenizer, max_length)
+        prompts += p
+        weights += [x / len(names) for x in w]
+    return prompts, weights
 
 
 def _cell_mixture(kind: NegativeKind, grid: int, seen: Sequence[Sequence[int]],
@@ -287,6 +306,7 @@ def _project_tokenizer(grid: int) -> _Tokenizer:
 NEGATIVE_KINDS = ("none", "name", "geom", "geom-multi", "geom-cells", "geom-seen")
 
 
-def negative_prompts(kind: NegativeKind, concept_name: str, grid: int, seen: Sequence[Sequence[int]] = ()) -> list[str]:
+def negative_prompts(kind: NegativeKind, concept_name: str | Sequence[str], grid: int,
+                     seen: Sequence[Sequence[int]] = ()) -> list[str]:
     """The prompts of :func:`negative_mixture` (weights dropped)."""
     return negative_mixture(kind, concept_name, grid, seen)[0]

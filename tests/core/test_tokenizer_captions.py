@@ -168,3 +168,19 @@ def test_negative_prompts_at_g4_are_unchanged(tok):
         [f"qr code <l{i}>" for i in range(16)], [1 / 16] * 16)
     assert negative_mixture("geom-seen", "qr code", 4, [[2, 1], [1, 2], [5]], tokenizer=tok) == (
         ["qr code <l1> <l2>", "qr code <l5>"], [2 / 3, 1 / 3])
+
+
+def test_negative_for_several_concepts_names_every_concept_with_all_cells(tok):
+    names = ["qr code", "watermark", "text"]
+    assert negative_mixture("name", names, 4, tokenizer=tok) == (["qr code, watermark, text"], [1.0])
+    (p,), (w,) = negative_mixture("geom", names, 4, tokenizer=tok)
+    cells = " ".join(f"<l{i}>" for i in range(16))
+    assert p == f"qr code {cells}, watermark {cells}, text {cells}" and w == 1.0 and n_tokens(tok, p) <= 77
+    assert negative_mixture("geom", ["qr code"], 4, tokenizer=tok) == negative_mixture("geom", "qr code", 4, tokenizer=tok)
+    # G = 6: 3 x 37 tokens do not fit one prompt; each concept gets its own, equal shares
+    big = build_tokenizer(6)
+    ps, ws = negative_mixture("geom", names, 6, tokenizer=big)
+    assert [q.split(" <l")[0] for q in ps] == names and ws == pytest.approx([1 / 3] * 3)
+    assert all(_cells_of(q) == list(range(36)) and n_tokens(big, q) <= 77 for q in ps)
+    ps, ws = negative_mixture("geom-cells", names[:2], 4, tokenizer=tok)
+    assert len(ps) == 32 and sum(ws) == pytest.approx(1.0)
