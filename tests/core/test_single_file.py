@@ -4,6 +4,10 @@ source's weights, location rows included, and samples the same image; models the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -39,6 +43,21 @@ def exported(tiny_sd_dir, tmp_path_factory):
     path = export_single_file(model, out / "model.safetensors")
     config = write_pipeline_config(model, out / "config")
     return model, path, config, emb.loc_rows.detach().clone()
+
+
+def _source_image(model, scheduler_config) -> torch.Tensor:
+    """``(1, 3, R, R)`` in [0, 1]: the source model's components in a diffusers pipeline, DDIM, 3 steps, seed 7."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=DDIMScheduler.from_config(scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _sample(pipe)
+
+
+def _sample(pipe) -> torch.Tensor:
+    return pipe("a red ring", negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=3.0,
+                generator=torch.Generator().manual_seed(7), output_type="pt").images
 
 
 def _state(model):
@@ -90,7 +109,7 @@ def test_sd15_shaped_keys_are_the_original_names():
 
 def test_plain_diffusers_loads_the_file_and_samples_the_same_image(exported):
     model, path, config, _ = exported
-    from diffusers import DDIMScheduler, StableDiffusionPipeline  # the loading path below imports no geomerase
+    from diffusers import StableDiffusionPipeline  # the loading path below imports no geomerase
 
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True)
     src = _state(model)
@@ -101,13 +120,33 @@ def test_plain_diffusers_loads_the_file_and_samples_the_same_image(exported):
             assert torch.equal(loaded[k], v), (part, k)
     ids = pipe.tokenizer(NEGATIVE).input_ids
     assert ids == model.tokenizer(NEGATIVE).input_ids and ids[3:6] == [model.loc_token_ids[i] for i in (0, 5, 15)]
-    source = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                     unet=model.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    images = [p("a red ring", negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=3.0,
-                generator=torch.Generator().manual_seed(7), output_type="pt").images for p in (source, pipe)]
-    assert images[0].shape == (1, 3, model.resolution, model.resolution)
-    torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-4)
+    ours = _source_image(model, pipe.scheduler.config)
+    assert ours.shape == (1, 3, model.resolution, model.resolution) and ours.std() > 0.01
+    torch.testing.assert_close(_sample(pipe), ours, rtol=0, atol=1e-4)
+
+
+# Run in a fresh interpreter with the hub switched off: only diffusers is imported, nothing can be fetched.
+_PLAIN = textwrap.dedent('''
+    import sys, torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    path, config, out, negative = sys.argv[1:]
+    pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True)
+    image = pipe("a red ring", negative_prompt=negative, num_inference_steps=3, guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(7), output_type="pt").images
+    assert not any(m.startswith("geomerase") for m in sys.modules)
+    save_file({"image": image.contiguous()}, out)
+''')
+
+
+def test_a_fresh_interpreter_without_geomerase_samples_the_same_image(exported, tmp_path):
+    model, path, config, _ = exported
+    out = tmp_path / "image.safetensors"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", _PLAIN, str(path), str(config), str(out), NEGATIVE], check=True, env=env,
+                   cwd=tmp_path, capture_output=True)
+    ours = _source_image(model, json.loads((config / "scheduler" / "scheduler_config.json").read_text()))
+    torch.testing.assert_close(load_file(str(out))["image"], ours, rtol=0, atol=1e-4)
 
 
 def test_pixel_space_model_is_refused_before_writing(tmp_path):
