@@ -9,7 +9,8 @@ layers per block), so any SD-shaped size maps, not only SD-1.5's. Tensors keep t
 bit for bit; the only reshape is the VAE mid-block attention's q/k/v/out weights, which the
 original layout stores as 1x1 convolutions ``(C, C, 1, 1)`` and diffusers as linears ``(C, C)``.
 
-The text encoder's token table is written whole, so it carries the G^2 location-token rows;
+The text encoder is written in SD-1.x's CLIP layout (SD-2's OpenCLIP ``cond_stage_model.model.``
+layout is not produced). Its token table is written whole, so it carries the G^2 location-token rows;
 the tokenizer that knows their names is not part of the format (:func:`write_pipeline_config`
 writes it with the configs a loader needs).
 """
@@ -151,7 +152,8 @@ def from_original(tensors: Mapping[str, torch.Tensor], unet_config: Mapping[str,
 
     Text-encoder keys come without ``text_model.`` (transformers 5's flat ``CLIPTextModel``). Keys
     outside the three prefixes (EMA copies, noise-schedule buffers of training checkpoints) are
-    not weights of these models and are skipped; an unknown key inside them is an error."""
+    not weights of these models and are skipped; an unknown UNet or VAE key is an error (text-encoder
+    keys are named alike in both layouts and pass through)."""
     parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
     for key, tensor in tensors.items():
         for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
@@ -165,12 +167,14 @@ def from_original(tensors: Mapping[str, torch.Tensor], unet_config: Mapping[str,
 
 
 def check_supported(model: DiffusionModel) -> None:
-    """Raise a one-line ``ValueError`` unless ``model`` has Stable Diffusion 1.x/2.x's layout."""
+    """Raise a one-line ``ValueError`` unless ``model`` is a latent model with Stable Diffusion 1.x's block layout."""
     where = f"single-file export: model {model.size!r}"
     if model.vae is None:
-        raise ValueError(f"{where} works in pixel space (no VAE); the format needs a latent model with an AutoencoderKL")
+        raise ValueError(f"{where} works in pixel space (no VAE); "
+                         "the format needs a latent model with an AutoencoderKL")
     if model.coord_channels:
-        raise ValueError(f"{where} has {model.coord_channels} coordinate input channels, which the format has no room for")
+        raise ValueError(f"{where} has {model.coord_channels} coordinate input channels, "
+                         "which the format has no room for")
     cfg, vcfg = model.unet.config, model.vae.config
     if cfg.addition_embed_type or cfg.class_embed_type or cfg.time_cond_proj_dim or cfg.encoder_hid_dim:
         raise ValueError(f"{where}: extra UNet embeddings (addition/class/time-cond/encoder-hid) are not SD-1.5-shaped "

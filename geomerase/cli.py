@@ -362,7 +362,8 @@ def _fill_sample(p: argparse.ArgumentParser) -> None:
 
 
 def _fill_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder: a fine-tune's model/ (geomerase.json) or a diffusers SD folder with --grid")
+    p.add_argument("model",
+                   help="model folder: a fine-tune's model/ (geomerase.json) or a diffusers SD folder with --grid")
     p.add_argument("out", help="diffusers: output folder; single-file: output .safetensors file")
     p.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers",
                    help="diffusers: a StableDiffusionPipeline folder; single-file: one .safetensors in the original "

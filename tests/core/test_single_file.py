@@ -3,6 +3,7 @@ loads in plain diffusers (``from_single_file`` with a local, weightless config f
 source's weights, location rows included, and samples the same image; models the format cannot hold are refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -99,7 +100,8 @@ def test_sd15_shaped_keys_are_the_original_names():
     assert sum(k.startswith(UNET_PREFIX) for k in flat) == 686 and sum(k.startswith(VAE_PREFIX) for k in flat) == 248
     for name in ("input_blocks.3.0.op.weight", "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
                  "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_in.weight",
-                 "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.11.0.emb_layers.1.bias",
+                 "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+                 "output_blocks.11.0.emb_layers.1.bias",
                  "time_embed.2.weight", "out.2.bias"):
         assert UNET_PREFIX + name in flat, name
     for name in ("decoder.up.1.block.0.nin_shortcut.weight", "decoder.up.3.upsample.conv.weight",
@@ -156,6 +158,15 @@ def test_pixel_space_model_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="pixel space"):
         write_pipeline_config(model, tmp_path / "config")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_coordinate_channels_and_unknown_keys_are_refused(exported, tmp_path):
+    model, _, _, _ = exported
+    with pytest.raises(ValueError, match="2 coordinate input channels"):
+        export_single_file(dataclasses.replace(model, coord_channels=2), tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="'input_blocks.0.9.weight' has no counterpart"):
+        from_original({UNET_PREFIX + "input_blocks.0.9.weight": torch.zeros(1)}, model.unet.config, model.vae.config)
 
 
 def test_cli_exports_fp16_with_config_and_refuses_pixel_models(tiny_sd_dir, tmp_path, capsys):
