@@ -177,6 +177,9 @@ def test_cli_exports_fp16_with_config_and_refuses_pixel_models(tiny_sd_dir, tmp_
     assert {v.dtype for v in saved.values()} == {torch.float16}
     assert saved[TEXT_PREFIX + "embeddings.token_embedding.weight"].shape[0] == 49408 + 16
     assert (tmp_path / "config" / "tokenizer").is_dir() and (tmp_path / "config" / "model_index.json").is_file()
+    assert main(["export", "--grid", "4", str(tiny_sd_dir), str(tmp_path / "pipe")]) == 0  # default: diffusers folder
+    assert json.loads((tmp_path / "pipe" / "geomerase.json").read_text())["grid"] == 4
+    assert main(["export", "--dtype", "fp16", str(tiny_sd_dir), str(tmp_path / "pipe2")]) == 2
     build_random("debug", 4).save(tmp_path / "pixel")
     capsys.readouterr()
     assert main(["export", "--format", "single-file", str(tmp_path / "pixel"), str(tmp_path / "p.safetensors")]) == 2
