@@ -9,6 +9,7 @@ Sub-commands::
     geomerase annotate --input GLOB --detector NAME --grid G --out DIR
     geomerase train --config C [key.sub=value ...]   fine-tune (same as python -m geomerase.train)
     geomerase sample --model DIR --prompt P --negative geom --out grid.png
+    geomerase export [--format single-file] MODEL OUT   diffusers folder or one original-layout .safetensors
     geomerase fetch-tokenizer                        cache CLIP's BPE table (set-up does this)
     geomerase bench erasing --preset cpu --concepts qr,watermark,text --out DIR   erasing benchmark
     geomerase bench compare RUN_A RUN_B [--tol 0]                                 same table twice?
@@ -155,6 +156,31 @@ def _sample(a: argparse.Namespace) -> int:
                   neg_weights=weights)
     path = sample_grid(to_uint8(imgs), a.out, grid=model.grid, cols=min(8, a.n), title=f"{a.prompt!r} neg={negs}")
     print(f"wrote {path}")
+    return 0
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _export(a: argparse.Namespace) -> int:
+    import torch
+
+    from geomerase.core.models import load_model
+
+    if a.format == "diffusers" and (a.dtype or a.config_dir):
+        raise ValueError("--dtype and --config-dir apply to --format single-file")
+    model = load_model(a.model, grid=a.grid)
+    if a.format == "diffusers":
+        from geomerase.core.export import export_pipeline
+
+        print(f"wrote {export_pipeline(model, a.out)}")
+        return 0
+    from geomerase.core.single_file import export_single_file, write_pipeline_config
+
+    dtype = getattr(torch, _DTYPES[a.dtype]) if a.dtype else None
+    print(f"wrote {export_single_file(model, a.out, dtype)}")
+    if a.config_dir:
+        print(f"wrote {write_pipeline_config(model, a.config_dir)}")
     return 0
 
 
@@ -335,6 +361,23 @@ def _fill_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.png", help="grid image to write (default: samples.png)")
 
 
+def _fill_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model",
+                   help="model folder: a fine-tune's model/ (geomerase.json) or a diffusers SD folder with --grid")
+    p.add_argument("out", help="diffusers: output folder; single-file: output .safetensors file")
+    p.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers",
+                   help="diffusers: a StableDiffusionPipeline folder; single-file: one .safetensors in the original "
+                        "Stable Diffusion key layout (model.diffusion_model., first_stage_model., "
+                        "cond_stage_model.transformer.) (default: diffusers)")
+    p.add_argument("--grid", type=int, default=None,
+                   help="G of a folder without geomerase.json (adds G^2 location tokens) (default: the folder's)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="single-file: cast floating tensors to this type (default: as stored)")
+    p.add_argument("--config-dir", default=None, metavar="DIR",
+                   help="single-file: also write a weightless diffusers folder (configs, tokenizer with the location "
+                        "tokens) for from_single_file(OUT, config=DIR)")
+
+
 def _fill_bench_erasing(q: argparse.ArgumentParser) -> None:
     from geomerase.benchmarks.erasing import PRESETS, ErasingConfig
 
@@ -379,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "fine-tune (python -m geomerase.train; torchrun/deepspeed launch that module)", _fill_train, _train),
         ("base", "the shipped base models (pretrained stand-ins for Stable Diffusion)", _fill_base, None),
         ("sample", "generate a grid with a negative prompt", _fill_sample, _sample),
+        ("export", "write a model as a diffusers folder or one original-layout .safetensors", _fill_export, _export),
         ("bench", "benchmarks", _fill_bench, None),
         ("fetch-tokenizer", "cache CLIP's BPE table for offline use", None, _fetch_tokenizer),
     ]

@@ -1,0 +1,241 @@
+"""One ``.safetensors`` file in the original Stable Diffusion (CompVis/LDM) key layout.
+
+Tools that take a single checkpoint file (A1111-style web UIs, ``from_single_file`` loaders)
+expect the UNet under ``model.diffusion_model.``, the VAE under ``first_stage_model.`` and the
+CLIP text encoder under ``cond_stage_model.transformer.text_model.``. This module maps a
+diffusers SD-1.5-shaped model (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``)
+to that layout and back. The mapping is built from the UNet and VAE configs (block types,
+layers per block), so any SD-shaped size maps, not only SD-1.5's. Tensors keep their values
+bit for bit; the only reshape is the VAE mid-block attention's q/k/v/out weights, which the
+original layout stores as 1x1 convolutions ``(C, C, 1, 1)`` and diffusers as linears ``(C, C)``.
+
+The text encoder is written in SD-1.x's CLIP layout (SD-2's OpenCLIP ``cond_stage_model.model.``
+layout is not produced). Its token table is written whole, so it carries the G^2 location-token rows;
+the tokenizer that knows their names is not part of the format (:func:`write_pipeline_config`
+writes it with the configs a loader needs).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save
+
+from geomerase.core.models import DiffusionModel
+from geomerase.data.shards import atomic_dir, atomic_write
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+TEXT_BUFFERS = ("embeddings.position_ids",)
+"""Text-encoder buffers some original files carry; not parameters, dropped on reading."""
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+               "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_UNET_DOWN, _UNET_UP = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One module's name in both layouts; ``leaves`` renames its direct children (diffusers -> original)."""
+
+    diffusers: str
+    original: str
+    leaves: Mapping[str, str] = field(default_factory=dict)
+    linear_as_conv: bool = False
+    """2-D (linear) weights are stored as ``(C_out, C_in, 1, 1)`` in the original layout; reading
+    squeezes 4-D ones and keeps 2-D ones (some converted files already store them as linears)."""
+
+
+def _per_block(value: int | list[int] | tuple[int, ...], n: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
+    """Module renames of an SD-shaped ``UNet2DConditionModel`` config (``input_blocks``/``output_blocks`` numbering)."""
+    down, up = config["down_block_types"], config["up_block_types"]
+    layers = _per_block(config["layers_per_block"], len(down))
+    rules = [Rule("time_embedding.linear_1", "time_embed.0"), Rule("time_embedding.linear_2", "time_embed.2"),
+             Rule("conv_in", "input_blocks.0.0"), Rule("conv_norm_out", "out.0"), Rule("conv_out", "out.2"),
+             Rule("mid_block.resnets.0", "middle_block.0", _UNET_RESNET),
+             Rule("mid_block.attentions.0", "middle_block.1"),
+             Rule("mid_block.resnets.1", "middle_block.2", _UNET_RESNET)]
+    idx = 1
+    for b, kind in enumerate(down):
+        for j in range(layers[b]):
+            rules.append(Rule(f"down_blocks.{b}.resnets.{j}", f"input_blocks.{idx}.0", _UNET_RESNET))
+            if kind.startswith("CrossAttn"):
+                rules.append(Rule(f"down_blocks.{b}.attentions.{j}", f"input_blocks.{idx}.1"))
+            idx += 1
+        if b < len(down) - 1:
+            rules.append(Rule(f"down_blocks.{b}.downsamplers.0.conv", f"input_blocks.{idx}.0.op"))
+            idx += 1
+    idx = 0
+    for b, (kind, n) in enumerate(zip(up, reversed(layers))):
+        attn = kind.startswith("CrossAttn")
+        for j in range(n + 1):
+            rules.append(Rule(f"up_blocks.{b}.resnets.{j}", f"output_blocks.{idx}.0", _UNET_RESNET))
+            if attn:
+                rules.append(Rule(f"up_blocks.{b}.attentions.{j}", f"output_blocks.{idx}.1"))
+            if j == n and b < len(up) - 1:
+                rules.append(Rule(f"up_blocks.{b}.upsamplers.0.conv", f"output_blocks.{idx}.{2 if attn else 1}.conv"))
+            idx += 1
+    return rules
+
+
+def vae_rules(config: Mapping[str, Any]) -> list[Rule]:
+    """Module renames of an ``AutoencoderKL`` config; the original decoder numbers its levels deepest-last."""
+    n, layers = len(config["down_block_types"]), config["layers_per_block"]
+    rules = [Rule("quant_conv", "quant_conv"), Rule("post_quant_conv", "post_quant_conv")]
+    for part in ("encoder", "decoder"):
+        rules += [Rule(f"{part}.conv_in", f"{part}.conv_in"), Rule(f"{part}.conv_out", f"{part}.conv_out"),
+                  Rule(f"{part}.conv_norm_out", f"{part}.norm_out"),
+                  Rule(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _VAE_RESNET),
+                  Rule(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _VAE_RESNET),
+                  Rule(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _VAE_ATTENTION, linear_as_conv=True)]
+    for b in range(n):
+        rules += [Rule(f"encoder.down_blocks.{b}.resnets.{j}", f"encoder.down.{b}.block.{j}", _VAE_RESNET)
+                  for j in range(layers)]
+        rules += [Rule(f"decoder.up_blocks.{b}.resnets.{j}", f"decoder.up.{n - 1 - b}.block.{j}", _VAE_RESNET)
+                  for j in range(layers + 1)]
+        if b < n - 1:
+            rules += [Rule(f"encoder.down_blocks.{b}.downsamplers.0.conv", f"encoder.down.{b}.downsample.conv"),
+                      Rule(f"decoder.up_blocks.{b}.upsamplers.0.conv", f"decoder.up.{n - 1 - b}.upsample.conv")]
+    return rules
+
+
+def _rename(state: Mapping[str, torch.Tensor], rules: list[Rule], to_original: bool,
+            what: str) -> dict[str, torch.Tensor]:
+    """Rename every key of ``state`` by the rule of its longest matching module path (an error if none)."""
+    table = {(r.diffusers if to_original else r.original): r for r in rules}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        cut = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in table), None)
+        if cut is None:
+            raise ValueError(f"{what} key {key!r} has no counterpart in the other layout")
+        rule = table[".".join(parts[:cut])]
+        leaves = rule.leaves if to_original else {v: k for k, v in rule.leaves.items()}
+        module, _, param = ".".join(parts[cut:]).rpartition(".")
+        if leaves:
+            if module not in leaves:
+                raise ValueError(f"{what} key {key!r}: unknown sub-module {module!r}")
+            module = leaves[module]
+        name = ".".join(p for p in ((rule.original if to_original else rule.diffusers), module, param) if p)
+        if rule.linear_as_conv and tensor.ndim == (2 if to_original else 4):
+            tensor = tensor[:, :, None, None] if to_original else tensor[:, :, 0, 0]
+        out[name] = tensor
+    return out
+
+
+def to_original(unet: Mapping[str, torch.Tensor], vae: Mapping[str, torch.Tensor],
+                text_encoder: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any],
+                vae_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Diffusers state dicts -> one flat dict in the original layout (same tensors, VAE attention
+    weights viewed as 1x1 convs). Text-encoder keys may carry transformers' ``text_model.`` prefix or not."""
+    out = {UNET_PREFIX + k: v for k, v in _rename(unet, unet_rules(unet_config), True, "unet").items()}
+    out.update({VAE_PREFIX + k: v for k, v in _rename(vae, vae_rules(vae_config), True, "vae").items()})
+    out.update({TEXT_PREFIX + k.removeprefix("text_model."): v for k, v in text_encoder.items()})
+    return out
+
+
+def from_original(tensors: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any],
+                  vae_config: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """Original-layout tensors -> ``{"unet", "vae", "text_encoder"}`` diffusers state dicts.
+
+    Text-encoder keys come without ``text_model.`` (transformers 5's flat ``CLIPTextModel``). Keys
+    outside the three prefixes (EMA copies, noise-schedule buffers of training checkpoints) are
+    not weights of these models and are skipped; an unknown UNet or VAE key is an error (text-encoder
+    keys are named alike in both layouts and pass through)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    for key, tensor in tensors.items():
+        for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
+            if key.startswith(prefix):
+                parts[name][key[len(prefix):]] = tensor
+    for buffer in TEXT_BUFFERS:
+        parts["text_encoder"].pop(buffer, None)
+    return {"unet": _rename(parts["unet"], unet_rules(unet_config), False, "unet"),
+            "vae": _rename(parts["vae"], vae_rules(vae_config), False, "vae"),
+            "text_encoder": parts["text_encoder"]}
+
+
+def check_supported(model: DiffusionModel) -> None:
+    """Raise a one-line ``ValueError`` unless ``model`` is a latent model with Stable Diffusion 1.x's block layout."""
+    where = f"single-file export: model {model.size!r}"
+    if model.vae is None:
+        raise ValueError(f"{where} works in pixel space (no VAE); "
+                         "the format needs a latent model with an AutoencoderKL")
+    if model.coord_channels:
+        raise ValueError(f"{where} has {model.coord_channels} coordinate input channels, "
+                         "which the format has no room for")
+    cfg, vcfg = model.unet.config, model.vae.config
+    if cfg.addition_embed_type or cfg.class_embed_type or cfg.time_cond_proj_dim or cfg.encoder_hid_dim:
+        raise ValueError(f"{where}: extra UNet embeddings (addition/class/time-cond/encoder-hid) are not SD-1.5-shaped "
+                         "(SDXL is not supported yet)")
+    if (not set(cfg.down_block_types) <= _UNET_DOWN or not set(cfg.up_block_types) <= _UNET_UP
+            or cfg.mid_block_type != "UNetMidBlock2DCrossAttn"):
+        raise ValueError(f"{where}: UNet blocks {cfg.down_block_types}/{cfg.mid_block_type}/{cfg.up_block_types} "
+                         "have no original-layout names")
+    if set(vcfg.down_block_types) != {"DownEncoderBlock2D"} or set(vcfg.up_block_types) != {"UpDecoderBlock2D"}:
+        raise ValueError(f"{where}: VAE blocks {vcfg.down_block_types}/{vcfg.up_block_types} are not SD's")
+    if cfg.in_channels != vcfg.latent_channels:
+        raise ValueError(f"{where}: UNet in_channels {cfg.in_channels} != VAE latent_channels {vcfg.latent_channels}")
+
+
+def model_to_original(model: DiffusionModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s UNet, VAE and text encoder (location rows included) in the original layout,
+    contiguous CPU tensors, floating ones cast to ``dtype`` when given (else as stored)."""
+    check_supported(model)
+    flat = to_original(model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(),
+                       model.unet.config, model.vae.config)
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in flat.items()}
+
+
+def export_single_file(model: DiffusionModel, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as one original-layout ``.safetensors`` file at ``path`` (atomically).
+
+    The header metadata ``geomerase`` holds ``geomerase.json``'s fields (grid, resolution, ...).
+    The whole file is serialised in memory before it is written (about the model's size again)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"single-file export writes safetensors: {str(path)!r} must end in .safetensors")
+    tensors = model_to_original(model, dtype)
+    meta = {"grid": model.grid, "resolution": model.resolution, "space": model.space, "size": model.size,
+            "location_token_ids": model.loc_token_ids}
+    return atomic_write(path, save(tensors, metadata={"format": "pt", "geomerase": json.dumps(meta)}))
+
+
+def read_single_file(path: str | os.PathLike, unet_config: Mapping[str, Any],
+                     vae_config: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """Load an original-layout file as diffusers state dicts (see :func:`from_original`)."""
+    return from_original(load_file(str(path)), unet_config, vae_config)
+
+
+def write_pipeline_config(model: DiffusionModel, path: str | os.PathLike) -> Path:
+    """A weightless diffusers folder for ``StableDiffusionPipeline.from_single_file(file, config=path)``:
+    ``model_index.json``, each component's config, the tokenizer with the location tokens and a
+    DDIM scheduler (atomically, as a folder)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    check_supported(model)
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        pipe.save_config(str(tmp))
+        model.unet.save_config(str(tmp / "unet"))
+        model.vae.save_config(str(tmp / "vae"))
+        model.text_encoder.config.save_pretrained(str(tmp / "text_encoder"))
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        scheduler.save_config(str(tmp / "scheduler"))
+    return path
