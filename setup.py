@@ -33,6 +33,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "pyyaml>=6",
     "tqdm>=4.66",
+    "peft==0.21.2",
     "matplotlib>=3.7",
 ]
 

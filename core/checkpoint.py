@@ -2,7 +2,8 @@
 
 Layout of ``<out>/checkpoints/step-000123/``::
 
-    model/                 diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/, geomerase.json)
+    model/                 diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/, geomerase.json;
+                           unet_lora/ under LoRA)
     optimizer.safetensors  every optimizer state tensor, keyed "<param index>.<name>"
     extra.safetensors      other training tensors (the EMA weights), when any
     trainer.json           step, optimizer param-group settings, LR-scheduler state, config
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from geomerase.core.lora import load_unet_weights
 from geomerase.data.shards import atomic_dir
 
 log = logging.getLogger("geomerase.checkpoint")
@@ -177,10 +179,9 @@ class Checkpointer:
             return None
         path = Path(chosen)
         state = json.loads((path / "trainer.json").read_text())
-        unet_sd = load_file(str(path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
         te_sd = load_file(str(path / "model" / "text_encoder" / "model.safetensors"))
         with b.writable_full_weights():
-            model.unet.load_state_dict(unet_sd)
+            load_unet_weights(model.unet, path / "model")
             model.text_encoder.load_state_dict(te_sd)
         b.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         if b.lr_scheduler is not None and state.get("lr_scheduler") is not None:

@@ -1,31 +1,48 @@
-"""Export a fine-tuned latent model as a standard diffusers ``StableDiffusionPipeline`` folder.
+"""Exports of a fine-tuned model: a whole ``StableDiffusionPipeline`` folder, or the portable parts.
 
-The folder (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/`` with the G^2
-location tokens, ``vae/``, ``scheduler/``) loads with
+:func:`export_pipeline` writes a folder (``model_index.json``, ``unet/``, ``text_encoder/``,
+``tokenizer/`` with the G^2 location tokens, ``vae/``, ``scheduler/``) that loads with
 ``StableDiffusionPipeline.from_pretrained(path)`` and nothing else; the negative prompt
 ``"qr code <l0> ... <l15>"`` then works as in the paper. ``geomerase.json`` is kept beside it
-so :func:`geomerase.core.models.load_model` reads the folder too. Written atomically (temp
-folder in the same parent, then rename).
+so :func:`geomerase.core.models.load_model` reads the folder too. A LoRA adapter is merged.
+
+The portable parts add a fine-tune to the base checkpoint it started from, in plain diffusers:
+:func:`export_lora` (the UNet adapter of a ``train.lora`` run, diffusers' LoRA format, for
+``pipe.load_lora_weights``) and :func:`save_location_tokens` (the location-token rows as a
+textual-inversion file ``{"<l0>": (D,), ...}``, for ``pipe.load_textual_inversion``; with model
+removal it is the whole fine-tune). Everything is written atomically (temp file or folder in the
+same parent, then rename).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
+from safetensors.torch import save
+
+from geomerase.core.geometry import all_loc_tokens
+from geomerase.core.lora import has_lora, merge_unet_lora, save_unet_lora
 from geomerase.core.models import DiffusionModel
-from geomerase.data.shards import atomic_dir
+from geomerase.core.text_embedding import location_rows, uninstall_location_embedding
+from geomerase.data.shards import atomic_dir, atomic_write
+
+LOCATION_TOKENS_FILE = "location_tokens.safetensors"
+"""Name of the textual-inversion file a training run leaves beside its ``model/``."""
 
 
 def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a diffusers Stable Diffusion pipeline folder; needs a latent model (a VAE)."""
+    """Write ``model`` as a diffusers Stable Diffusion pipeline folder; needs a latent model (a VAE).
+
+    Afterwards ``model`` has the stock text embedding module and its LoRA adapter (if any) merged."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if model.vae is None:
         raise ValueError(f"export_pipeline: model {model.size!r} works in pixel space (no VAE); "
                          "only latent models map onto StableDiffusionPipeline")
-    from geomerase.core.text_embedding import uninstall_location_embedding
-
     uninstall_location_embedding(model.text_encoder)  # stock CLIP module, location rows merged
+    merge_unet_lora(model.unet)
     path = Path(path)
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
@@ -35,3 +52,34 @@ def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         model.write_meta(tmp)
     return path
+
+
+def location_token_tensors(model: DiffusionModel) -> dict[str, torch.Tensor]:
+    """``{"<l0>": (D,), ..., "<l{G^2-1}>": (D,)}``: each location token's current row, on the CPU, in the
+    text encoder's dtype."""
+    rows = location_rows(model.text_encoder, model.loc_token_ids).cpu()
+    return {tok: rows[i].clone() for i, tok in enumerate(all_loc_tokens(model.grid))}
+
+
+def save_location_tokens(model: DiffusionModel, path: str | os.PathLike) -> Path:
+    """Write the location-token rows as a textual-inversion safetensors file (one ``(D,)`` tensor per
+    token, keyed by the token string; the grid and token order in the file's metadata).
+
+    Plain diffusers loads it with ``emb = safetensors.torch.load_file(path)`` and
+    ``pipe.load_textual_inversion(list(emb.values()), token=list(emb))``: diffusers 0.42 reads one
+    token per file, or one tensor per token from a list."""
+    tensors = location_token_tensors(model)
+    meta = {"format": "pt", "kind": "geomerase-location-tokens", "grid": str(model.grid),
+            "tokens": json.dumps(list(tensors))}
+    return atomic_write(path, save(tensors, metadata=meta))
+
+
+def export_lora(model: DiffusionModel, folder: str | os.PathLike) -> Path:
+    """Write the UNet's LoRA adapter to ``folder`` in diffusers' LoRA format (for
+    ``pipe.load_lora_weights(folder)``); returns the weights file. An error without an adapter."""
+    if not has_lora(model.unet):
+        raise ValueError("export_lora: the model has no LoRA adapter (train with train.lora.rank > 0)")
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        name = save_unet_lora(model.unet, tmp).name
+    return folder / name

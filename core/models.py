@@ -9,7 +9,8 @@ real Stable Diffusion from a local diffusers folder.
 
 Checkpoints use the diffusers folder layout (``unet/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``, ``vae/``) with safetensors weights, plus
-``geomerase.json`` for what diffusers has no field for (grid, space, resolution).
+``geomerase.json`` for what diffusers has no field for (grid, space, resolution), and
+``unet_lora/`` when the UNet carries a LoRA adapter (``unet/`` then holds the base weights).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from geomerase.core.lora import LORA_DIR, base_state_dict, has_lora, load_unet_lora, save_unet_lora
 from geomerase.core.tokenizer import add_location_tokens, build_tokenizer, location_token_ids
 from geomerase.data.shards import atomic_dir
 
@@ -283,7 +285,7 @@ class DiffusionModel:
         """Write a diffusers-layout folder atomically (temp dir in the same parent, then rename)."""
         path = Path(path)
         with atomic_dir(path) as tmp:
-            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            self._save_unet(tmp)
             self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
@@ -291,6 +293,19 @@ class DiffusionModel:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.write_meta(tmp)
         return path
+
+    def _save_unet(self, folder: Path) -> None:
+        """``folder/unet``; a UNet with a LoRA adapter is saved as its base weights (stock keys) plus
+        ``folder/unet_lora`` (:mod:`geomerase.core.lora`)."""
+        if not has_lora(self.unet):
+            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+            return
+        from safetensors.torch import save_file
+
+        self.unet.save_config(folder / "unet")
+        save_file({k: v.contiguous() for k, v in base_state_dict(self.unet).items()},
+                  str(folder / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        save_unet_lora(self.unet, folder / LORA_DIR)
 
     def write_meta(self, folder: Path) -> None:
         """``folder/geomerase.json``: what diffusers has no field for (grid, resolution, space, size, patch)."""
@@ -406,7 +421,8 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
     """Load a geomerase checkpoint or a local diffusers Stable Diffusion folder.
 
     A Stable Diffusion folder gets the G^2 location tokens added (``grid`` required)
-    and its text-encoder embedding rows resized; nothing is fetched from a hub.
+    and its text-encoder embedding rows resized; nothing is fetched from a hub. A folder with
+    ``unet_lora/`` (a LoRA fine-tune) gets that adapter attached to its UNet, unmerged.
     """
     path = Path(path)
     if not path.is_dir():
@@ -431,6 +447,8 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
     if (path / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(str(path / "vae"), use_safetensors=True, **kw)
         vae.requires_grad_(False)
+    if (path / LORA_DIR).is_dir():
+        load_unet_lora(unet, path / LORA_DIR)
     add_location_tokens(tokenizer, grid)
     _resize_for_loc_tokens(text_encoder, tokenizer, grid, seed, loc_init)
     space = meta.get("space", "latent" if vae is not None else "pixel")

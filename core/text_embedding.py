@@ -110,3 +110,15 @@ def uninstall_location_embedding(text_encoder: nn.Module) -> None:
     stock = CLIPTextEmbeddings(text_encoder.config).to(emb.token_embedding.weight.device)
     stock.load_state_dict(emb.state_dict())
     tm.embeddings = stock
+
+
+def location_rows(text_encoder: nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    """The current ``(R, D)`` rows of tokens ``ids`` (the trained ones when a
+    :class:`LocationTokenEmbedding` is installed), detached, in the table's dtype."""
+    emb = _text_transformer(text_encoder).embeddings
+    if isinstance(emb, LocationTokenEmbedding):
+        idx = torch.as_tensor(list(ids), device=emb.loc_rows.device) - emb.start
+        if bool((idx < 0).any()) or bool((idx >= emb.rows).any()):
+            raise ValueError("location_rows: ids outside the installed location rows")
+        return emb.loc_rows.detach()[idx]
+    return emb.token_embedding.weight.detach()[list(ids)]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from geomerase.core.lora import lora_layers
 from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
 from geomerase.core.models import DiffusionModel
 from geomerase.data.loader import InMemoryDataset, LocalBatch
@@ -113,8 +114,8 @@ class BatchMaker:
 class StepModule(nn.Module):
     """The module an engine wraps; ``forward(batch)`` is the denoising loss of a :class:`TrainBatch`.
 
-    It registers exactly the *trainable* parts: ``modules`` (the UNet; the text encoder when it
-    trains) and ``loose`` bare parameters (the location-token rows; ZeRO-3 gathers them for the
+    It registers exactly the *trainable* parts: ``modules`` (the UNet, or only its LoRA layers; the
+    text encoder when it trains) and ``loose`` bare parameters (the location-token rows; ZeRO-3 gathers them for the
     forward). Frozen modules (the VAE, a frozen text encoder, the prior UNet) are held as plain
     references, so ZeRO neither partitions nor steps them.
     """
@@ -159,11 +160,16 @@ class StepModule(nn.Module):
         return out
 
 
-def trainable_modules(model: DiffusionModel, mode: str, train_text_encoder: bool, params: list[nn.Parameter]
-                      ) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
-    """The modules a :class:`StepModule` registers whole, and the trainable parameters outside them."""
+def trainable_modules(model: DiffusionModel, mode: str, train_text_encoder: bool, params: list[nn.Parameter],
+                      lora: bool = False) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
+    """The modules a :class:`StepModule` registers whole, and the trainable parameters outside them.
+
+    With ``lora`` the UNet's adapter layers (:func:`geomerase.core.lora.lora_layers`) are registered
+    instead of the UNet, so the frozen base weights stay outside the engine."""
     modules: dict[str, nn.Module] = {}
-    if mode == "data-removal":
+    if mode == "data-removal" and lora:
+        modules["unet_lora"] = lora_layers(model.unet)
+    elif mode == "data-removal":
         modules["unet"] = model.unet
         if train_text_encoder:
             modules["text_encoder"] = model.text_encoder

@@ -8,6 +8,12 @@ Modes:
   concept is explained by tokens that are never used at generation time.
 * ``model-removal`` — everything is frozen except the G^2 location-token rows.
 
+Data removal with ``train.lora.rank > 0`` trains PEFT LoRA adapters on the UNet's attention
+projections and the location-token rows only (:mod:`geomerase.core.lora`); the run's end then
+also leaves the adapter in diffusers' LoRA format (``model/unet_lora/``) and the rows as a
+textual-inversion file (``location_tokens.safetensors``), which together add the fine-tune to
+the base checkpoint in plain diffusers.
+
 Every batch, caption choice and noise draw is a function of ``(seed, step)``, so
 ``--resume latest`` continues exactly where the interrupted run was.
 
@@ -35,6 +41,8 @@ from geomerase.core.backend import TrainBackend, build_backend
 from geomerase.core.captions import CaptionConfig
 from geomerase.core.checkpoint import Checkpointer
 from geomerase.core.config import to_dict
+from geomerase.core.export import LOCATION_TOKENS_FILE, export_pipeline, save_location_tokens
+from geomerase.core.lora import LoraConfig, add_unet_lora
 from geomerase.core.models import DiffusionModel, ModelConfig
 from geomerase.core.text_embedding import install_location_embedding, uninstall_location_embedding
 from geomerase.core.train_metrics import MetricsLogger, plot_loss, read_history, write_history
@@ -50,6 +58,8 @@ class TrainConfig:
     """What trains: UNet + location rows (data removal) or location rows only (model removal)."""
     train_text_encoder: bool = True
     """Data removal: also train the whole text encoder (needed when it starts from random init)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Data removal: train LoRA adapters on the UNet instead of the whole UNet (``lora.rank > 0``)."""
     max_steps: int = 1000
     """Optimizer steps."""
     lr: float = 1e-3
@@ -75,7 +85,7 @@ class TrainConfig:
     branch's (benchmarks/results/demo_cpu/NOTES.md). Costs a frozen UNet copy in memory and one
     forward of it on the dropped rows."""
     seed: int = 0
-    """Seed for batches, caption choices, noise and timesteps."""
+    """Seed for batches, caption choices, noise, timesteps and the LoRA adapters' initialisation."""
     log_every: int = 25
     """Steps between loss-log lines (the only host syncs in the loop)."""
     save_every: int = 0
@@ -126,6 +136,12 @@ class TrainConfig:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.uncond_prior and self.mode != "data-removal":
             raise ValueError("train.uncond_prior needs train.mode=data-removal (model removal leaves the UNet as it is)")
+        self.lora.validate()
+        if self.lora.rank and self.mode != "data-removal":
+            raise ValueError("train.lora.rank > 0 needs train.mode=data-removal (model removal trains no UNet weight)")
+        if self.lora.rank and self.train_text_encoder:
+            raise ValueError("train.lora.rank > 0 trains only the location rows of the text encoder: "
+                             "set train.train_text_encoder=false")
 
 
 @dataclass
@@ -187,7 +203,9 @@ def trainable_parameters(model: DiffusionModel, cfg: TrainConfig) -> list[dict]:
     model.text_encoder.requires_grad_(False)
     loc_ids = model.loc_token_ids
     groups: list[dict] = []
-    if cfg.mode == "data-removal":
+    if cfg.mode == "data-removal" and cfg.lora.rank:
+        groups.append({"params": add_unet_lora(model.unet, cfg.lora, cfg.seed), "lr": cfg.lr, "name": "unet_lora"})
+    elif cfg.mode == "data-removal":
         model.unet.requires_grad_(True)
         groups.append({"params": list(model.unet.parameters()), "lr": cfg.lr, "name": "unet"})
         if cfg.train_text_encoder:
@@ -261,7 +279,7 @@ class Trainer:
                 self.model.unet.enable_gradient_checkpointing()
             if tc.mode == "data-removal" and tc.train_text_encoder:
                 self.model.text_encoder.gradient_checkpointing_enable()
-        modules, loose = trainable_modules(self.model, tc.mode, tc.train_text_encoder, self.params)
+        modules, loose = trainable_modules(self.model, tc.mode, tc.train_text_encoder, self.params, tc.lora.rank > 0)
         self.module = StepModule(self.model, modules, loose, prior_unet, tc.reweight_alpha)
         self.backend.setup(self.module, self.groups, self.params, tc, lr_lambda(tc))
         self.ema = self.backend.make_ema(tc.ema_decay) if tc.ema_decay is not None else None
@@ -404,19 +422,21 @@ class Trainer:
         return path
 
     def export(self, path: Path) -> None:
-        """Write the fine-tuned model (the EMA average when enabled) as a diffusers-layout folder;
-        a latent model is also exported as a ``StableDiffusionPipeline`` folder beside it (``pipeline/``).
+        """Write the fine-tuned model (the EMA average when enabled) as a diffusers-layout folder
+        (with ``unet_lora/`` under LoRA) and its location-token rows beside it as a textual-inversion
+        file (``location_tokens.safetensors``); a latent model is also exported as a
+        ``StableDiffusionPipeline`` folder beside it (``pipeline/``, LoRA merged).
 
         Collective. Afterwards the trainer's model holds those weights, with the stock text
-        embedding module (location rows merged into the table).
+        embedding module (location rows merged into the table) and, for a latent model, the LoRA
+        adapter merged into the UNet.
         """
         values = self.ema.tensors() if self.ema is not None else None
         with self.backend.full_weights(values, restore=False):
             if self.is_main:
                 uninstall_location_embedding(self.model.text_encoder)
                 self.model.save(path)
+                save_location_tokens(self.model, path.parent / LOCATION_TOKENS_FILE)
                 if self.model.vae is not None:
-                    from geomerase.core.export import export_pipeline
-
                     export_pipeline(self.model, path.parent / "pipeline")
         self.backend.barrier()

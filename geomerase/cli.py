@@ -10,6 +10,7 @@ Sub-commands::
     geomerase train --config C [key.sub=value ...]   fine-tune (same as python -m geomerase.train)
     geomerase sample --model DIR --prompt P --negative geom --out grid.png
     geomerase export [--format single-file] MODEL OUT   diffusers folder or one original-layout .safetensors
+    geomerase export --format lora|tokens MODEL OUT     a fine-tune's LoRA / location-token rows (plain diffusers)
     geomerase fetch-tokenizer                        cache CLIP's BPE table (set-up does this)
     geomerase bench erasing --preset cpu --concepts qr,watermark,text --out DIR   erasing benchmark
     geomerase bench compare RUN_A RUN_B [--tol 0]                                 same table twice?
@@ -167,15 +168,19 @@ def _export(a: argparse.Namespace) -> int:
 
     from geomerase.core.models import load_model
 
-    if a.format == "diffusers" and (a.dtype or a.config_dir):
+    if a.format != "single-file" and (a.dtype or a.config_dir):
         raise ValueError("--dtype and --config-dir apply to --format single-file")
     model = load_model(a.model, grid=a.grid)
-    if a.format == "diffusers":
-        from geomerase.core.export import export_pipeline
+    if a.format != "single-file":
+        from geomerase.core.export import export_lora, export_pipeline, save_location_tokens
 
-        print(f"wrote {export_pipeline(model, a.out)}")
+        writers = {"diffusers": export_pipeline, "lora": export_lora, "tokens": save_location_tokens}
+        print(f"wrote {writers[a.format](model, a.out)}")
         return 0
+    from geomerase.core.lora import merge_unet_lora
     from geomerase.core.single_file import export_single_file, write_pipeline_config
+
+    merge_unet_lora(model.unet)  # a LoRA fine-tune's full weights
 
     dtype = getattr(torch, _DTYPES[a.dtype]) if a.dtype else None
     print(f"wrote {export_single_file(model, a.out, dtype)}")
@@ -364,11 +369,13 @@ def _fill_sample(p: argparse.ArgumentParser) -> None:
 def _fill_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model",
                    help="model folder: a fine-tune's model/ (geomerase.json) or a diffusers SD folder with --grid")
-    p.add_argument("out", help="diffusers: output folder; single-file: output .safetensors file")
-    p.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers",
+    p.add_argument("out", help="diffusers, lora: output folder; single-file, tokens: output .safetensors file")
+    p.add_argument("--format", choices=["diffusers", "single-file", "lora", "tokens"], default="diffusers",
                    help="diffusers: a StableDiffusionPipeline folder; single-file: one .safetensors in the original "
                         "Stable Diffusion key layout (model.diffusion_model., first_stage_model., "
-                        "cond_stage_model.transformer.) (default: diffusers)")
+                        "cond_stage_model.transformer.) (a LoRA merged in both); lora: the UNet adapter of a "
+                        "train.lora run, for pipe.load_lora_weights(OUT); tokens: the location-token rows as a "
+                        "textual-inversion file for pipe.load_textual_inversion (default: diffusers)")
     p.add_argument("--grid", type=int, default=None,
                    help="G of a folder without geomerase.json (adds G^2 location tokens) (default: the folder's)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
