@@ -40,7 +40,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "distributed": ["deepspeed==0.19.8", "ray[data]==2.60.0"],
     "dali": ["nvidia-dali-cuda120==2.4.0"],
-    "detectors": ["pytesseract>=0.3.10", "pyzbar>=0.1.9"],
+    # text-ppocr also reads the PP-OCRv4 detection model from the rapidocr-onnxruntime==1.4.4 wheel,
+    # installed with --no-deps by scripts/setup.sh: its opencv-python requirement would replace the
+    # headless OpenCV above with a build that needs libGL.
+    "detectors": ["pytesseract>=0.3.10", "pyzbar>=0.1.9", "onnxruntime==1.31.1"],
     "test": ["pytest>=8"],
     # xformers only ships CUDA operators; never install it on a CPU machine.
     "gpu": ["xformers==0.0.35"],

@@ -95,11 +95,11 @@ def run_quality(work: Path, n: int, n_text: int) -> dict[str, Any]:
     out["qr"] = _quality("qr", build_detector("qr", "qr"), qr, side, [24, 33, 45, 64, 90])
     out["qr_require_decode"] = _quality("qr require_decode", build_detector("qr", "qr", require_decode=True), qr,
                                         side, [24, 33, 45, 64, 90])
-    # Text: Tesseract on the same held-out seed.
+    # Text: Tesseract on the same held-out seed (PP-OCR, the default, is scored in text_detectors.py).
     build_icd("text", n_text, 0.5, 256, held_seed, work / "q_text", shard_size=1000, progress=False, sizes="wide")
     tx = _load_shards(str(work / "q_text" / "*.tar"))
     height = lambda b: b[3] - b[1]  # noqa: E731  (line box height incl. outline)
-    out["text"] = _quality("text", build_detector("text", "text"), tx, height, [6, 9, 12, 16, 24])
+    out["text"] = _quality("text-tesseract", build_detector("text-tesseract", "text"), tx, height, [6, 9, 12, 16, 24])
     # Watermark: patch classifier trained on a separate seed (default sizes, 256 px), held-out seed scored.
     build_icd("watermark", 600, 0.5, 256, 0, work / "wm_train", shard_size=1000, progress=False)
     build_icd("watermark", n, 0.5, 256, held_seed, work / "q_wm", shard_size=1000, progress=False)

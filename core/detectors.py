@@ -3,9 +3,10 @@
 * ``oracle`` reads the ground-truth boxes an ICD sample carries in its ``json``.
 * ``patch-classifier`` scans a trained :class:`PatchClassifier` over the G x G grid
   and returns the box of every cell it flags (the paper's accessible-classifier path).
-* ``qr`` (OpenCV's multi-code QR detector), ``text`` (Tesseract word boxes) and
-  ``watermark`` (the patch-classifier path for watermarks) live in
-  :mod:`geomerase.core.detectors_real` and are registered here by name.
+* ``qr`` (OpenCV's multi-code QR detector), ``text`` (PP-OCR's text-region model through ONNX
+  Runtime, also ``text-ppocr``; Tesseract word boxes are ``text-tesseract``) and ``watermark``
+  (the patch-classifier path for watermarks) live in :mod:`geomerase.core.detectors_real` and are
+  registered here by name.
 
 Further detectors register with :func:`register_detector`, or are named
 ``module:Class`` (imported explicitly with importlib, never evaluated); several
@@ -224,7 +225,7 @@ def build_detector(name: str, concept: str, **options: Any) -> Detector:
     with several detectors, ``"qr.require_decode"`` addresses one of them. Unknown names list the
     registered ones.
     """
-    import geomerase.core.detectors_real  # noqa: F401  (registers qr, text, watermark)
+    import geomerase.core.detectors_real  # noqa: F401  (registers qr, text*, watermark)
 
     names = [n.strip() for n in name.split(",") if n.strip()]
     if not names:

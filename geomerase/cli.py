@@ -323,7 +323,7 @@ def _fill_annotate(p: argparse.ArgumentParser) -> None:
                    help="local: this process; ray: a pool of Ray actors (default: local)")
     add_config_args(p, RayAnnotateConfig, ["batch_size", "address", "num_workers"])
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="detector option, repeatable (require_decode=true, min_conf=50, text.min_height=8)")
+                   help="detector option, repeatable (require_decode=true, working_size=512, text-tesseract.min_conf=50)")
 
 
 def _fill_train(p: argparse.ArgumentParser) -> None:

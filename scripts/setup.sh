@@ -35,6 +35,9 @@ PYEOF
   fi
   # DeepSpeed must not try to compile its ops at install time (no CUDA here).
   DS_BUILD_OPS=0 $PIP install -q -e ".$EXTRAS"
+  # The 'text' detector's PP-OCRv4 model ships in this wheel; only the .onnx file is read, and
+  # --no-deps keeps its opencv-python requirement from replacing opencv-python-headless.
+  if [[ $PROFILE == test ]]; then $PIP install -q --no-deps "rapidocr-onnxruntime==1.4.4"; fi
   echo "$WANT" > "$STAMP"
 fi
 # --test: the detectors' system binaries (Tesseract OCR for the 'text' detector, libzbar for pyzbar),

@@ -1,20 +1,23 @@
 """Real detectors (OpenCV QR, Tesseract text, watermark classifier), plug-ins and multi-detector runs."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from geomerase.core.annotate import Annotator
 from geomerase.core.classifiers import PatchClassifierConfig, save_classifier
 from geomerase.core.detectors import Detector, MultiDetector, OracleDetector, PatchClassifierDetector, build_detector
-from geomerase.core.detectors_real import QRDetector, TesseractMissing, TextDetector, TorchCellDetector, tesseract_path
+from geomerase.core.detectors_real import (PPOCRTextDetector, QRDetector, TesseractMissing, TextDetector,
+                                           TorchCellDetector, tesseract_path)
 from geomerase.core.geometry import GeometryConfig
 from geomerase.core.tokenizer import build_tokenizer
+from geomerase.data.concepts import font
 from geomerase.data.icd import make_sample
 from geomerase.data.shards import Sample
 
@@ -90,7 +93,7 @@ def test_detector_options_are_typed_and_checked():
 @needs_tesseract
 def test_text_detector_reads_words_and_filters():
     img, _, meta = make_sample("text", 5, 3, 256, carry=True)  # 13-px lines, readable
-    det = build_detector("text", "text")
+    det = build_detector("text-tesseract", "text")
     assert isinstance(det, TextDetector)
     found = det.detect(img)
     assert found and all(d.concept == "text" and 0 < d.score <= 1 for d in found)
@@ -98,7 +101,7 @@ def test_text_detector_reads_words_and_filters():
     for d in found:
         assert any(d.box[0] >= b[0] - 4 and d.box[2] <= b[2] + 4 and d.box[1] >= b[1] - 4 and d.box[3] <= b[3] + 4
                    for b in meta["boxes"]), (d.box, meta["boxes"])
-    assert build_detector("text", "text", min_height="100").detect(img) == []
+    assert build_detector("text-tesseract", "text", min_height="100").detect(img) == []
     clean, _, _ = make_sample("text", 5, 3, 256, carry=False)
     assert len(det.detect(clean)) <= 1
 
@@ -109,7 +112,49 @@ def test_text_detector_names_missing_binary(monkeypatch):
 
     monkeypatch.setattr(real.shutil, "which", lambda name: None)
     with pytest.raises(TesseractMissing, match="'tesseract' binary .*tesseract-ocr"):
-        build_detector("text", "text")
+        build_detector("text-tesseract", "text")
+
+
+def _needs_ppocr():
+    pytest.importorskip("onnxruntime")
+    if importlib.util.find_spec("rapidocr_onnxruntime") is None:
+        pytest.skip("the PP-OCR model wheel is absent (pip install --no-deps rapidocr-onnxruntime==1.4.4)")
+
+
+def _word_image(size: tuple[int, int], xy: tuple[int, int], px: int) -> tuple[Image.Image, list[float]]:
+    img = Image.new("RGB", size, (235, 232, 225))
+    d = ImageDraw.Draw(img)
+    fnt = font("DejaVuSans-Bold.ttf", px)
+    d.text(xy, "Harbour", font=fnt, fill=(25, 25, 30))
+    return img, list(map(float, d.textbbox(xy, "Harbour", font=fnt)))
+
+
+def test_ppocr_is_the_default_text_detector_and_finds_a_word_in_original_pixels(monkeypatch):
+    _needs_ppocr()
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the text-ppocr detector opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    det = build_detector("text", "text")
+    assert isinstance(det, PPOCRTextDetector) and det.cfg.threads == 1
+    assert isinstance(build_detector("text-ppocr", "text", working_size="512"), PPOCRTextDetector)
+    for size, xy in (((700, 300), (380, 190)), ((300, 700), (20, 520))):  # neither square nor 512 px
+        img, truth = _word_image(size, xy, 44)
+        found = det.detect(img)
+        assert len(found) == 1 and found[0].concept == "text" and 0.6 <= found[0].score <= 1, found
+        assert _iou(found[0].box, truth) > 0.5, (found[0].box, truth)
+        assert 0 <= found[0].box[0] and found[0].box[2] <= size[0] and found[0].box[3] <= size[1]
+    assert det.detect(Image.new("RGB", (700, 300), (235, 232, 225))) == []
+
+
+def test_ppocr_options_are_checked():
+    _needs_ppocr()
+    with pytest.raises(ValueError, match="text-ppocr.*unknown option 'min_conf'"):
+        build_detector("text-ppocr", "text", min_conf="40")
+    with pytest.raises(ValueError, match="text-ppocr detector: invalid options"):
+        build_detector("text-ppocr", "text", working_size="16")
 
 
 def test_watermark_detector_is_the_patch_classifier_path(tmp_path):
