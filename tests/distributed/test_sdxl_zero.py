@@ -80,10 +80,15 @@ def test_sdxl_two_ranks_match_single_process(setup, reference, stage, tmp_path):
     for part in PARTS:
         ours, theirs = _weights(out, part), _weights(ref, part)
         for key, value in theirs.items():
-            torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=f"{part}/{key}")
+            # Adam's first steps move each element by up to lr whatever its gradient's size, so an element whose
+            # gradient is ~0 follows the rounding of the 2-rank reduction (measured: 13 of 1.0 M UNet elements
+            # off by up to 1.3e-4 at ZeRO-2); a trained element moves by ~1e-3 per step.
+            torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=2e-4, msg=f"{part}/{key}")
             frozen = part != "unet" or mode == "model-removal"
             if frozen and not key.endswith("token_embedding.weight"):
                 assert torch.equal(ours[key], start[part][key]), f"{part}/{key} changed"
+            elif not frozen:
+                assert not torch.equal(ours[key], start[part][key]), f"{part}/{key} did not train"
     for part in ("text_encoder", "text_encoder_2"):  # the base vocabulary rows stay as they were
         key = next(k for k in start[part] if k.endswith("token_embedding.weight"))
         base = start[part][key]
