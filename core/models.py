@@ -5,7 +5,7 @@ G^2 location tokens), CLIP text encoder, UNet, optional VAE (latent space) and t
 training noise scheduler. Named sizes live in :data:`MODEL_SIZES`; ``tiny`` runs
 the whole pipeline on a 2-core CPU in pixel space, ``sd15`` has Stable Diffusion
 1.5's shapes (random init, for GPU benchmarks) and ``--pretrained PATH`` loads a
-real Stable Diffusion from a local diffusers folder.
+real Stable Diffusion (or SDXL, :mod:`geomerase.core.sdxl`) from a local diffusers folder.
 
 Checkpoints use the diffusers folder layout (``unet/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``, ``vae/``) with safetensors weights, plus
@@ -174,7 +174,7 @@ class ModelConfig:
     size: str = "tiny"
     """Registry name of the architecture (see ``MODEL_SIZES``); ignored for weights when ``pretrained`` is set."""
     pretrained: str | None = None
-    """Local folder: a diffusers Stable Diffusion pipeline or a geomerase checkpoint. None: random init."""
+    """Local folder: a diffusers Stable Diffusion or SDXL pipeline, or a geomerase checkpoint. None: random init."""
     grid: int = 4
     """G: number of grid rows/cols; G^2 location tokens are added to the tokenizer."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
