@@ -3,7 +3,7 @@
 Layout of ``<out>/checkpoints/step-000123/``::
 
     model/                 diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/, geomerase.json;
-                           unet_lora/ under LoRA)
+                           unet_lora/ under LoRA; text_encoder_2/ and tokenizer_2/ for SDXL)
     optimizer.safetensors  every optimizer state tensor, keyed "<param index>.<name>"
     extra.safetensors      other training tensors (the EMA weights), when any
     trainer.json           step, optimizer param-group settings, LR-scheduler state, config
@@ -179,10 +179,12 @@ class Checkpointer:
             return None
         path = Path(chosen)
         state = json.loads((path / "trainer.json").read_text())
-        te_sd = load_file(str(path / "model" / "text_encoder" / "model.safetensors"))
+        te_sds = [(te, load_file(str(path / "model" / f"text_encoder{suffix}" / "model.safetensors")))
+                  for suffix, _, te in model.text_encoders]
         with b.writable_full_weights():
             load_unet_weights(model.unet, path / "model")
-            model.text_encoder.load_state_dict(te_sd)
+            for text_encoder, te_sd in te_sds:
+                text_encoder.load_state_dict(te_sd)
         b.load_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         if b.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             b.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -1,4 +1,5 @@
-"""Exports of a fine-tuned model: a whole ``StableDiffusionPipeline`` folder, or the portable parts.
+"""Exports of a fine-tuned model: a whole ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``)
+folder, or the portable parts.
 
 :func:`export_pipeline` writes a folder (``model_index.json``, ``unet/``, ``text_encoder/``,
 ``tokenizer/`` with the G^2 location tokens, ``vae/``, ``scheduler/``) that loads with
@@ -33,21 +34,34 @@ LOCATION_TOKENS_FILE = "location_tokens.safetensors"
 
 
 def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a diffusers Stable Diffusion pipeline folder; needs a latent model (a VAE).
+    """Write ``model`` as a diffusers pipeline folder; needs a latent model (a VAE).
 
-    Afterwards ``model`` has the stock text embedding module and its LoRA adapter (if any) merged."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    A :class:`~geomerase.core.sdxl.SDXLModel` becomes a ``StableDiffusionXLPipeline`` folder (with
+    ``text_encoder_2/`` and ``tokenizer_2/``, both carrying the location tokens) whose
+    ``force_zeros_for_empty_prompt`` is off: an empty negative prompt is encoded, as geomerase's
+    sampler and training (caption dropout) encode it. Afterwards ``model`` has the stock text
+    embedding modules and its LoRA adapter (if any) merged."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from geomerase.core.sdxl import SDXLModel
 
     if model.vae is None:
         raise ValueError(f"export_pipeline: model {model.size!r} works in pixel space (no VAE); "
                          "only latent models map onto StableDiffusionPipeline")
-    uninstall_location_embedding(model.text_encoder)  # stock CLIP module, location rows merged
+    for _, _, text_encoder in model.text_encoders:
+        uninstall_location_embedding(text_encoder)  # stock CLIP module, location rows merged
     merge_unet_lora(model.unet)
     path = Path(path)
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    if isinstance(model, SDXLModel):
+        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
+                                         text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+                                         tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                       unet=model.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(path) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         model.write_meta(tmp)
@@ -55,22 +69,31 @@ def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
 
 
 def location_token_tensors(model: DiffusionModel) -> dict[str, torch.Tensor]:
-    """``{"<l0>": (D,), ..., "<l{G^2-1}>": (D,)}``: each location token's current row, on the CPU, in the
-    text encoder's dtype."""
+    """Each location token's current row, on the CPU, in the text encoder's dtype:
+    ``{"<l0>": (D,), ..., "<l{G^2-1}>": (D,)}``; for SDXL ``{"clip_l": (G^2, D1), "clip_g": (G^2, D2)}``
+    (rows in token order, one tensor per encoder, the layout of SDXL textual-inversion files)."""
+    from geomerase.core.sdxl import SDXLModel
+
+    if isinstance(model, SDXLModel):
+        return {"clip_l": location_rows(model.text_encoder, model.loc_token_ids).cpu().clone(),
+                "clip_g": location_rows(model.text_encoder_2, model.loc_token_ids_2).cpu().clone()}
     rows = location_rows(model.text_encoder, model.loc_token_ids).cpu()
     return {tok: rows[i].clone() for i, tok in enumerate(all_loc_tokens(model.grid))}
 
 
 def save_location_tokens(model: DiffusionModel, path: str | os.PathLike) -> Path:
-    """Write the location-token rows as a textual-inversion safetensors file (one ``(D,)`` tensor per
-    token, keyed by the token string; the grid and token order in the file's metadata).
+    """Write the location-token rows as a textual-inversion safetensors file
+    (:func:`location_token_tensors`; the grid and token order in the file's metadata).
 
     Plain diffusers loads it with ``emb = safetensors.torch.load_file(path)`` and
     ``pipe.load_textual_inversion(list(emb.values()), token=list(emb))``: diffusers 0.42 reads one
-    token per file, or one tensor per token from a list."""
+    token per file, or one tensor per token from a list. SDXL: once per encoder,
+    ``pipe.load_textual_inversion(emb["clip_l"], token=tokens, text_encoder=pipe.text_encoder,
+    tokenizer=pipe.tokenizer)`` and likewise ``clip_g`` with the ``_2`` parts, ``tokens`` from the
+    metadata."""
     tensors = location_token_tensors(model)
     meta = {"format": "pt", "kind": "geomerase-location-tokens", "grid": str(model.grid),
-            "tokens": json.dumps(list(tensors))}
+            "tokens": json.dumps(all_loc_tokens(model.grid))}
     return atomic_write(path, save(tensors, metadata=meta))
 
 

@@ -5,7 +5,7 @@ G^2 location tokens), CLIP text encoder, UNet, optional VAE (latent space) and t
 training noise scheduler. Named sizes live in :data:`MODEL_SIZES`; ``tiny`` runs
 the whole pipeline on a 2-core CPU in pixel space, ``sd15`` has Stable Diffusion
 1.5's shapes (random init, for GPU benchmarks) and ``--pretrained PATH`` loads a
-real Stable Diffusion from a local diffusers folder.
+real Stable Diffusion (or SDXL, :mod:`geomerase.core.sdxl`) from a local diffusers folder.
 
 Checkpoints use the diffusers folder layout (``unet/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``, ``vae/``) with safetensors weights, plus
@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -173,7 +174,7 @@ class ModelConfig:
     size: str = "tiny"
     """Registry name of the architecture (see ``MODEL_SIZES``); ignored for weights when ``pretrained`` is set."""
     pretrained: str | None = None
-    """Local folder: a diffusers Stable Diffusion pipeline or a geomerase checkpoint. None: random init."""
+    """Local folder: a diffusers Stable Diffusion or SDXL pipeline, or a geomerase checkpoint. None: random init."""
     grid: int = 4
     """G: number of grid rows/cols; G^2 location tokens are added to the tokenizer."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
@@ -232,6 +233,12 @@ class DiffusionModel:
     def loc_token_ids(self) -> list[int]:
         return location_token_ids(self.tokenizer, self.grid)
 
+    @property
+    def text_encoders(self) -> list[tuple[str, CLIPTokenizer, nn.Module]]:
+        """``(folder suffix, tokenizer, encoder)`` of every text encoder, each with its own location
+        tokens: ``text_encoder{suffix}/`` and ``tokenizer{suffix}/`` on disk. One here (suffix "")."""
+        return [("", self.tokenizer, self.text_encoder)]
+
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """``(B, 77)`` int64 ids, padded and truncated to the text encoder's length."""
         return self.tokenizer(captions, padding="max_length", truncation=True,
@@ -267,6 +274,13 @@ class DiffusionModel:
         unet = self.unet if unet is None else unet
         return unet(with_coords(x, self.coord_channels), t, cond).sample
 
+    def train(self, mode: bool = True) -> "DiffusionModel":
+        """Put the UNet and every text encoder in training (``mode``) or eval mode; the VAE stays as it is."""
+        self.unet.train(mode)
+        for _, _, text_encoder in self.text_encoders:
+            text_encoder.train(mode)
+        return self
+
     def set_attention_backend(self, backend: str) -> None:
         """Route every UNet attention through the named backend (stock weights layout kept)."""
         if backend == "diffusers":
@@ -276,7 +290,7 @@ class DiffusionModel:
         set_attention_backend(self.unet, backend)
 
     def to(self, device: torch.device | str) -> "DiffusionModel":
-        for m in (self.text_encoder, self.unet, self.vae):
+        for m in (*(te for _, _, te in self.text_encoders), self.unet, self.vae):
             if m is not None:
                 m.to(device)
         return self
@@ -286,8 +300,9 @@ class DiffusionModel:
         path = Path(path)
         with atomic_dir(path) as tmp:
             self._save_unet(tmp)
-            self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            for suffix, tokenizer, text_encoder in self.text_encoders:
+                text_encoder.save_pretrained(tmp / f"text_encoder{suffix}", safe_serialization=True)
+                tokenizer.save_pretrained(tmp / f"tokenizer{suffix}")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
@@ -418,11 +433,13 @@ def stored_resolution(folder: str | Path) -> int:
 
 def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
                loc_init: str = "mean") -> DiffusionModel:
-    """Load a geomerase checkpoint or a local diffusers Stable Diffusion folder.
+    """Load a geomerase checkpoint or a local diffusers Stable Diffusion (or SDXL) folder.
 
     A Stable Diffusion folder gets the G^2 location tokens added (``grid`` required)
     and its text-encoder embedding rows resized; nothing is fetched from a hub. A folder with
-    ``unet_lora/`` (a LoRA fine-tune) gets that adapter attached to its UNet, unmerged.
+    ``unet_lora/`` (a LoRA fine-tune) gets that adapter attached to its UNet, unmerged. A folder
+    with ``text_encoder_2/`` is SDXL: both tokenizers get the tokens, both encoders the rows, and the
+    result is a :class:`geomerase.core.sdxl.SDXLModel`.
     """
     path = Path(path)
     if not path.is_dir():
@@ -439,8 +456,7 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
     elif meta.get("grid") not in (None, 0, grid):
         raise ValueError(f"{path}: checkpoint was trained with grid {meta['grid']}, asked for grid {grid}")
     kw = dict(local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), **kw)
-    text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), use_safetensors=True, **kw)
+    tokenizer, text_encoder = load_text_encoder(path, "", CLIPTextModel, grid, seed, loc_init)
     unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), use_safetensors=True, **kw)
     scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"), **kw)
     vae = None
@@ -449,8 +465,6 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
         vae.requires_grad_(False)
     if (path / LORA_DIR).is_dir():
         load_unet_lora(unet, path / LORA_DIR)
-    add_location_tokens(tokenizer, grid)
-    _resize_for_loc_tokens(text_encoder, tokenizer, grid, seed, loc_init)
     space = meta.get("space", "latent" if vae is not None else "pixel")
     patch = int(meta.get("patch", 1))
     coords = int(meta.get("coord_channels", 0))
@@ -459,5 +473,25 @@ def load_model(path: str | os.PathLike, grid: int | None = None, seed: int = 0,
                          f"{unet.config.out_channels} + coord_channels {coords} (from {META_FILE})")
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else patch
     resolution = meta.get("resolution", unet.config.sample_size * scale)
-    return DiffusionModel(tokenizer, text_encoder, unet, scheduler, grid, resolution, space, vae,
-                          meta.get("size", "pretrained"), patch, coords)
+    parts = (tokenizer, text_encoder, unet, scheduler, grid, resolution, space, vae,
+             meta.get("size", "pretrained"), patch, coords)
+    if (path / "text_encoder_2").is_dir():
+        from transformers import CLIPTextModelWithProjection
+
+        from geomerase.core.sdxl import SDXLModel
+
+        tokenizer_2, text_encoder_2 = load_text_encoder(path, "_2", CLIPTextModelWithProjection, grid, seed, loc_init)
+        return SDXLModel(*parts, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
+    return DiffusionModel(*parts)
+
+
+def load_text_encoder(path: Path, suffix: str, cls: type[nn.Module], grid: int, seed: int,
+                      loc_init: str) -> tuple[CLIPTokenizer, nn.Module]:
+    """``tokenizer{suffix}/`` with the location tokens added and ``text_encoder{suffix}/`` (a ``cls``)
+    with its embedding table grown to match (new rows initialised by ``loc_init``)."""
+    tokenizer = CLIPTokenizer.from_pretrained(str(path / f"tokenizer{suffix}"), local_files_only=True)
+    text_encoder = cls.from_pretrained(str(path / f"text_encoder{suffix}"), use_safetensors=True,
+                                       local_files_only=True)
+    add_location_tokens(tokenizer, grid)
+    _resize_for_loc_tokens(text_encoder, tokenizer, grid, seed, loc_init)
+    return tokenizer, text_encoder

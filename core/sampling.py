@@ -111,8 +111,7 @@ def sample(
     if w.numel() != len(negatives) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"neg_weights {w.tolist()} do not fit {len(negatives)} negatives")
     w = w / w.sum()
-    model.unet.eval()
-    model.text_encoder.eval()
+    model.train(False)
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
     neg_emb = model.encode_text(model.tokenize(negatives).to(device)).to(dtype)  # (K, 77, D)

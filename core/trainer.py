@@ -45,6 +45,7 @@ from geomerase.core.export import LOCATION_TOKENS_FILE, export_pipeline, save_lo
 from geomerase.core.lora import LoraConfig, add_unet_lora
 from geomerase.core.models import DiffusionModel, ModelConfig
 from geomerase.core.text_embedding import install_location_embedding, uninstall_location_embedding
+from geomerase.core.tokenizer import location_token_ids
 from geomerase.core.train_metrics import MetricsLogger, plot_loss, read_history, write_history
 from geomerase.core.train_step import BatchMaker, StepModule, trainable_modules
 from geomerase.data.loader import DataConfig, InMemoryDataset, build_batch_source
@@ -198,10 +199,12 @@ class RunConfig:
 
 
 def trainable_parameters(model: DiffusionModel, cfg: TrainConfig) -> list[dict]:
-    """Freeze what the mode keeps fixed; return optimizer param groups for the rest."""
+    """Freeze what the mode keeps fixed; return optimizer param groups for the rest.
+
+    The location-token rows of every text encoder (two for SDXL) form one group, ``loc_rows``."""
     model.unet.requires_grad_(False)
-    model.text_encoder.requires_grad_(False)
-    loc_ids = model.loc_token_ids
+    for _, _, text_encoder in model.text_encoders:
+        text_encoder.requires_grad_(False)
     groups: list[dict] = []
     if cfg.mode == "data-removal" and cfg.lora.rank:
         groups.append({"params": add_unet_lora(model.unet, cfg.lora, cfg.seed), "lr": cfg.lr, "name": "unet_lora"})
@@ -209,12 +212,19 @@ def trainable_parameters(model: DiffusionModel, cfg: TrainConfig) -> list[dict]:
         model.unet.requires_grad_(True)
         groups.append({"params": list(model.unet.parameters()), "lr": cfg.lr, "name": "unet"})
         if cfg.train_text_encoder:
+            if len(model.text_encoders) > 1:
+                raise ValueError("train.train_text_encoder=true with two text encoders (SDXL): only their "
+                                 "location-token rows train; set train.train_text_encoder=false")
             model.text_encoder.requires_grad_(True)
             groups.append({"params": list(model.text_encoder.parameters()), "lr": cfg.lr, "name": "text_encoder"})
             return groups
-    emb = install_location_embedding(model.text_encoder, loc_ids, cfg.embedding_backend)
-    emb.loc_rows.requires_grad_(True)
-    groups.append({"params": [emb.loc_rows], "lr": cfg.loc_lr or cfg.lr, "name": "loc_rows", "weight_decay": 0.0})
+    rows = []
+    for _, tokenizer, text_encoder in model.text_encoders:
+        emb = install_location_embedding(text_encoder, location_token_ids(tokenizer, model.grid),
+                                         cfg.embedding_backend)
+        emb.loc_rows.requires_grad_(True)
+        rows.append(emb.loc_rows)
+    groups.append({"params": rows, "lr": cfg.loc_lr or cfg.lr, "name": "loc_rows", "weight_decay": 0.0})
     return groups
 
 
@@ -340,8 +350,7 @@ class Trainer:
         tc = self.cfg.train
         if self.cfg.resume:
             self.resume(self.cfg.resume)
-        self.model.unet.train()
-        self.model.text_encoder.train()
+        self.model.train()
         metrics = MetricsLogger(self.out, tc, self.cfg.data.batch_size, self.world) if self.is_main else None
         acc = torch.zeros((), device=self.device)
         n_acc = 0
@@ -415,8 +424,7 @@ class Trainer:
         prompts = (prompts * n)[:n]
         images = sample(self.model, prompts, seeds=list(range(n)),
                         cfg=SamplerConfig(steps=tc.sample_steps, batch_size=n))
-        self.model.unet.train()
-        self.model.text_encoder.train()
+        self.model.train()
         path = self.out / "samples" / f"step-{self.step:06d}.png"
         sample_grid(to_uint8(images), path, grid=self.grid, cols=min(n, 8), title=f"step {self.step}")
         return path
@@ -434,7 +442,8 @@ class Trainer:
         values = self.ema.tensors() if self.ema is not None else None
         with self.backend.full_weights(values, restore=False):
             if self.is_main:
-                uninstall_location_embedding(self.model.text_encoder)
+                for _, _, text_encoder in self.model.text_encoders:
+                    uninstall_location_embedding(text_encoder)
                 self.model.save(path)
                 save_location_tokens(self.model, path.parent / LOCATION_TOKENS_FILE)
                 if self.model.vae is not None:

@@ -52,3 +52,11 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline folder (``tests/sdxl_tiny.py``), saved once per session."""
+    from sdxl_tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "sdxl")

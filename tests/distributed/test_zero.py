@@ -129,7 +129,7 @@ def test_deepspeed_config_generation_and_errors(tmp_path):
     with pytest.raises(ValueError, match="optimizer"):
         load_config(RunConfig, ROOT / "configs" / "tiny_cpu_zero2.yaml", ["deepspeed.extra={optimizer: {type: Adam}}"])
     for name in ("tiny_cpu_zero1", "tiny_cpu_zero2", "tiny_cpu_zero3", "tiny_cpu_model_removal_zero2",
-                 "sd15_h100_zero2", "sd15_h100_zero3"):
+                 "sd15_h100_zero2", "sd15_h100_zero3", "sdxl_h100_zero2"):
         c = load_config(RunConfig, ROOT / "configs" / f"{name}.yaml")
         assert c.train.backend == "deepspeed", name
 
