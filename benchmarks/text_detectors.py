@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from geomerase.benchmarks.common import RESULTS_DIR, environment
+from geomerase.core.annotate import cpu_seconds
 
 SIZE = 512
 GRID = 4
@@ -146,12 +146,6 @@ def icd_set(n: int, work: Path) -> list[tuple[Image.Image, list[list[float]]]]:
     return [(s.image, s.meta.get("boxes", [])) for s in iter_samples(str(work / "*.tar"))][:n]
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (Tesseract runs as a child process)."""
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + ch.ru_utime + ch.ru_stime
-
-
 def score(name: str, detector: Any, images: list[tuple[Image.Image, list[list[float]]]],
           overlap_threshold: float | None = None) -> dict[str, Any]:
     """Cell and image precision/recall of ``detector`` on ``images``, and its single-thread speed
@@ -162,14 +156,14 @@ def score(name: str, detector: Any, images: list[tuple[Image.Image, list[list[fl
     enc = GeometryConfig(grid=GRID, overlap_threshold=overlap_threshold or geo.overlap_threshold).build()
     pred, true, flagged = [], [], []
     detector.detect(images[0][0])  # first call initialises kernels; not timed
-    c0, t0 = _cpu_seconds(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for img, boxes in images:
         found = detector.detect(img)
         w, h = img.size
         pred.append(enc.cells_from_boxes([d.box for d in found], w, h))
         true.append(enc.cells_from_boxes(boxes, w, h))
         flagged.append(bool(found))
-    secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    secs, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     pr = cell_precision_recall(pred, true)
     has = [bool(b) for _, b in images]
     itp = sum(f and h for f, h in zip(flagged, has))

@@ -1,5 +1,10 @@
 """Detectors behind one interface: image -> boxes (pixels) with scores.
 
+Every detector looks at an image at its own *working size* (:meth:`Detector.working_size`: a QR or
+OCR detector at the native size up to a cap, PP-OCR at a fixed longest side, a patch classifier at its
+classifier's resolution) and returns boxes in pixels of the *original* image, so the annotator
+computes cells from the original size whatever size the detector ran at.
+
 * ``oracle`` reads the ground-truth boxes an ICD sample carries in its ``json``.
 * ``patch-classifier`` scans a trained :class:`PatchClassifier` over the G x G grid
   and returns the box of every cell it flags (the paper's accessible-classifier path).
@@ -33,7 +38,8 @@ class Detection:
     """One found instance of a concept."""
 
     box: list[float]
-    """``[x1, y1, x2, y2]`` in pixels of the image given to the detector."""
+    """``[x1, y1, x2, y2]`` in pixels of the image given to the detector (the original, not the
+    detector's working size)."""
     score: float
     """Confidence in [0, 1]."""
     concept: str
@@ -44,6 +50,37 @@ class Detection:
                 "concept": self.concept}
 
 
+def working_scale(width: int, height: int, longest: int, multiple: int = 1) -> tuple[int, int]:
+    """Size (w, h) that brings the longer side of a ``width`` x ``height`` image to ``longest`` px,
+    each side rounded to a multiple of ``multiple`` (at least one multiple)."""
+    s = longest / max(width, height)
+    return (max(multiple, round(width * s / multiple) * multiple),
+            max(multiple, round(height * s / multiple) * multiple))
+
+
+def capped_size(width: int, height: int, scale: float = 1.0, max_side: int = 0) -> tuple[int, int]:
+    """The native size times ``scale``, its longer side capped at ``max_side`` (0: no cap)."""
+    longest = max(width, height) * scale
+    if max_side:
+        longest = min(longest, max_side)
+    return working_scale(width, height, max(1, round(longest)))
+
+
+def resize_to(image: Image.Image, size: tuple[int, int], resample: int = Image.BICUBIC) -> Image.Image:
+    """``image`` at ``size`` (itself when already that size); PIL's filters other than ``NEAREST``
+    average over the source pixels when shrinking."""
+    return image if image.size == size else image.resize(size, resample)
+
+
+def box_to_original(box: Sequence[float], working: tuple[int, int], original: tuple[int, int]) -> list[float] | None:
+    """``[x1, y1, x2, y2]`` in pixels of an image resized to ``working`` (w, h) -> pixels of the
+    ``original`` (w, h), clipped to it; None when nothing of it is inside."""
+    sx, sy = original[0] / working[0], original[1] / working[1]
+    x1, y1 = max(0.0, float(box[0]) * sx), max(0.0, float(box[1]) * sy)
+    x2, y2 = min(float(original[0]), float(box[2]) * sx), min(float(original[1]), float(box[3]) * sy)
+    return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
+
+
 class Detector(ABC):
     """Finds one concept in images."""
 
@@ -52,7 +89,12 @@ class Detector(ABC):
 
     @abstractmethod
     def detect(self, image: Image.Image, meta: dict | None = None) -> list[Detection]:
-        """Detections in ``image`` (``meta`` is the sample's json, for detectors that need it)."""
+        """Detections in ``image``, boxes in its pixels (``meta`` is the sample's json, for detectors
+        that need it)."""
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """Size (w, h) this detector looks at a ``width`` x ``height`` image at (default: as it is)."""
+        return width, height
 
     def detect_batch(self, images: Sequence[Image.Image], metas: Sequence[dict | None]) -> list[list[Detection]]:
         return [self.detect(im, m) for im, m in zip(images, metas)]
@@ -91,6 +133,11 @@ class PatchClassifierDetector(Detector):
         if trained_on not in (None, concept):
             raise ValueError(f"{path}: classifier was trained for concept {trained_on!r}, not {concept!r}")
         return cls(concept, model)
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """The classifier's square input resolution, whatever the image's size and aspect."""
+        res = self.classifier.cfg.resolution
+        return res, res
 
     def _boxes(self, probs: torch.Tensor, width: int, height: int) -> list[Detection]:
         g = self.classifier.cfg.grid

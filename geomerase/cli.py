@@ -323,7 +323,8 @@ def _fill_annotate(p: argparse.ArgumentParser) -> None:
                    help="local: this process; ray: a pool of Ray actors (default: local)")
     add_config_args(p, RayAnnotateConfig, ["batch_size", "address", "num_workers"])
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="detector option, repeatable (require_decode=true, working_size=512, text-tesseract.min_conf=50)")
+                   help="detector option, repeatable (require_decode=true, working_size=512, max_side=2048, "
+                        "text-tesseract.min_conf=50)")
 
 
 def _fill_train(p: argparse.ArgumentParser) -> None:

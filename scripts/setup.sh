@@ -38,6 +38,9 @@ PYEOF
   # The 'text' detector's PP-OCRv4 model ships in this wheel; only the .onnx file is read, and
   # --no-deps keeps its opencv-python requirement from replacing opencv-python-headless.
   if [[ $PROFILE == test ]]; then $PIP install -q --no-deps "rapidocr-onnxruntime==1.4.4"; fi
+  # The NudeNet example plug-in's tests (core/nudenet_detector.py): its model ships in the wheel, whose
+  # requirements (numpy, onnxruntime, opencv-python-headless) are already installed.
+  if [[ $PROFILE == test ]]; then $PIP install -q --no-deps "nudenet==3.4.2"; fi
   echo "$WANT" > "$STAMP"
 fi
 # --test: the detectors' system binaries (Tesseract OCR for the 'text' detector, libzbar for pyzbar),

@@ -273,3 +273,100 @@ def test_patch_classifier_detector_uses_the_calibrated_threshold():
     assert len(det.detect(Image.new("RGB", (8, 8)))) == 3  # 0.3, 0.6, 0.9 >= 0.25
     pc.cfg.decision_threshold = 0.5
     assert [d.score for d in det.detect(Image.new("RGB", (8, 8)))] == pytest.approx([0.6, 0.9])
+
+
+# ------------------------------------------------------- working sizes: boxes and cells in original pixels
+
+
+def _qr_code(side: int) -> tuple[Image.Image, int]:
+    """A decodable QR code of about ``side`` px with a 2-module quiet zone, and that zone's width (px)."""
+    import qrcode
+
+    qr = qrcode.QRCode(box_size=1, border=2)
+    qr.add_data("https://example.com/geom")
+    qr.make(fit=True)
+    n = len(qr.get_matrix())  # modules, quiet zone included
+    return qr.make_image().get_image().convert("RGB").resize((side // n * n,) * 2, Image.NEAREST), 2 * (side // n)
+
+
+def _backdrop(size: tuple[int, int]) -> Image.Image:
+    """A smooth colour gradient (no edges a detector could take for a code or a word)."""
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    return Image.fromarray(np.stack([90 + 80 * x, 120 + 60 * y, 150 - 50 * x], -1).astype(np.uint8))
+
+
+def _annotation(det: Detector, img: Image.Image, grid: int = 4) -> dict:
+    ann = Annotator(det, GeometryConfig(grid=grid), build_tokenizer(grid), "thing")
+    (rec,) = ann.annotate([Sample("k", img, "a photo", {}, "s.tar")])
+    return rec["json"]["annotation"]
+
+
+# (image size, code side, top-left, working size at the default 1024 px cap)
+_QR_CASES = [((300, 700), 150, (75, 350), (300, 700)),
+             ((1024, 768), 180, (294, 198), (1024, 768)),
+             ((2400, 1600), 480, (1260, 830), (1024, 683))]
+
+
+@pytest.mark.parametrize("size,side,xy,work", _QR_CASES)
+def test_qr_boxes_and_cells_are_in_original_pixels_at_any_size(size, side, xy, work):
+    det = build_detector("qr", "qr")
+    assert det.working_size(*size) == work
+    img = _backdrop(size)
+    code, quiet = _qr_code(side)
+    img.paste(code, xy)
+    truth = [xy[0] + quiet, xy[1] + quiet, xy[0] + code.width - quiet, xy[1] + code.height - quiet]
+    (found,) = det.detect(img)
+    assert found.score == 1.0 and _iou(found.box, truth) > 0.85, (found.box, truth)
+    ann = _annotation(det, img)
+    expected = GeometryConfig(grid=4).build().cells_from_boxes([truth], *size)
+    assert expected and ann["cells"] == expected
+
+
+def test_qr_cap_and_upscale_options():
+    assert build_detector("qr", "qr", max_side="0").working_size(2400, 1600) == (2400, 1600)
+    assert build_detector("qr", "qr", upscale="2").working_size(300, 200) == (600, 400)
+    assert build_detector("qr", "qr", upscale="2", max_side="512").working_size(300, 200) == (512, 341)
+    with pytest.raises(ValueError, match="max_side"):
+        build_detector("qr", "qr", max_side="-1")
+
+
+@needs_tesseract
+def test_tesseract_boxes_are_in_original_pixels_when_shrunk():
+    img = Image.new("RGB", (1024, 768), (235, 232, 225))
+    d = ImageDraw.Draw(img)
+    fnt = font("DejaVuSans-Bold.ttf", 64)
+    d.text((560, 500), "Harbour", font=fnt, fill=(25, 25, 30))
+    truth = list(map(float, d.textbbox((560, 500), "Harbour", font=fnt)))
+    det = build_detector("text-tesseract", "text", max_side="512")
+    assert det.working_size(1024, 768) == (512, 384)
+    found = det.detect(img)
+    assert found and max(_iou(f.box, truth) for f in found) > 0.6, (found, truth)
+
+
+def test_ppocr_word_and_cells_in_original_pixels_on_a_large_image():
+    _needs_ppocr()
+    det = build_detector("text", "text")
+    assert det.working_size(1024, 768) == (384, 288) and det.working_size(300, 700) == (160, 384)
+    img, truth = _word_image((1024, 768), (540, 420), 80)
+    (found,) = det.detect(img)
+    assert _iou(found.box, truth) > 0.5, (found.box, truth)
+    ann = _annotation(det, img)
+    assert ann["cells"] == GeometryConfig(grid=4).build().cells_from_boxes([found.box], 1024, 768)
+    assert set(ann["cells"]) <= {10, 11, 14, 15}  # lower right quarter of a 4 x 4 grid
+
+
+def test_patch_classifier_runs_at_its_resolution_and_boxes_cells_of_the_original():
+    pc = PatchClassifierConfig(resolution=8, grid=2, width=8, overlap_threshold=0.5).build()
+    seen = []
+
+    def cell_probs(x, batch=256):
+        seen.append(tuple(x.shape[-2:]))
+        return torch.tensor([[[0.0, 0.0], [0.0, 0.9]]]).expand(x.shape[0], -1, -1)
+
+    pc.cell_probs = cell_probs
+    det = PatchClassifierDetector("watermark", pc)
+    assert det.working_size(300, 700) == (8, 8)
+    (d,) = det.detect(Image.new("RGB", (300, 700)))
+    assert seen == [(8, 8)] and d.box == [150, 350, 300, 700]
+    assert _annotation(det, Image.new("RGB", (300, 700)), grid=2)["cells"] == [3]
