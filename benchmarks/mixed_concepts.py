@@ -59,6 +59,8 @@ class MixedConfig:
     """Held-out mixed images (scorer recall) and concept-free ones (prompts); >= samples."""
     samples: int = 64
     """Samples per arm (held-out captions, the same seeds in every arm)."""
+    steps: int = 800
+    """Fine-tuning steps of each model (plain, geom, oracle)."""
     preset: str = "cpu"
     """Erasing-benchmark preset the training, classifier and sampling settings come from."""
     workers: int = 2
@@ -71,7 +73,8 @@ def erasing_settings(cfg: MixedConfig) -> ErasingConfig:
     """The preset's settings with this run's concepts, base, sizes and seeds."""
     e = erasing_config(cfg.preset, out=cfg.out, concepts=list(cfg.concepts))
     return replace(e, pretrained={c: cfg.base for c in cfg.concepts}, n_train=cfg.n_train, n_heldout=cfg.n_heldout,
-                   samples=cfg.samples, workers=cfg.workers, threads=cfg.threads, calibration_samples=2 * cfg.samples)
+                   samples=cfg.samples, steps=cfg.steps, workers=cfg.workers, threads=cfg.threads,
+                   calibration_samples=2 * cfg.samples)
 
 
 def mixed_name(cfg: MixedConfig) -> str:
@@ -325,8 +328,8 @@ def _chart(out: dict[str, Any], cfg: MixedConfig, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(ap, MixedConfig, ["out", "base", "ratio", "n_train", "n_heldout", "samples", "preset", "workers",
-                                      "threads"])
+    add_config_args(ap, MixedConfig, ["out", "base", "ratio", "n_train", "n_heldout", "samples", "steps", "preset",
+                                      "workers", "threads"])
     ap.add_argument("--concepts", default="qr,watermark,text", help="comma-separated concepts to mix")
     a = ap.parse_args(argv)
     tree = {k: v for k, v in vars(a).items() if k != "concepts"}

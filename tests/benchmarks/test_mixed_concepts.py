@@ -13,7 +13,7 @@ CONCEPTS = ["qr", "watermark", "text"]
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed")
-    cfg = MixedConfig(out=str(out), concepts=CONCEPTS, n_train=100, n_heldout=8, samples=4, preset="smoke",
+    cfg = MixedConfig(out=str(out), concepts=CONCEPTS, n_train=100, n_heldout=8, samples=4, steps=3, preset="smoke",
                       workers=1, threads=1)
     return cfg, out, run(cfg)
 
