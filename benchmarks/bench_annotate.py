@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from geomerase.benchmarks.common import RESULTS_DIR, environment
+from geomerase.data.shards import atomic_write
 
 GRID, THRESH = 4, 0.25
 
@@ -254,7 +255,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
               f"{s['final_totals']['read']}, annotated {s['final_totals']['annotated']}, skipped "
               f"{s['final_totals']['skipped']}; output keys {s['output_keys']} ({s['unique_output_keys']} unique) for "
               f"{s['input_images']} input images: counts equal input = **{s['counts_equal_input']}**.", ""]
-    path.write_text("\n".join(L) + "\n")
+    atomic_write(path, "\n".join(L) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,13 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     parts = a.parts.split(",")
     if "quality" in parts:
         res["quality"] = run_quality(work, a.n_quality, a.n_text)
-        jpath.write_text(json.dumps(res, indent=1))
+        atomic_write(jpath, json.dumps(res, indent=1))
     if "throughput" in parts:
         res["throughput"] = run_throughput(work, a.n_throughput, a.shard_size)
-        jpath.write_text(json.dumps(res, indent=1))
+        atomic_write(jpath, json.dumps(res, indent=1))
     if "sigint" in parts:
         res["sigint"] = run_sigint(work, a.n_sigint)
-    jpath.write_text(json.dumps(res, indent=1))
+    atomic_write(jpath, json.dumps(res, indent=1))
     write_md(res, out / "annotate_cpu.md")
     print(json.dumps({k: v for k, v in res.items() if k != "environment"}, indent=1)[:6000])
 

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from geomerase.data.shards import atomic_write
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAN = float("nan")
 
@@ -160,7 +162,7 @@ def write_results(name: str, out_dir: str | os.PathLike | None, env: dict, confi
     out = Path(out_dir) if out_dir else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "config": config, "rows": rows, "errors": errors, "notes": list(notes)}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str, allow_nan=True) + "\n")
+    atomic_write(out / f"{name}.json", json.dumps(payload, indent=1, default=str, allow_nan=True) + "\n")
     cols = list(dict.fromkeys(c for r in rows for c in r))
     with open(out / f"{name}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -181,5 +183,5 @@ def write_results(name: str, out_dir: str | os.PathLike | None, env: dict, confi
     if errors:
         md += ["", "## failures (recorded as NaN)", ""] + [f"- `{e}`" for e in errors[:60]]
     path = out / f"{name}.md"
-    path.write_text("\n".join(md) + "\n")
+    atomic_write(path, "\n".join(md) + "\n")
     return path

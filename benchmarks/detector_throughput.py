@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from geomerase.benchmarks.common import RESULTS_DIR, environment  # noqa: E402
+from geomerase.data.shards import atomic_write  # noqa: E402
 from geomerase.benchmarks.text_detectors import _versions, photos  # noqa: E402
 
 SIZES = (512, 1024)
@@ -216,7 +217,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
           f"flagged: share of the others with any detection. Ray outputs byte-identical to local: {same}.",
           "`watermark`'s classifier is briefly trained and not calibrated (it flags clean images too): its rows "
           "measure the patch-classifier path's speed, which does not depend on the weights.", ""]
-    path.write_text("\n".join(L) + "\n")
+    atomic_write(path, "\n".join(L) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "tesseract)"})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "detector_throughput_cpu.json").write_text(json.dumps(res, indent=1))
+    atomic_write(out / "detector_throughput_cpu.json", json.dumps(res, indent=1))
     write_md(res, out / "detector_throughput_cpu.md")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from geomerase.data.loader import DataConfig
+from geomerase.data.shards import atomic_write
 from geomerase.data.webdataset_loader import StreamSource
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     path = out / "loaders_cpu.json"
     runs = json.loads(path.read_text()) if path.is_file() else []
     runs.append({**meta, "results": rows})
-    path.write_text(json.dumps(runs, indent=1))
+    atomic_write(path, json.dumps(runs, indent=1))
     lines = ["# Loader throughput on CPU (same shards, same sample stream)", "",
              "| shards | resolution | batch | workers (streams) | loader | images/s | start-up s |",
              "|---|---|---|---|---|---|---|"]

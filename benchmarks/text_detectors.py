@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from geomerase.benchmarks.common import RESULTS_DIR, environment
+from geomerase.data.shards import atomic_write
 from geomerase.core.annotate import cpu_seconds
 
 SIZE = 512
@@ -199,7 +200,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
           "2 cores were shared with other jobs (load average column), so wall rates are lower. The PP-OCR "
           "defaults (working_size, box_thresh, unclip, min_aspect) were chosen on seed 0 (80 photos) and an "
           "ICD set at seed 0, not on these sets.", ""]
-    path.write_text("\n".join(L) + "\n")
+    atomic_write(path, "\n".join(L) + "\n")
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
            "rows": rows, "icd_rows": icd_rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "text_detectors_cpu.json").write_text(json.dumps(res, indent=1))
+    atomic_write(out / "text_detectors_cpu.json", json.dumps(res, indent=1))
     write_md(res, out / "text_detectors_cpu.md")
 
 

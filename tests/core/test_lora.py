@@ -32,13 +32,7 @@ STEPS, SCALE, SEED = 3, 3.0, 7
 LORA = ["train.mode=data-removal", "train.train_text_encoder=false", "train.lora.rank=4", "train.lora.alpha=8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is faster than two fighting over a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(icd: Path, sd: Path, out: Path, *extra: str) -> RunConfig:

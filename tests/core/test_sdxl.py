@@ -22,13 +22,7 @@ NEGATIVE = "qr code <l0> <l5> <l15>"
 MODES = ("data-removal", "model-removal")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is faster than two fighting over a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_location_tokens_in_both_tokenizers_and_pooling_at_the_end_token(tiny_sdxl_dir):
