@@ -317,7 +317,7 @@ def _chart(out: dict[str, Any], cfg: MixedConfig, path: Path) -> None:
     ax.set_xticklabels(arm_names, rotation=30, ha="right")
     ax.set_ylabel("ICR")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"ICR per concept ({mixed_name(cfg)}, n={cfg.samples})")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
