@@ -106,3 +106,31 @@ def export_lora(model: DiffusionModel, folder: str | os.PathLike) -> Path:
     with atomic_dir(folder) as tmp:
         name = save_unet_lora(model.unet, tmp).name
     return folder / name
+
+
+def load_location_tokens(model: DiffusionModel, path: str | os.PathLike) -> None:
+    """Write the rows of a file from :func:`save_location_tokens` into ``model``'s text encoder(s)
+    (in place), as ``load_textual_inversion`` does in plain diffusers. The file's grid must be the
+    model's (``load_model(base, grid=G)`` adds the G^2 tokens to a base that has none)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from geomerase.core.sdxl import SDXLModel
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") != "geomerase-location-tokens":
+        raise ValueError(f"{path}: not a location-token file (no 'geomerase-location-tokens' metadata)")
+    if int(meta["grid"]) != model.grid:
+        raise ValueError(f"{path}: location tokens of grid {meta['grid']}, but the model's grid is {model.grid}")
+    tensors = load_file(str(path))
+    if isinstance(model, SDXLModel):
+        pairs = [(model.text_encoder, model.loc_token_ids, tensors["clip_l"]),
+                 (model.text_encoder_2, model.loc_token_ids_2, tensors["clip_g"])]
+    else:
+        rows = torch.stack([tensors[t] for t in json.loads(meta["tokens"])])
+        pairs = [(model.text_encoder, model.loc_token_ids, rows)]
+    with torch.no_grad():
+        for encoder, ids, rows in pairs:
+            table = encoder.get_input_embeddings().weight
+            table[list(ids)] = rows.to(table.device, table.dtype)

@@ -137,7 +137,6 @@ def _base_build(a: argparse.Namespace) -> int:
 def _sample(a: argparse.Namespace) -> int:
     from geomerase.core.captions import NEGATIVE_KINDS, negative_mixture
     from geomerase.core.metrics import sample_grid
-    from geomerase.core.models import load_model
     from geomerase.core.sampling import SamplerConfig, sample, to_uint8
     from geomerase.data.loader import annotated_cells
 
@@ -145,7 +144,7 @@ def _sample(a: argparse.Namespace) -> int:
         raise ValueError("--negative geom-seen needs --seen-cells GLOB: the annotated training shards it weights")
     if a.seen_cells and a.negative != "geom-seen":
         raise ValueError("--seen-cells is only used by --negative geom-seen")
-    model = load_model(a.model)
+    model = _sampling_model(a)
     seen = annotated_cells(a.seen_cells, model.grid) if a.seen_cells else []
     if a.seen_cells and not seen:
         raise ValueError(f"--seen-cells {a.seen_cells!r}: no sample in those shards has annotated cells")
@@ -158,6 +157,29 @@ def _sample(a: argparse.Namespace) -> int:
     path = sample_grid(to_uint8(imgs), a.out, grid=model.grid, cols=min(8, a.n), title=f"{a.prompt!r} neg={negs}")
     print(f"wrote {path}")
     return 0
+
+
+def _sampling_model(a: argparse.Namespace):
+    """``--model`` (a folder or ``builtin:NAME``), with ``--tokens`` rows and a ``--lora`` adapter on top."""
+    from pathlib import Path
+
+    from geomerase.core.builtin import resolve_pretrained
+    from geomerase.core.export import load_location_tokens
+    from geomerase.core.lora import load_unet_lora
+    from geomerase.core.models import load_model
+
+    grid = a.grid
+    if a.tokens and grid is None:
+        from safetensors import safe_open
+
+        with safe_open(a.tokens, "pt") as f:
+            grid = int((f.metadata() or {}).get("grid", 0)) or None
+    model = load_model(resolve_pretrained(a.model), grid=grid)
+    if a.tokens:
+        load_location_tokens(model, a.tokens)
+    if a.lora:
+        load_unet_lora(model.unet, Path(a.lora))
+    return model
 
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -354,7 +376,14 @@ def _fill_sample(p: argparse.ArgumentParser) -> None:
     from geomerase.core.config import add_config_args
     from geomerase.core.sampling import SamplerConfig
 
-    p.add_argument("--model", required=True, help="model folder (a diffusers folder or a fine-tune's model/)")
+    p.add_argument("--model", required=True,
+                   help="model folder (a diffusers folder or a fine-tune's model/) or builtin:NAME")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="a LoRA adapter in diffusers' format (geomerase export --format lora) added to --model")
+    p.add_argument("--tokens", default=None, metavar="FILE",
+                   help="location-token rows (geomerase export --format tokens) written into --model's text encoder")
+    p.add_argument("--grid", type=int, default=None,
+                   help="G for a --model without location tokens (default: the model's, or --tokens' grid)")
     p.add_argument("--prompt", default="", help="prompt of every sample (default: the empty prompt)")
     p.add_argument("--negative", default="geom",
                    help="none, name, geom, geom-multi, geom-cells, geom-seen, or a literal prompt (default: geom)")

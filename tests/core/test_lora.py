@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -179,6 +181,22 @@ def test_plain_diffusers_base_plus_lora_and_tokens_samples_like_geomerase(tiny_i
     assert theirs.shape == ours.shape == (1, 3, 16, 16)
     torch.testing.assert_close(theirs, (ours + 1) / 2, rtol=0, atol=1e-4)
     assert (theirs - without_lora).abs().max() > 1e-3  # the adapter is not a no-op
+
+    # `geomerase sample` takes the base + LoRA + token file, and gives the fine-tune's own image
+    def cli_sample(out, *model_args):
+        args = ["sample", *model_args, "--prompt", PROMPT, "--negative", NEGATIVE, "--n", "1", "--seed", str(SEED),
+                "--steps", str(STEPS), "--guidance-scale", str(SCALE), "--out", str(tmp_path / out)]
+        assert cli.main(args) == 0
+        return torch.from_numpy(np.asarray(Image.open(tmp_path / out).convert("RGB"), dtype=np.int16))
+
+    portable = cli_sample("portable.png", "--model", str(tiny_sd_dir), "--lora", str(tmp_path / "lora"),
+                          "--tokens", str(tmp_path / "tokens.safetensors"))
+    own = cli_sample("own.png", "--model", str(run / "model"))
+    assert portable.shape == own.shape and (portable - own).abs().max() <= 1  # uint8 rounding of ≤ 1e-4
+    # a token file of another grid is a one-line error naming the file
+    assert cli.main(["sample", "--model", str(tiny_sd_dir), "--grid", "3", "--tokens", str(tmp_path / "tokens.safetensors"),
+                     "--out", str(tmp_path / "bad.png")]) != 0
+    assert not (tmp_path / "bad.png").exists()
 
     merged = load_model(run / "pipeline")  # the LoRA folded into a full pipeline folder
     assert not has_lora(merged.unet)
