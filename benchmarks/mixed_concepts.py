@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from geomerase.benchmarks.erasing import ErasingConfig, erasing_config
+from geomerase.benchmarks.erasing import ErasingConfig, Layout, erasing_config
 from geomerase.benchmarks.erasing_jobs import (ArmSpec, build_icd_job, load_images, patch_classifier_job,
                                                progress_file, sample_job, samples_path, train_model_job)
-from geomerase.benchmarks.erasing_run import _train_rc, calibration_seeds, geom_captions, seeds
+from geomerase.benchmarks.erasing_report import bounded_threshold
+from geomerase.benchmarks.erasing_run import _train_rc, calibration_seeds, geom_captions, held_out_prompts, seeds
 from geomerase.core.captions import CaptionConfig, negative_mixture
-from geomerase.core.classifiers import as_float, fpr_threshold, load_classifier, patch_classifier_quality
+from geomerase.core.classifiers import as_float, load_classifier, patch_classifier_quality
 from geomerase.core.config import add_config_args, from_dict, to_dict
 from geomerase.core.metrics import icr
 from geomerase.core.trainer import resolve_device
@@ -82,10 +83,6 @@ def mixed_name(cfg: MixedConfig) -> str:
     return "+".join(cfg.concepts)
 
 
-def _glob(root: Path, split: str, concept: str) -> str:
-    return str(root / "data" / split / f"icd-{concept}-*.tar")
-
-
 def _data_tasks(cfg: MixedConfig, e: ErasingConfig, root: Path) -> dict[str, Task]:
     """Mixed train and held-out splits, concept-free train (oracle) and held-out (prompts), and per
     concept an annotator split and a scorer split (their own seeds: disjoint scenes)."""
@@ -97,7 +94,7 @@ def _data_tasks(cfg: MixedConfig, e: ErasingConfig, root: Path) -> dict[str, Tas
         specs[f"{c}_scorer"] = (c, e.n_aux, 0.5, s + 3000 + 100 * k)
     out = {}
     for split, (concept, n, ratio, seed) in specs.items():
-        d = root / "data" / split
+        d = Layout(root).icd(split)
         out[f"data/{split}"] = Task(Job(build_icd_job, (concept, n, ratio, size, seed, str(d))),
                                     outputs=(str(d / f"icd-{concept}-meta.json"),), cost=n / 500)
     return out
@@ -123,26 +120,26 @@ def annotate_mixed_job(train_glob: str, classifier_dirs: dict[str, str], grid: i
 
 def _model_tasks(cfg: MixedConfig, e: ErasingConfig, root: Path) -> dict[str, Task]:
     """Classifiers per concept, the annotation, and the plain / geom / oracle fine-tunes."""
-    res, g, tasks = e.resolution(cfg.concepts[0]), e.grid, {}
+    res, g, tasks, lay = e.resolution(cfg.concepts[0]), e.grid, {}, Layout(root)
     cls = {c: root / "classifiers" / c for c in cfg.concepts}
     for c in cfg.concepts:
         tasks[f"{c}/annotator"] = Task(
-            Job(patch_classifier_job, (_glob(root, f"{c}_annot", c), res, g, e.classifier_steps, e.seed,
+            Job(patch_classifier_job, (lay.glob(f"{c}_annot", c), res, g, e.classifier_steps, e.seed,
                                        str(cls[c] / "annotator"), c, e.annotator_width)),
             deps=(f"data/{c}_annot",), outputs=(str(cls[c] / "annotator" / "model.safetensors"),))
         tasks[f"{c}/scorer"] = Task(
-            Job(patch_classifier_job, (_glob(root, f"{c}_scorer", c), res, g, e.classifier_steps, e.seed + 1,
+            Job(patch_classifier_job, (lay.glob(f"{c}_scorer", c), res, g, e.classifier_steps, e.seed + 1,
                                        str(cls[c] / "scorer"), c, e.scorer_width, "icr-scorer", 0.1, "first",
                                        e.seed + 1)),
             deps=(f"data/{c}_scorer",), outputs=(str(cls[c] / "scorer" / "model.safetensors"),))
     ann = root / "annotated"
     tasks["annotate"] = Task(
-        Job(annotate_mixed_job, (_glob(root, "train", mixed_name(cfg)), {c: str(cls[c] / "annotator") for c in cls},
+        Job(annotate_mixed_job, (lay.glob("train", mixed_name(cfg)), {c: str(cls[c] / "annotator") for c in cls},
                                  g, str(ann))),
         deps=("data/train", *(f"{c}/annotator" for c in cfg.concepts)), outputs=(str(ann / "_manifest.json"),))
     runs = {"plain": (str(ann / "*.tar"), CaptionConfig(mode="clean", dropout=0.1), "annotate"),
             "geom": (str(ann / "*.tar"), geom_captions(), "annotate"),
-            "oracle": (_glob(root, "clean_train", "qr"), CaptionConfig(mode="clean", dropout=0.1), "data/clean_train")}
+            "oracle": (lay.glob("clean_train", "qr"), CaptionConfig(mode="clean", dropout=0.1), "data/clean_train")}
     for model, (shards, captions, dep) in runs.items():
         rc = _train_rc(e, root / "models" / model, shards, captions, pretrained=cfg.base)
         tasks[f"train/{model}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), e.steps),
@@ -155,7 +152,10 @@ def arms(cfg: MixedConfig, prompts: list[str], e: ErasingConfig) -> dict[str, li
     """``{model: [ArmSpec]}``: plain and geom without and with the all-concepts negatives, geom with
     each concept's own geometric negative, and the oracle's calibration samples (``calibration``)."""
     names = [CONCEPT_NAMES[c] for c in cfg.concepts]
-    spec = lambda arm, kind, who: ArmSpec(arm, prompts, *negative_mixture(kind, who, e.grid), e.guidance_scale)  # noqa: E731
+
+    def spec(arm: str, kind: str, who: str | list[str]) -> ArmSpec:
+        return ArmSpec(arm, prompts, *negative_mixture(kind, who, e.grid), e.guidance_scale)
+
     out = {"plain": [spec("plain", "none", names), spec("plain_np", "name", names)],
            "geom": [spec("geom_noneg", "none", names), spec("geom_np", "name", names), spec("geom", "geom", names),
                     *(spec(f"geom_{c}", "geom", CONCEPT_NAMES[c]) for c in cfg.concepts)]}
@@ -188,14 +188,6 @@ def _sample_tasks(cfg: MixedConfig, e: ErasingConfig, root: Path, prompts: list[
     return out
 
 
-def held_out_prompts(root: Path, n: int) -> list[str]:
-    """The first ``n`` captions of the concept-free held-out split."""
-    caps = [s.meta.get("caption_clean", s.caption) for s in iter_samples(_glob(root, "clean_heldout", "qr"))]
-    if len(caps) < n:
-        raise ValueError(f"held-out split has {len(caps)} captions, need {n}")
-    return caps[:n]
-
-
 def _concept_metas(metas: list[dict], c: str) -> list[dict]:
     """``metas`` with ``boxes`` narrowed to concept ``c``'s (a mixed sample's ``boxes_by_concept``)."""
     return [{**m, "boxes": m.get("boxes_by_concept", {}).get(c, [])} for m in metas]
@@ -216,22 +208,22 @@ def annotation_quality(root: Path, cfg: MixedConfig, grid: int) -> dict[str, dic
     return out
 
 
-def score(cfg: MixedConfig, e: ErasingConfig, root: Path, files: dict[str, str]) -> dict[str, Any]:
+def score(cfg: MixedConfig, e: ErasingConfig, root: Path, prompts: list[str]) -> dict[str, Any]:
     """ICR per concept and arm (each concept's scorer at its false-positive-bounded threshold), the
     scorers' recall on held-out mixed images and the annotation quality; writes ``results.json``."""
-    held = InMemoryDataset(_glob(root, "heldout", mixed_name(cfg)), e.resolution(cfg.concepts[0]))
-    calib = as_float(load_images(files["calibration"]))
+    files = sample_files(cfg, e, root, prompts)
+    held = InMemoryDataset(Layout(root).glob("heldout", mixed_name(cfg)), e.resolution(cfg.concepts[0]))
+    calib = load_images(files["calibration"])
     images = {a: load_images(f) for a, f in files.items() if a != "calibration"}
     flags: dict[str, dict[str, list[bool]]] = {a: {} for a in images}
     per_concept, scorers = {}, {}
     for c in cfg.concepts:
         sc, _ = load_classifier(root / "classifiers" / c / "scorer")
-        top = sc.cell_probs(calib).flatten(1).amax(1)
-        t = max(sc.threshold, fpr_threshold(top, e.scorer_fpr))
-        sc.cfg.decision_threshold = t
+        bound = bounded_threshold(sc, calib, e.scorer_fpr)
+        t = sc.cfg.decision_threshold = bound["threshold"]
         q = patch_classifier_quality(sc, held.images, _concept_metas(held.metas, c), held.sizes, e.seed + 7,
                                      {"bound": t})["bound"]
-        scorers[c] = {"threshold": t, "f1_threshold": sc.threshold, "oracle_flagged": (top >= t).float().mean().item(),
+        scorers[c] = {"threshold": t, "f1_threshold": bound["f1_threshold"], "oracle_flagged": bound["flagged"],
                       "recall_degraded": q["images_degraded"]["recall"], "recall_clean": q["images_clean"]["recall"],
                       "precision_degraded": q["images_degraded"]["precision"]}
         per_concept[c] = {}
@@ -244,7 +236,7 @@ def score(cfg: MixedConfig, e: ErasingConfig, root: Path, files: dict[str, str])
                "classifier_steps", "image_size", "n_aux", "seed")},
            "icr": per_concept, "icr_any": any_concept, "scorers": scorers,
            "annotation": annotation_quality(root, cfg, e.grid),
-           "negatives": {a.name: a.negatives for specs in arms(cfg, held_out_prompts(root, cfg.samples), e).values()
+           "negatives": {a.name: a.negatives for specs in arms(cfg, prompts, e).values()
                          for a in specs}}
     atomic_write(root / "results.json", json.dumps(out, indent=1))
     return out
@@ -288,10 +280,10 @@ def run(cfg: MixedConfig) -> dict[str, Any]:
     torch.set_num_threads(max(1, cfg.threads))
     tasks = {**_data_tasks(cfg, e, root), **_model_tasks(cfg, e, root)}
     run_dag(tasks, workers, threads, desc="data, classifiers, fine-tunes")
-    prompts = held_out_prompts(root, cfg.samples)
+    prompts = held_out_prompts(e, Layout(root))
     # the first DAG's tasks are done (their outputs exist): listed again only as the samples' dependencies
     run_dag({**tasks, **_sample_tasks(cfg, e, root, prompts)}, workers, threads, desc="sample")
-    out = score(cfg, e, root, sample_files(cfg, e, root, prompts))
+    out = score(cfg, e, root, prompts)
     atomic_write(root / "report.md", render(out, cfg, time.time() - t0))
     _chart(out, cfg, root / "icr.png")
     return out
