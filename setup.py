@@ -44,7 +44,8 @@ EXTRAS = {
     # installed with --no-deps by scripts/setup.sh: its opencv-python requirement would replace the
     # headless OpenCV above with a build that needs libGL.
     "detectors": ["pytesseract>=0.3.10", "pyzbar>=0.1.9", "onnxruntime==1.31.1"],
-    "test": ["pytest>=8"],
+    # scikit-image: the sample photos of the detector tests and benchmarks (skimage.data, bundled)
+    "test": ["pytest>=8", "scikit-image==0.26.0"],
     # xformers only ships CUDA operators; never install it on a CPU machine.
     "gpu": ["xformers==0.0.35"],
 }
