@@ -38,6 +38,7 @@ from typing import Any
 from geomerase.core.config import ConfigError, from_dict, parse_overrides, set_dotted
 from geomerase.core.guidance import SLD_PRESETS
 from geomerase.core.models import MODEL_SIZES
+from geomerase.data.concepts import SIZE_PROFILES
 
 #: arm -> (model, negative kind, SLD on). The order is the report's.
 ARMS: dict[str, tuple[str, str, bool]] = {
@@ -75,6 +76,10 @@ class ErasingConfig:
     """Share of training images carrying the concept."""
     image_size: int = 64
     """ICD render size (area-downsampled to each concept's model resolution)."""
+    overlay_sizes: str = "default"
+    """Overlay size profile of the concept splits (``data.concepts.SIZE_PROFILES``): ``lowres``
+    draws watermarks and text large enough to read at 64 px; concepts the profile does not list
+    keep their default sizes (and their data stays byte-identical)."""
     grid: int = 4
     """G: location-token grid."""
     model_size: str = "tiny"
@@ -199,6 +204,8 @@ class ErasingConfig:
             raise ConfigError("calibration_samples must be >= 1")
         if not 0.0 <= self.scorer_fpr < 1.0:
             raise ConfigError(f"scorer_fpr must be in [0, 1), got {self.scorer_fpr}")
+        if self.overlay_sizes not in SIZE_PROFILES:
+            raise ConfigError(f"overlay_sizes {self.overlay_sizes!r} not in {sorted(SIZE_PROFILES)}")
         if self.sld_preset not in SLD_PRESETS:
             raise ConfigError(f"sld_preset {self.sld_preset!r} not in {sorted(SLD_PRESETS)}")
         if self.esd_method not in ("x", "u") or self.esd_source not in ("data", "model"):
@@ -232,6 +239,10 @@ class ErasingConfig:
         if spec.startswith("builtin:"):
             return spec[len("builtin:"):]
         return f"{Path(spec).name}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+
+    def sizes(self, c: str) -> str:
+        """Overlay size profile of concept ``c``'s splits: ``overlay_sizes`` if it lists ``c``."""
+        return self.overlay_sizes if c in SIZE_PROFILES[self.overlay_sizes] else "default"
 
     def resolution(self, c: str) -> int:
         """Pixel resolution of concept ``c``'s models, classifiers and samples."""

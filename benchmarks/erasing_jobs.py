@@ -19,12 +19,13 @@ from geomerase.data.shards import atomic_write
 
 
 # -- jobs ------------------------------------------------------------------------------------
-def build_icd_job(concept: str, n: int, ratio: float, size: int, seed: int, out: str) -> float:
-    """Write one ICD split; returns seconds."""
+def build_icd_job(concept: str, n: int, ratio: float, size: int, seed: int, out: str,
+                  sizes: str = "default") -> float:
+    """Write one ICD split (overlay size profile ``sizes``); returns seconds."""
     from geomerase.data.icd import build_icd
 
     t = time.time()
-    build_icd(concept, n, ratio, size, seed, out, progress=False)
+    build_icd(concept, n, ratio, size, seed, out, progress=False, sizes=sizes)
     return time.time() - t
 
 

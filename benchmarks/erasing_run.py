@@ -147,7 +147,7 @@ def _concept_data_tasks(cfg: ErasingConfig, lay: Layout, c: str) -> dict[str, Ta
                                         ("annot", cfg.n_aux, 2000, 1), ("scorer", cfg.n_aux, 3000, 1)):
         name = f"{c}_{split}"
         out[f"{c}/data/{split}"] = Task(Job(build_icd_job, (c, n, cfg.ratio, cfg.image_size, seed + seed_offset,
-                                                            str(lay.icd(name)))),
+                                                            str(lay.icd(name)), cfg.sizes(c))),
                                         outputs=_meta(lay, name, c), cost=cost)
     return out
 

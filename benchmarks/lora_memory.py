@@ -11,7 +11,9 @@ trains the whole UNet; ``lora-rN`` trains rank-N adapters on the attention proje
 (``ru_maxrss``) is its own; the table gives it and its rise over the RSS after the model is built.
 Optimizer-state bytes are computed (AdamW: ``exp_avg`` + ``exp_avg_sq`` in fp32 per trainable
 element, plus one step counter per tensor) and checked against the optimizer's actual tensors.
-Results: ``lora_cpu.json`` and ``lora_cpu.md``.
+Results: ``lora_cpu.json`` and ``lora_cpu.md``; with ``--pretrained tiny-sdxl`` (a tiny random
+SDXL-shaped pipeline, :func:`geomerase.core.sdxl.write_tiny_sdxl`: two text encoders, both with the
+location rows) ``lora_sdxl_tiny_cpu.json`` / ``.md``.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def markdown(rows: list[dict], config: dict, env: dict) -> str:
              f"- hardware: CPU only, {env['cpu_count']} cores ({config['threads']} torch thread), {env['host']}",
              f"- python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}",
              f"- model {config['pretrained']} ({full['unet_params']:,} UNet parameters), batch {config['batch']}, "
-             f"{config['steps']} steps, text encoder frozen except the 16 location rows, EMA off; {env['date']}", "",
+             f"{config['steps']} steps, text encoder(s) frozen except the 16 location rows, EMA off; {env['date']}", "",
              "| arm | trainable params | vs full | AdamW state (computed) | measured | grads | RSS built MiB | "
              "peak RSS MiB | peak - built MiB | step s (median) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,7 +111,8 @@ def markdown(rows: list[dict], config: dict, env: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pretrained", default="builtin:base32", help="model to fine-tune (default: builtin:base32)")
+    ap.add_argument("--pretrained", default="builtin:base32",
+                    help="model to fine-tune: builtin:NAME, a folder, or tiny-sdxl (default: builtin:base32)")
     ap.add_argument("--ranks", default="4,16", help="LoRA ranks, comma-separated (default: 4,16)")
     ap.add_argument("--steps", type=int, default=6, help="training steps per arm (default: 6)")
     ap.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
@@ -127,16 +130,21 @@ def main() -> None:
 
     config = {k: getattr(a, k) for k in ("pretrained", "ranks", "steps", "batch", "threads")}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = make_data(Path(tmp), 4 * a.batch, pretrained_resolution(a.pretrained))
-        base = {"pretrained": a.pretrained, "shards": shards, "batch": a.batch, "threads": a.threads, "steps": a.steps}
+        model = a.pretrained
+        if model == "tiny-sdxl":
+            from geomerase.core.sdxl import write_tiny_sdxl
+
+            model = str(write_tiny_sdxl(Path(tmp) / "tiny-sdxl"))
+        shards = make_data(Path(tmp), 4 * a.batch, pretrained_resolution(model))
+        base = {"pretrained": model, "shards": shards, "batch": a.batch, "threads": a.threads, "steps": a.steps}
         arms = [("full", 0)] + [(f"lora-r{r}", int(r)) for r in a.ranks.split(",")]
         rows = [run_arm({**base, "arm": arm, "rank": rank, "out": f"{tmp}/{arm}"}) for arm, rank in arms]
     env = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
            "diffusers": diffusers.__version__, "peft": peft.__version__, "cpu_count": len(os.sched_getaffinity(0)),
            "date": time.strftime("%Y-%m-%d")}
-    out = Path(a.out)
-    atomic_write(out / "lora_cpu.json", json.dumps({"environment": env, "config": config, "rows": rows}, indent=1) + "\n")
-    atomic_write(out / "lora_cpu.md", markdown(rows, config, env))
+    out, stem = Path(a.out), "lora_sdxl_tiny_cpu" if a.pretrained == "tiny-sdxl" else "lora_cpu"
+    atomic_write(out / f"{stem}.json", json.dumps({"environment": env, "config": config, "rows": rows}, indent=1) + "\n")
+    atomic_write(out / f"{stem}.md", markdown(rows, config, env))
     print(markdown(rows, config, env))
 
 

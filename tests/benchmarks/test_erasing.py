@@ -100,6 +100,8 @@ def test_config_errors_and_presets():
         erasing_config("smoke", ["inception_weights=/nope.pt"])
     with pytest.raises(ConfigError, match="scorer_fpr"):
         erasing_config("smoke", ["scorer_fpr=1.0"])
+    with pytest.raises(ConfigError, match="overlay_sizes 'huge'"):
+        erasing_config("smoke", ["overlay_sizes=huge"])
 
 
 def test_inception_fid_is_scored_per_arm_when_weights_are_given(smoke_run, monkeypatch):
@@ -147,6 +149,19 @@ def test_annotator_and_scorers_train_on_their_own_splits(tmp_path):
     assert split("qr/scorer") == split("qr/attributes") == "qr_scorer"
     seeds = {tasks[f"qr/data/{s}"].job.args[4] for s in ("train", "heldout", "annot", "scorer")}
     assert len(seeds) == 4  # four disjoint seeds: no image is in two splits
+
+
+def test_overlay_size_profile_reaches_the_concepts_it_lists(tmp_path):
+    from pathlib import Path
+
+    from geomerase.benchmarks.erasing import Layout
+    from geomerase.benchmarks.erasing_run import plan
+
+    cfg = erasing_config("smoke", ["concepts=[qr,text]", "overlay_sizes=lowres"], out=str(tmp_path))
+    tasks = plan(cfg, Layout(Path(cfg.out)), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
+    for split in ("train", "heldout", "annot", "scorer"):
+        assert tasks[f"text/data/{split}"].job.args[6] == "lowres"
+        assert tasks[f"qr/data/{split}"].job.args[6] == "default"  # lowres does not list qr: its data is unchanged
 
 
 def test_arms_fine_tune_a_given_base_with_its_unconditional_branch(tmp_path):

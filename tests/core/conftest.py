@@ -56,10 +56,10 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    """A tiny random SDXL pipeline folder (``tests/sdxl_tiny.py``), saved once per session."""
-    from sdxl_tiny import build_tiny_sdxl
+    """A tiny random SDXL pipeline folder (:func:`geomerase.core.sdxl.write_tiny_sdxl`), saved once per session."""
+    from geomerase.core.sdxl import write_tiny_sdxl
 
-    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "sdxl")
+    return write_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "sdxl")
 
 
 @pytest.fixture(scope="module")

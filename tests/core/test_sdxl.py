@@ -1,4 +1,4 @@
-"""SDXL: a tiny random SDXL folder (``tests/sdxl_tiny.py``) loads with the location tokens in both tokenizers and
+"""SDXL: a tiny random SDXL folder (``core.sdxl.write_tiny_sdxl``) loads with the location tokens in both tokenizers and
 rows in both encoders; two training steps in each mode change only what the mode trains; the run's exported
 ``StableDiffusionXLPipeline`` folder samples, in plain diffusers, the image geomerase's sampler samples; the GPU
 config loads."""
@@ -12,6 +12,8 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from geomerase.core.config import load_config
+from geomerase.core.export import export_lora
+from geomerase.core.lora import LORA_WEIGHTS, base_state_dict, has_lora
 from geomerase.core.models import ModelConfig, load_model
 from geomerase.core.sampling import SamplerConfig, sample
 from geomerase.core.sdxl import SDXLModel
@@ -19,7 +21,8 @@ from geomerase.core.trainer import RunConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 NEGATIVE = "qr code <l0> <l5> <l15>"
-MODES = ("data-removal", "model-removal")
+MODES = ("data-removal", "model-removal", "lora")
+LORA = ["train.lora.rank=4", "train.lora.alpha=8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,11 +51,13 @@ def test_location_tokens_in_both_tokenizers_and_pooling_at_the_end_token(tiny_sd
 
 
 def _run(mode: str, pretrained: Path, icd: Path, out: Path) -> Trainer:
+    """Two steps of ``mode`` (``lora``: data removal with rank-4 UNet adapters)."""
     cfg = load_config(RunConfig, None, [
         f"out_dir={out}", f"model.pretrained={pretrained}", "model.grid=4", f"data.shards={icd}/ann/*.tar",
-        "data.batch_size=2", "data.max_samples=8", f"train.mode={mode}", "train.train_text_encoder=false",
-        "train.max_steps=2", "train.warmup_steps=0", "train.lr=0.001", "train.ema_decay=null", "train.log_every=1",
-        "train.tensorboard=false"])
+        "data.batch_size=2", "data.max_samples=8", f"train.mode={'data-removal' if mode == 'lora' else mode}",
+        "train.train_text_encoder=false", "train.max_steps=2", "train.warmup_steps=0",
+        f"train.lr={0.05 if mode == 'lora' else 0.001}", "train.ema_decay=null", "train.log_every=1",
+        "train.tensorboard=false", *(LORA if mode == "lora" else [])])
     trainer = Trainer(cfg)
     trainer.fit(progress=False)
     return trainer
@@ -83,20 +88,28 @@ def test_two_steps_change_only_what_the_mode_trains(trained):
     mode, trainer, start = trained
     model = trainer.model
     assert isinstance(model, SDXLModel)
-    assert [g["name"] for g in trainer.groups] == (["unet", "loc_rows"] if mode == "data-removal" else ["loc_rows"])
+    assert [g["name"] for g in trainer.groups] == {"data-removal": ["unet", "loc_rows"], "model-removal": ["loc_rows"],
+                                                   "lora": ["unet_lora", "loc_rows"]}[mode]
     assert [p.shape for p in trainer.groups[-1]["params"]] == [(16, 32), (16, 64)]  # rows in both encoders
     _assert_only_rows_changed(start.text_encoder.state_dict(), model.text_encoder.state_dict(), start.loc_token_ids)
     _assert_only_rows_changed(start.text_encoder_2.state_dict(), model.text_encoder_2.state_dict(),
                               start.loc_token_ids_2)
     for a, b in zip(start.vae.state_dict().values(), model.vae.state_dict().values()):
         assert torch.equal(a, b)
-    unet_changed = [not torch.equal(a, b) for a, b in zip(start.unet.state_dict().values(),
-                                                          model.unet.state_dict().values())]
-    assert all(unet_changed) if mode == "data-removal" else not any(unet_changed)
-    # The run's model folder reads back as SDXL with the trained weights.
+    # The run's model folder reads back as SDXL with the trained weights (under LoRA: the base UNet and the
+    # adapter, unmerged; the run's pipeline export merged the adapter into the live model).
     back = load_model(trainer.out / "model")
-    assert isinstance(back, SDXLModel)
-    for a, b in ((back.text_encoder_2, model.text_encoder_2), (back.unet, model.unet)):
+    assert isinstance(back, SDXLModel) and has_lora(back.unet) == (mode == "lora")
+    base, now = start.unet.state_dict(), base_state_dict(back.unet)
+    assert base.keys() == now.keys()
+    changed = [k for k in base if not torch.equal(base[k], now[k])]
+    assert changed == list(base) if mode == "data-removal" else not changed, changed[:3]
+    adapters = {n: p for n, p in back.unet.named_parameters() if ".lora_" in n}
+    assert len(adapters) == (4 * 2 * 4 * 2 if mode == "lora" else 0)  # 4 blocks x 2 attentions x (q, k, v, out) x (A, B)
+    assert all(p.abs().max() > 0 for p in adapters.values())  # B trained away from zero
+    for a, b in ((back.text_encoder_2, model.text_encoder_2), (back.unet if mode != "lora" else None, model.unet)):
+        if a is None:
+            continue
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(v, w), k
     rows = load_file(str(trainer.out / "location_tokens.safetensors"))
@@ -122,6 +135,34 @@ def test_exported_pipeline_samples_the_same_image_in_plain_diffusers(trained):
         states, packed = trainer.model.split_cond(trainer.model.encode_text(trainer.model.tokenize([NEGATIVE])))
     torch.testing.assert_close(neg_emb, states, rtol=0, atol=1e-5)
     torch.testing.assert_close(neg_pooled, packed, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", ["lora"], indirect=True)
+def test_base_plus_lora_and_tokens_sample_in_plain_diffusers_like_geomerase(trained, tiny_sdxl_dir, tmp_path):
+    """A user's own SDXL (here the untouched base folder) + the exported LoRA + the two-encoder token file, loaded
+    with diffusers' own calls only, samples the LoRA fine-tune's image."""
+    _, trainer, _ = trained
+    lora = export_lora(load_model(trainer.out / "model"), tmp_path / "lora")
+    assert lora.name == LORA_WEIGHTS
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    pipe.load_lora_weights(str(lora.parent))
+    rows = load_file(str(trainer.out / "location_tokens.safetensors"))
+    tokens = [f"<l{i}>" for i in range(16)]
+    pipe.load_textual_inversion(rows["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(rows["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    steps, scale, seed, res = 3, 3.0, 7, trainer.model.resolution
+    theirs = pipe("a red ring", negative_prompt=NEGATIVE, height=res, width=res, num_inference_steps=steps,
+                  guidance_scale=scale, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    ours = sample(load_model(trainer.out / "model"), ["a red ring"], negatives=[NEGATIVE], seeds=[seed],
+                  cfg=SamplerConfig(steps=steps, guidance_scale=scale))  # base + adapter, as the user has it
+    assert theirs.shape == ours.shape == (1, 3, res, res)
+    assert (theirs - (ours + 1) / 2).abs().max().item() <= 1e-4
+    pipe.unload_lora_weights()
+    without = pipe("a red ring", negative_prompt=NEGATIVE, height=res, width=res, num_inference_steps=steps,
+                   guidance_scale=scale, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    assert (theirs - without).abs().max() > 1e-3  # the adapter is not a no-op
 
 
 def test_training_both_encoders_whole_is_refused(tiny_sdxl_dir, tiny_icd, tmp_path):

@@ -234,3 +234,23 @@ def test_mixed_icd_draws_each_member_independently_with_its_own_boxes(tmp_path) 
     assert cap == clean_cap and img.tobytes() == clean_img.tobytes() and meta["boxes"] == []
     with pytest.raises(ValueError, match="unknown concept"):
         build_icd("qr+qr", 10, 0.5, 64, 0, tmp_path)
+
+
+def test_lowres_profile_draws_larger_watermarks_and_text_and_leaves_qr_alone() -> None:
+    """``lowres`` (for 64 px models) scales watermark and text up; a concept it does not list renders as by default."""
+    def heights(concept: str, sizes: str) -> list[float]:
+        out = []
+        for idx in range(24):
+            _, _, meta = make_sample(concept, 3, idx, 128, True, sizes)
+            out.append(float(np.median([b[3] - b[1] for b in meta["boxes"]])))
+        return out
+
+    default, low = heights("watermark", "default"), heights("watermark", "lowres")
+    assert np.median(low) > 1.3 * np.median(default)
+    default, low = heights("text", "default"), heights("text", "lowres")  # lines shrink to fit, down to 8% glyphs
+    assert min(low) > min(default) and np.median(low) > np.median(default)
+    a, _, meta_a = make_sample("qr", 3, 0, 128, True, "default")
+    b, _, meta_b = make_sample("qr", 3, 0, 128, True, "lowres")
+    assert a.tobytes() == b.tobytes() and meta_a["boxes"] == meta_b["boxes"] and meta_b["sizes"] == "lowres"
+    with pytest.raises(ValueError, match="unknown size profile"):
+        make_sample("text", 3, 0, 64, True, "huge")
