@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from geomerase.core.annotate import Annotator
-from geomerase.core.classifiers import PatchClassifierConfig, save_classifier
+from geomerase.core.classifiers import PatchClassifierConfig, degrade, load_classifier, save_classifier
 from geomerase.core.detectors import Detector, MultiDetector, OracleDetector, PatchClassifierDetector, build_detector
 from geomerase.core.detectors_real import (PPOCRTextDetector, QRDetector, TesseractMissing, TextDetector,
                                            TorchCellDetector, tesseract_path)
@@ -370,3 +370,19 @@ def test_patch_classifier_runs_at_its_resolution_and_boxes_cells_of_the_original
     (d,) = det.detect(Image.new("RGB", (300, 700)))
     assert seen == [(8, 8)] and d.box == [150, 350, 300, 700]
     assert _annotation(det, Image.new("RGB", (300, 700)), grid=2)["cells"] == [3]
+
+
+def test_patch_classifier_detector_round_trip(tmp_path):
+    cfg = PatchClassifierConfig(resolution=16, grid=4, context=2, width=8)
+    model = cfg.build()
+    save_classifier(model, tmp_path / "pc", {"concept": "qr"})
+    det = build_detector("patch-classifier", "qr", classifier=str(tmp_path / "pc"))
+    assert isinstance(det, PatchClassifierDetector)
+    loaded, meta = load_classifier(tmp_path / "pc")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded.cell_probs(x), model.cell_probs(x))
+    assert model.patches(x).shape == (2 * 16, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    y = degrade(x, g)
+    assert y.shape == x.shape and not torch.equal(x, y) and y.abs().max() <= 1
+
