@@ -38,6 +38,7 @@ from geomerase.core.classifiers import (PatchClassifier, as_float, degraded, fpr
                                         load_classifier, patch_classifier_quality)
 from geomerase.core.config import to_dict
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
+from geomerase.core.lora import LoraConfig
 from geomerase.core.metrics import clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
 from geomerase.core.models import ModelConfig
 from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
@@ -122,6 +123,9 @@ class DemoConfig:
     """Extra CFG scales at which the open-prompt arms are re-scored (ICR-vs-guidance curve)."""
     reweight_alpha: float | None = None
     """Region re-weighting alpha of the geom fine-tune (None: plain MSE)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Both fine-tunes train LoRA adapters on the UNet's attention projections instead of the whole
+    UNet (``lora.rank > 0``; ``lr`` is then the adapters' learning rate), as ``train.lora``."""
     device: str = "cpu"
     """Diffusion training/sampling device ('auto' uses a GPU when present); classifiers stay on the CPU."""
     attention_backend: str = "sdpa"
@@ -172,6 +176,7 @@ def _train_rc(cfg: DemoConfig, run_dir: Path, shards: str, captions: CaptionConf
                                        max_steps=steps, lr=cfg.lr, loc_lr=cfg.loc_lr, seed=cfg.seed,
                                        reweight_alpha=reweight_alpha, warmup_steps=min(50, max(steps // 10, 1)),
                                        uncond_prior=cfg.uncond_prior and cfg.pretrained is not None,
+                                       lora=cfg.lora,
                                        device=cfg.device, log_every=25, save_every=max(steps // 4, 1)),
                      resume="latest")
 

@@ -67,6 +67,18 @@ def test_cli_bad_demo_key_is_an_error(capsys, tmp_path):
     assert "stepz" in capsys.readouterr().err
 
 
+def test_demo_lora_setting_reaches_both_fine_tunes(tmp_path):
+    from pathlib import Path
+
+    from geomerase.core.config import load_config
+    from geomerase.demo import DemoConfig, _train_rc
+
+    cfg = load_config(DemoConfig, None, [f"out={tmp_path}", "lora.rank=8", "lr=0.005"])
+    rc = _train_rc(cfg, Path(tmp_path) / "m", "x/*.tar", cfg.captions, None)
+    assert (rc.train.lora.rank, rc.train.lr, rc.train.train_text_encoder) == (8, 0.005, False)
+    assert _train_rc(DemoConfig(), Path(tmp_path), "x/*.tar", cfg.captions, None).train.lora.rank == 0
+
+
 def test_miniature_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "n_train=200", "n_heldout=100", "steps=3", "samples=4",
