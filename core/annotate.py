@@ -27,7 +27,6 @@ import logging
 import os
 import tarfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -42,24 +41,6 @@ from geomerase.data.shards import (IMAGE, TAR_ERRORS, Sample, SkipCounter, TarDa
 log = logging.getLogger("geomerase.annotate")
 
 MANIFEST = "_manifest.json"
-
-
-@dataclass
-class AnnotateConfig:
-    input: str = ""
-    """Glob of input shards."""
-    out: str = ""
-    """Output folder (one shard per input shard, same name)."""
-    detector: str = "patch-classifier"
-    """Detector registry name, ``module:Class``, or several joined by commas (one concept each)."""
-    concept: str = "qr"
-    """Concept key: qr, watermark or text (for detectors that take it: oracle, patch-classifier)."""
-    concept_name: str | None = None
-    """Phrase used in captions; None: the ICD's name for the concept."""
-    geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    """Grid and cell-coverage rule."""
-    batch_size: int = 64
-    """Images per detector call."""
 
 
 class Annotator:

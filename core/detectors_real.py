@@ -19,6 +19,7 @@ included) and 90% from 44 px (51 px when decoding is required); Tesseract finds 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -405,12 +406,34 @@ def _ppocr_factory(concept: str = "text", **options: Any) -> PPOCRTextDetector:
     return PPOCRTextDetector("text", _coerce(PPOCRTextDetectorConfig, "text-ppocr", options))
 
 
+def shipped_watermark_dir() -> Path:
+    """``geomerase/weights/detectors/watermark``: the shipped watermark detector, a patch classifier
+    trained on a wide watermark family (``geomerase.data.watermarks``), fp16 with a sha256 manifest,
+    built by ``python -m geomerase.benchmarks.watermark_detector build``; its quality on real
+    photographs: ``benchmarks/results/watermark_detector_cpu.md``."""
+    from importlib import resources
+
+    return Path(str(resources.files("geomerase"))) / "weights" / "detectors" / "watermark"
+
+
+def shipped_watermark_record() -> dict[str, Any]:
+    """How the shipped watermark detector was built (command, sizes, times, calibration)."""
+    return json.loads((shipped_watermark_dir() / "config.json").read_text())["build"]
+
+
 def _watermark_factory(concept: str = "watermark", classifier: str | None = None, **options: Any) -> Detector:
+    """``classifier=PATH``: a patch classifier of the user's; none: the shipped one (checksums verified)."""
+    from geomerase.core.checkpoint import verify_manifest
+
     if options:
         raise ValueError(f"detector 'watermark': unknown options {sorted(options)}; it takes classifier=PATH")
     if not classifier:
-        raise ValueError("detector 'watermark' needs --classifier PATH (a patch classifier trained on watermark "
-                         "data: geomerase classifier train --concept watermark ...)")
+        folder = shipped_watermark_dir()
+        problem = verify_manifest(folder)
+        if problem:
+            raise ValueError(f"{folder}: the shipped watermark detector is damaged ({problem}); rebuild it with "
+                             "python -m geomerase.benchmarks.watermark_detector build")
+        classifier = str(folder)
     return PatchClassifierDetector.from_path("watermark", classifier)
 
 
