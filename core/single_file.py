@@ -239,3 +239,37 @@ def write_pipeline_config(model: DiffusionModel, path: str | os.PathLike) -> Pat
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         scheduler.save_config(str(tmp / "scheduler"))
     return path
+
+
+def single_file_folder(path: str | os.PathLike, config_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The diffusers folder a single file stands for, assembled at ``out`` (atomically): the configs and
+    tokenizer of ``config_dir`` (:func:`write_pipeline_config`), the file's UNet, VAE and text-encoder
+    weights (:func:`from_original`, dtypes as stored) and ``geomerase.json`` from the file's metadata, so
+    :func:`geomerase.core.models.load_model` reads it like any checkpoint."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, config_dir = Path(path), Path(config_dir)
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (config_dir / sub).is_dir():
+            raise FileNotFoundError(f"{config_dir}: missing '{sub}/' (write it with geomerase export --format "
+                                    "single-file --config-dir DIR)")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("geomerase", "{}"))
+    if not meta.get("grid"):
+        raise ValueError(f"{path}: no geomerase metadata with the grid (not written by geomerase export --format "
+                         "single-file)")
+    configs = {p: json.loads((config_dir / p / "config.json").read_text()) for p in ("unet", "vae")}
+    parts = read_single_file(path, configs["unet"], configs["vae"])
+    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+             "text_encoder": "model.safetensors"}
+    with atomic_dir(Path(out)) as tmp:
+        shutil.copytree(config_dir, tmp, dirs_exist_ok=True)
+        for part, name in files.items():
+            save_file({k: v.contiguous() for k, v in parts[part].items()}, str(tmp / part / name),
+                      metadata={"format": "pt"})
+        (tmp / "geomerase.json").write_text(json.dumps({k: meta[k] for k in ("grid", "resolution", "space", "size")
+                                                        if k in meta}, indent=2))
+    return Path(out)

@@ -8,7 +8,7 @@ Sub-commands::
     geomerase classifier train --input GLOB --out D  patch classifier from ground-truth boxes
     geomerase annotate --input GLOB --detector NAME --grid G --out DIR
     geomerase train --config C [key.sub=value ...]   fine-tune (same as python -m geomerase.train)
-    geomerase sample --model DIR --prompt P --negative geom --out grid.png
+    geomerase sample --model DIR|FILE --prompt P --negative geom --out grid.png
     geomerase export [--format single-file] MODEL OUT   diffusers folder or one original-layout .safetensors
     geomerase export --format lora|tokens MODEL OUT     a fine-tune's LoRA / location-token rows (plain diffusers)
     geomerase fetch-tokenizer                        cache CLIP's BPE table (set-up does this)
@@ -160,7 +160,9 @@ def _sample(a: argparse.Namespace) -> int:
 
 
 def _sampling_model(a: argparse.Namespace):
-    """``--model`` (a folder or ``builtin:NAME``), with ``--tokens`` rows and a ``--lora`` adapter on top."""
+    """``--model`` (a folder, ``builtin:NAME`` or a single file with ``--config-dir``), with ``--tokens`` rows and
+    a ``--lora`` adapter on top."""
+    import tempfile
     from pathlib import Path
 
     from geomerase.core.builtin import resolve_pretrained
@@ -174,7 +176,18 @@ def _sampling_model(a: argparse.Namespace):
 
         with safe_open(a.tokens, "pt") as f:
             grid = int((f.metadata() or {}).get("grid", 0)) or None
-    model = load_model(resolve_pretrained(a.model), grid=grid)
+    if a.model.endswith(".safetensors"):
+        from geomerase.core.single_file import single_file_folder
+
+        if not a.config_dir:
+            raise ValueError(f"--model {a.model}: a single file needs --config-dir (geomerase export --format "
+                             "single-file --config-dir DIR writes it)")
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_model(single_file_folder(a.model, a.config_dir, Path(tmp) / "model"), grid=grid)
+    elif a.config_dir:
+        raise ValueError("--config-dir applies to a single-file --model (.safetensors)")
+    else:
+        model = load_model(resolve_pretrained(a.model), grid=grid)
     if a.tokens:
         load_location_tokens(model, a.tokens)
     if a.lora:
@@ -377,7 +390,10 @@ def _fill_sample(p: argparse.ArgumentParser) -> None:
     from geomerase.core.sampling import SamplerConfig
 
     p.add_argument("--model", required=True,
-                   help="model folder (a diffusers folder or a fine-tune's model/) or builtin:NAME")
+                   help="model folder (a diffusers folder or a fine-tune's model/), builtin:NAME, or a single "
+                        ".safetensors file (with --config-dir)")
+    p.add_argument("--config-dir", default=None, metavar="DIR",
+                   help="with a single-file --model: its configs and tokenizer (geomerase export --config-dir)")
     p.add_argument("--lora", default=None, metavar="DIR",
                    help="a LoRA adapter in diffusers' format (geomerase export --format lora) added to --model")
     p.add_argument("--tokens", default=None, metavar="FILE",

@@ -145,6 +145,31 @@ def test_a_fresh_interpreter_without_geomerase_samples_the_same_image(exported, 
     torch.testing.assert_close(load_file(str(out))["image"], ours, rtol=0, atol=1e-4)
 
 
+def test_geomerase_sample_takes_the_single_file_and_draws_what_the_model_draws(exported, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from geomerase.core.models import load_model
+    from geomerase.core.single_file import single_file_folder
+
+    model, path, config, rows = exported
+    back = load_model(single_file_folder(path, config, tmp_path / "folder"))
+    assert back.grid == 4 and back.loc_token_ids == model.loc_token_ids
+    assert torch.equal(back.text_encoder.get_input_embeddings().weight[model.loc_token_ids], rows)
+    def cli_sample(out, *model_args):
+        args = ["sample", *model_args, "--prompt", "a red ring", "--negative", NEGATIVE, "--n", "1", "--seed", "7",
+                "--steps", "3", "--guidance-scale", "3.0", "--out", str(tmp_path / out)]
+        assert main(args) == 0
+        return torch.from_numpy(np.asarray(Image.open(tmp_path / out).convert("RGB"), dtype=np.int16))
+
+    model.save(tmp_path / "source")  # the model the file was written from, as a folder
+    single = cli_sample("single.png", "--model", str(path), "--config-dir", str(config))
+    source = cli_sample("source.png", "--model", str(tmp_path / "source"))
+    assert single.shape == source.shape and (single - source).abs().max() <= 1  # uint8 rounding of <= 1e-4
+    args = ["sample", "--model", str(path), "--out", str(tmp_path / "x.png")]
+    assert main(args) == 2 and not (tmp_path / "x.png").exists()  # a single file without --config-dir
+
+
 def test_pixel_space_model_is_refused_before_writing(tmp_path):
     model = build_random("debug", 4)
     with pytest.raises(ValueError, match="pixel space"):
