@@ -158,8 +158,8 @@ def test_ppocr_options_are_checked():
 
 
 def test_watermark_detector_is_the_patch_classifier_path(tmp_path):
-    with pytest.raises(ValueError, match="needs --classifier"):
-        build_detector("watermark", "watermark")
+    shipped = build_detector("watermark", "watermark")  # without a classifier: the shipped one
+    assert isinstance(shipped, PatchClassifierDetector) and shipped.classifier.cfg.resolution == 128
     model = PatchClassifierConfig(resolution=16, grid=4, context=2, width=8).build()
     save_classifier(model, tmp_path / "wm", {"concept": "watermark"})
     save_classifier(model, tmp_path / "qr", {"concept": "qr"})
