@@ -57,7 +57,7 @@ def build(n: int, steps: int, seed: int, out: Path) -> dict[str, Any]:
     """Train, calibrate and write the shipped detector to ``out``; returns its build record."""
     from geomerase.core.checkpoint import write_manifest
     from geomerase.core.classifiers import (PatchClassifierConfig, calibrate_threshold, coverage_targets,
-                                            train_patch_classifier)
+                                            save_classifier, train_patch_classifier)
 
     t0 = time.time()
     images, metas, sizes = render_training_set(n, seed)
@@ -70,12 +70,8 @@ def build(n: int, steps: int, seed: int, out: Path) -> dict[str, Any]:
     record = {"n_images": n, "steps": steps, "seed": seed, "render_px": RENDER, "calibration": cal,
               "render_seconds": round(t1 - t0, 1), "train_seconds": round(time.time() - t1, 1),
               "command": f"python -m geomerase.benchmarks.watermark_detector build --n {n} --steps {steps} --seed {seed}"}
-    meta = {"class": "PatchClassifier", "config": {**model.cfg.__dict__}, "concept": "watermark", "build": record}
-    from safetensors.torch import save_file
-
     with atomic_dir(out) as tmp:
-        save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+        save_classifier(model.half(), tmp, {"concept": "watermark", "build": record})  # fp16 weights
         write_manifest(tmp)
     return record
 
@@ -113,12 +109,13 @@ def evaluate(n: int, seed: int) -> dict[str, Any]:
     images = photo_set(n, seed)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        before = readme_default_classifier(Path(tmp))
+        before_dir = readme_default_classifier(Path(tmp))
         before_s = time.time() - t0
-        rows = [score("before: README-default classifier (ICD, 32 px)",
-                      build_detector("watermark", "watermark", classifier=str(before)), images),
-                score("after: shipped detector (wide family, 128 px)", build_detector("watermark", "watermark"), images)]
-        sweep = threshold_sweep(build_detector("watermark", "watermark"), images)
+        before = build_detector("watermark", "watermark", classifier=str(before_dir))
+    after = build_detector("watermark", "watermark")
+    rows = [score("before: README-default classifier (ICD, 32 px)", before, images),
+            score("after: shipped detector (wide family, 128 px)", after, images)]
+    sweep = threshold_sweep(after, images)
     return {"environment": environment(), "config": {"n": n, "seed": seed, "size": 512, "grid": GRID},
             "before_train_seconds": round(before_s, 1), "rows": rows, "after_threshold_sweep": sweep}
 

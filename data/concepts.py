@@ -53,16 +53,15 @@ FONT_FILES: tuple[str, ...] = (
 
 
 @functools.lru_cache(maxsize=256)
-def font(name: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Load a DejaVu font by file name, falling back to PIL's built-in font.
+def font(name: str | None, size: float) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Load a DejaVu font by file name (None: PIL's built-in font), falling back to PIL's built-in font.
 
     The fallback keeps the dataset buildable on machines without DejaVu; it
     changes the look (one face only) but not the box semantics.
     """
     size = max(int(size), 4)
-    path = _FONT_DIR / name
-    if path.exists():
-        return ImageFont.truetype(str(path), size)
+    if name is not None and (_FONT_DIR / name).exists():
+        return ImageFont.truetype(str(_FONT_DIR / name), size)
     return ImageFont.load_default(size=size)
 
 
@@ -220,6 +219,32 @@ def _text_layer(text: str, fnt, fill: tuple[int, int, int, int], logo: str | Non
     return layer
 
 
+def paste_marks(size: tuple[int, int], placements: list[tuple[Image.Image, int, int]], min_share: float,
+                alpha_floor: int = 0) -> tuple[Image.Image, list[Box]]:
+    """Paste watermark layers at ``(layer, x, y)`` onto one transparent ``size`` overlay (opaque marks,
+    so overlapping tiles do not stack); returns it and one box per pasted mark.
+
+    A mark's box is the bounding box of its pixels with alpha above ``alpha_floor``, clipped to the
+    frame. Slivers at the border carry almost no watermark: a mark keeping less than ``min_share`` of
+    its box inside the frame is left out, of the overlay and of the boxes."""
+    w, h = size
+    overlay = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    boxes: list[Box] = []
+    for lay, x, y in placements:
+        alpha = lay.getchannel("A")
+        bb = (alpha.point(lambda v: 255 if v > alpha_floor else 0) if alpha_floor else alpha).getbbox()
+        if bb is None:
+            continue
+        box = _clip_box((x + bb[0], y + bb[1], x + bb[2], y + bb[3]), w, h)
+        if box is None or (box[2] - box[0]) * (box[3] - box[1]) < min_share * (bb[2] - bb[0]) * (bb[3] - bb[1]):
+            continue
+        # alpha_composite rejects negative offsets, so crop the layer to the frame.
+        cx, cy = max(0, -x), max(0, -y)
+        overlay.alpha_composite(lay.crop((cx, cy, lay.width, lay.height)), (x + cx, y + cy))
+        boxes.append(box)
+    return overlay, boxes
+
+
 def add_watermark(img: Image.Image, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 0.15),
                   tiled_scale: tuple[float, float] = (0.045, 0.08),
                   opacity: tuple[float, float] = (0.25, 0.6)) -> tuple[Image.Image, list[Box]]:
@@ -246,8 +271,6 @@ def add_watermark(img: Image.Image, rng: np.random.Generator, scale: tuple[float
     fill = (*rgb, 255)  # opacity applied to the whole layer below, so overlaps don't stack
     fname = _choice(rng, FONT_FILES)
     logo = _choice(rng, [None, None, "circle", "rect"])
-    overlay = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    boxes: list[Box] = []
 
     if rng.random() < 0.55:
         fnt = font(fname, rng.uniform(*scale) * side)
@@ -273,19 +296,7 @@ def add_watermark(img: Image.Image, rng: np.random.Generator, scale: tuple[float
             for x in range(-ox - step_x + shift, w + step_x, step_x):
                 placements.append((layer, x, y))
 
-    for lay, x, y in placements:
-        bb = lay.getchannel("A").getbbox()
-        if bb is None:
-            continue
-        box = _clip_box((x + bb[0], y + bb[1], x + bb[2], y + bb[3]), w, h)
-        # Slivers at the border carry almost no watermark; keep them out of the
-        # prior so boxes stay meaningful.
-        if box is None or (box[2] - box[0]) * (box[3] - box[1]) < 0.1 * (bb[2] - bb[0]) * (bb[3] - bb[1]):
-            continue
-        # alpha_composite rejects negative offsets, so crop the tile to the frame.
-        cx, cy = max(0, -x), max(0, -y)
-        overlay.alpha_composite(lay.crop((cx, cy, lay.width, lay.height)), (x + cx, y + cy))
-        boxes.append(box)
+    overlay, boxes = paste_marks((w, h), placements, min_share=0.1)
     a = overlay.getchannel("A").point(lambda v: v * alpha // 255)
     overlay.putalpha(a)
     out = Image.alpha_composite(img.convert("RGBA"), overlay).convert("RGB")

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import math
 import string
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter
 
-from geomerase.data.concepts import FONT_FILES, Box, _choice, _clip_box
+from geomerase.data.concepts import _FONT_DIR, FONT_FILES, Box, _choice, font, paste_marks
 
-_FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 #: DejaVu faces the ICD rule does not use (the ICD's are ``concepts.FONT_FILES``); ``None`` is
 #: Pillow's built-in font.
 TRAIN_FONTS: tuple[str | None, ...] = tuple(
@@ -38,13 +37,6 @@ TRAIN_FONTS: tuple[str | None, ...] = tuple(
 TRAIN_PHOTOS = ("rocket", "stereo_motorcycle", "coins", "clock", "cell", "colorwheel")
 _WORDS = ("photo", "preview", "sample", "proof", "draft", "copyright", "studio", "images", "pictures",
           "archive", "licensed", "media", "creative", "press", "agency", "collection", "do not copy")
-
-
-def _font(name: str | None, size: float) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    size = max(int(size), 5)
-    if name is not None and (_FONT_DIR / name).is_file():
-        return ImageFont.truetype(str(_FONT_DIR / name), size)
-    return ImageFont.load_default(size=size)
 
 
 def _word(rng: np.random.Generator) -> str:
@@ -94,7 +86,7 @@ def _logo(d: ImageDraw.ImageDraw, x: int, y: int, s: int, fill: tuple, rng: np.r
 def mark_layer(rng: np.random.Generator, px: float, fill: tuple[int, int, int, int]) -> Image.Image:
     """One mark (text, logo, or logo + text) at glyph size ``px`` on a tight transparent layer."""
     kind = _choice(rng, ["text", "logo", "both"], p=[0.5, 0.15, 0.35])
-    fnt = _font(_choice(rng, TRAIN_FONTS), px)
+    fnt = font(_choice(rng, TRAIN_FONTS), max(px, 5))
     text = mark_text(rng) if kind != "logo" else ""
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     stroke = int(rng.integers(0, 2))
@@ -124,7 +116,7 @@ def _colour(rng: np.random.Generator, luma: float) -> tuple[int, int, int]:
     return _choice(rng, [(255, 255, 255), (0, 0, 0), (128, 128, 128)], p=[0.55, 0.25, 0.2])
 
 
-def _placements(rng: np.random.Generator, layer_fn, w: int, h: int) -> list[tuple[Image.Image, int, int]]:
+def _placements(rng: np.random.Generator, layer_fn: Callable[[float], Image.Image], w: int, h: int) -> list[tuple[Image.Image, int, int]]:
     side = min(w, h)
     layout = _choice(rng, ["single", "corner", "tiled"], p=[0.45, 0.2, 0.35])
     if layout == "tiled":
@@ -156,25 +148,8 @@ def add_wide_watermark(img: Image.Image, rng: np.random.Generator) -> tuple[Imag
     w, h = img.size
     luma = float(np.asarray(img.convert("L"), np.float32).mean())
     fill = (*_colour(rng, luma), 255)
-    same = {}
-
-    def layer_fn(px: float) -> Image.Image:  # a tiling repeats one mark
-        if "layer" not in same:
-            same["layer"] = mark_layer(rng, px, fill)
-        return same["layer"]
-
-    overlay = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-    boxes: list[Box] = []
-    for lay, x, y in _placements(rng, layer_fn, w, h):
-        bb = lay.getchannel("A").point(lambda v: 255 if v > 40 else 0).getbbox()
-        if bb is None:
-            continue
-        box = _clip_box((x + bb[0], y + bb[1], x + bb[2], y + bb[3]), w, h)
-        if box is None or (box[2] - box[0]) * (box[3] - box[1]) < 0.25 * (bb[2] - bb[0]) * (bb[3] - bb[1]):
-            continue
-        cx, cy = max(0, -x), max(0, -y)
-        overlay.alpha_composite(lay.crop((cx, cy, lay.width, lay.height)), (x + cx, y + cy))
-        boxes.append(box)
+    placements = _placements(rng, lambda px: mark_layer(rng, px, fill), w, h)  # a tiling repeats one mark
+    overlay, boxes = paste_marks((w, h), placements, min_share=0.25, alpha_floor=40)
     alpha = rng.uniform(0.1, 0.6)
     style = rng.random()
     a = overlay.getchannel("A").point(lambda v: int(v * alpha))
