@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -33,6 +34,25 @@ LOCATION_TOKENS_FILE = "location_tokens.safetensors"
 """Name of the textual-inversion file a training run leaves beside its ``model/``."""
 
 
+def diffusers_pipeline(model: DiffusionModel) -> Any:
+    """``model``'s components (shared, not copied) in a ``StableDiffusionPipeline`` with no safety checker,
+    or for an :class:`~geomerase.core.sdxl.SDXLModel` a ``StableDiffusionXLPipeline`` with
+    ``force_zeros_for_empty_prompt`` off; the scheduler is DDIM on the model's noise schedule. Needs a VAE."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from geomerase.core.sdxl import SDXLModel
+
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    if isinstance(model, SDXLModel):
+        return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
+                                         text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+                                         tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=False)
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
     """Write ``model`` as a diffusers pipeline folder; needs a latent model (a VAE).
 
@@ -41,10 +61,6 @@ def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
     ``force_zeros_for_empty_prompt`` is off: an empty negative prompt is encoded, as geomerase's
     sampler and training (caption dropout) encode it. Afterwards ``model`` has the stock text
     embedding modules and its LoRA adapter (if any) merged."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from geomerase.core.sdxl import SDXLModel
-
     if model.vae is None:
         raise ValueError(f"export_pipeline: model {model.size!r} works in pixel space (no VAE); "
                          "only latent models map onto StableDiffusionPipeline")
@@ -52,16 +68,7 @@ def export_pipeline(model: DiffusionModel, path: str | os.PathLike) -> Path:
         uninstall_location_embedding(text_encoder)  # stock CLIP module, location rows merged
     merge_unet_lora(model.unet)
     path = Path(path)
-    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
-    if isinstance(model, SDXLModel):
-        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
-                                         text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
-                                         tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler,
-                                         force_zeros_for_empty_prompt=False)
-    else:
-        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                       unet=model.unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    pipe = diffusers_pipeline(model)
     with atomic_dir(path) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         model.write_meta(tmp)

@@ -417,17 +417,18 @@ def _fill_export(p: argparse.ArgumentParser) -> None:
                    help="model folder: a fine-tune's model/ (geomerase.json) or a diffusers SD folder with --grid")
     p.add_argument("out", help="diffusers, lora: output folder; single-file, tokens: output .safetensors file")
     p.add_argument("--format", choices=["diffusers", "single-file", "lora", "tokens"], default="diffusers",
-                   help="diffusers: a StableDiffusionPipeline folder; single-file: one .safetensors in the original "
-                        "Stable Diffusion key layout (model.diffusion_model., first_stage_model., "
-                        "cond_stage_model.transformer.) (a LoRA merged in both); lora: the UNet adapter of a "
-                        "train.lora run, for pipe.load_lora_weights(OUT); tokens: the location-token rows as a "
-                        "textual-inversion file for pipe.load_textual_inversion (default: diffusers)")
+                   help="diffusers: a StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder; single-file: "
+                        "one .safetensors in the original Stable Diffusion key layout (model.diffusion_model., "
+                        "first_stage_model., cond_stage_model.transformer.; SDXL: conditioner.embedders.0.transformer. "
+                        "and OpenCLIP's conditioner.embedders.1.model.) (a LoRA merged in both); lora: the UNet "
+                        "adapter of a train.lora run, for pipe.load_lora_weights(OUT); tokens: the location-token "
+                        "rows as a textual-inversion file for pipe.load_textual_inversion (default: diffusers)")
     p.add_argument("--grid", type=int, default=None,
                    help="G of a folder without geomerase.json (adds G^2 location tokens) (default: the folder's)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="single-file: cast floating tensors to this type (default: as stored)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
-                   help="single-file: also write a weightless diffusers folder (configs, tokenizer with the location "
+                   help="single-file: also write a weightless diffusers folder (configs, tokenizers with the location "
                         "tokens) for from_single_file(OUT, config=DIR)")
 
 
