@@ -323,6 +323,35 @@ def test_qr_boxes_and_cells_are_in_original_pixels_at_any_size(size, side, xy, w
     assert expected and ann["cells"] == expected
 
 
+def _cluttered_qr_scene(seed: int) -> Image.Image:
+    """512 x 384: random black and white 8 px squares (finder-like clutter) with 1-3 rotated codes."""
+    import qrcode
+
+    rng = np.random.default_rng(seed)
+    cells = (rng.random((48, 64)) < 0.5).astype(np.uint8) * 255
+    img = Image.fromarray(np.kron(cells, np.ones((8, 8), np.uint8))).convert("RGB")
+    for j in range(int(rng.integers(1, 4))):
+        qr = qrcode.QRCode(box_size=int(rng.integers(2, 5)), border=2)
+        qr.add_data(f"https://example.org/{seed}/{j}")
+        qr.make(fit=True)
+        code = qr.make_image().convert("RGB").rotate(float(rng.uniform(-20, 20)), expand=True,
+                                                     fillcolor=(255, 255, 255))
+        img.paste(code, (int(rng.integers(0, 512 - code.width)), int(rng.integers(0, 384 - code.height))))
+    return img
+
+
+def test_qr_detections_do_not_depend_on_opencvs_rng_state():
+    """OpenCV's multi-code search draws from its RNG: on this scene, unseeded, some RNG states miss a code."""
+    import cv2
+
+    det, img = build_detector("qr", "qr"), _cluttered_qr_scene(3)
+    results = []
+    for state in range(6):
+        cv2.setRNGSeed(state)  # what earlier OpenCV calls in this thread would have left
+        results.append([(tuple(round(v, 2) for v in d.box), d.score) for d in det.detect(img)])
+    assert results[0] and all(r == results[0] for r in results), results
+
+
 def test_qr_cap_and_upscale_options():
     assert build_detector("qr", "qr", max_side="0").working_size(2400, 1600) == (2400, 1600)
     assert build_detector("qr", "qr", upscale="2").working_size(300, 200) == (600, 400)
