@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from geomerase.benchmarks.common import RESULTS_DIR, environment
+from geomerase.benchmarks.common import RESULTS_DIR, boxes_overlap, environment
 from geomerase.data.shards import atomic_write
 
 GRID, THRESH = 4, 0.25
@@ -31,10 +31,6 @@ def _load_shards(glob: str):
     from geomerase.data.shards import iter_samples
 
     return list(iter_samples(glob))
-
-
-def _overlaps(a, b) -> bool:
-    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
 def _quality(name: str, detector, samples, size_of, bins: list[float]) -> dict[str, Any]:
@@ -50,7 +46,7 @@ def _quality(name: str, detector, samples, size_of, bins: list[float]) -> dict[s
         pred.append(enc.cells_from_boxes([d.box for d in found], w, h))
         true.append(enc.cells_from_boxes(s.meta["boxes"], w, h))
         for b in s.meta["boxes"]:
-            objs.append((size_of(b), any(_overlaps(d.box, b) for d in found)))
+            objs.append((size_of(b), any(boxes_overlap(d.box, b) for d in found)))
     secs = time.perf_counter() - t0
     pr = cell_precision_recall(pred, true)
     per_bin = []

@@ -16,7 +16,7 @@ import statistics
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -65,6 +65,25 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def detection_scores(pred: Sequence[Iterable[int]], true: Sequence[Iterable[int]], flagged: Sequence[bool],
+                     has: Sequence[bool]) -> dict[str, Any]:
+    """Cell precision/recall/F1 and counts (micro-averaged over images, :func:`geomerase.core.geometry.
+    cell_precision_recall`) of predicted vs true cells, and image precision/recall of ``flagged`` (the
+    detector found anything) vs ``has`` (the image holds the concept), rounded to 4 places."""
+    from geomerase.core.geometry import cell_precision_recall
+
+    pr = cell_precision_recall(pred, true)
+    itp = sum(f and h for f, h in zip(flagged, has, strict=True))
+    return {"cell_precision": round(pr["precision"], 4), "cell_recall": round(pr["recall"], 4),
+            "cell_f1": round(pr["f1"], 4), "tp": pr["tp"], "fp": pr["fp"], "fn": pr["fn"],
+            "image_precision": round(itp / max(1, sum(flagged)), 4), "image_recall": round(itp / max(1, sum(has)), 4)}
+
+
+def boxes_overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two ``[x1, y1, x2, y2]`` boxes share an area."""
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
 def try_measure(fn: Callable[[], float], errors: list[str], label: str) -> float:

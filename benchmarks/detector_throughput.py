@@ -37,7 +37,7 @@ os.environ.setdefault("OPENCV_FOR_THREADS_NUM", "1")  # OpenCV's thread pool, he
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from geomerase.benchmarks.common import RESULTS_DIR, environment  # noqa: E402
+from geomerase.benchmarks.common import RESULTS_DIR, boxes_overlap, environment  # noqa: E402
 from geomerase.data.shards import atomic_write  # noqa: E402
 from geomerase.benchmarks.text_detectors import _versions, photos  # noqa: E402
 
@@ -45,6 +45,18 @@ SIZES = (512, 1024)
 GRID = 4
 DETECTORS: dict[str, str] = {"qr": "qr", "text": "text", "text-tesseract": "text", "watermark": "watermark"}
 """Detector name -> the concept overlaid on its images."""
+
+
+def aspect_crop(srcs: list[np.ndarray], rng: np.random.Generator, size: int, landscape: bool) -> Image.Image:
+    """A random crop of a random photo of ``srcs`` (60-100% of the largest 4:3 or 3:4 window), resized so
+    its longer side is ``size`` (4:3 when ``landscape``, else 3:4)."""
+    a = srcs[int(rng.integers(len(srcs)))]
+    h, w = a.shape[:2]
+    cw, ch = (4, 3) if landscape else (3, 4)
+    k = min(w / cw, h / ch) * rng.uniform(0.6, 1.0)
+    x, y = int(rng.integers(0, w - int(cw * k) + 1)), int(rng.integers(0, h - int(ch * k) + 1))
+    crop = Image.fromarray(a[y:y + int(ch * k), x:x + int(cw * k)])
+    return crop.resize((size, size * ch // cw) if cw > ch else (size * cw // ch, size), Image.BICUBIC)
 
 
 def photo_set(srcs: list[np.ndarray], concept: str, size: int, n: int, seed: int
@@ -55,28 +67,30 @@ def photo_set(srcs: list[np.ndarray], concept: str, size: int, n: int, seed: int
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        a = srcs[int(rng.integers(len(srcs)))]
-        h, w = a.shape[:2]
-        cw, ch = (4, 3) if i % 2 == 0 else (3, 4)
-        k = min(w / cw, h / ch) * rng.uniform(0.6, 1.0)
-        x, y = int(rng.integers(0, w - int(cw * k) + 1)), int(rng.integers(0, h - int(ch * k) + 1))
-        crop = Image.fromarray(a[y:y + int(ch * k), x:x + int(cw * k)])
-        img = crop.resize((size, size * ch // cw) if cw > ch else (size * cw // ch, size), Image.BICUBIC)
+        img = aspect_crop(srcs, rng, size, landscape=i % 2 == 0)
         out.append(overlay(concept, img, rng) if i % 4 < 2 else (img, []))
     return out
 
 
-def write_input(items: list[tuple[Image.Image, list[list[int]]]], folder: Path, shard_size: int) -> str:
-    """Shards of ``items`` (JPEG, a caption, ground-truth ``boxes`` in the json); returns their glob."""
+def write_input(items: list[tuple[Image.Image, list[list[int]]]], folder: Path, shard_size: int,
+                encoded: list[bytes] | None = None) -> str:
+    """Shards of ``items`` (JPEG, a caption, ground-truth ``boxes`` in the json); returns their glob.
+
+    ``encoded``: the JPEG bytes of each item's image, stored as they are; without it each image is
+    encoded at quality 90."""
     from geomerase.data.shards import write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(0, len(items), shard_size):
         recs = []
         for i, (img, boxes) in enumerate(items[s:s + shard_size], start=s):
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=90)
-            recs.append({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": "a photograph",
+            if encoded is not None:
+                jpg = encoded[i]
+            else:
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=90)
+                jpg = buf.getvalue()
+            recs.append({"__key__": f"{i:06d}", "jpg": jpg, "txt": "a photograph",
                          "json": {"boxes": boxes, "width": img.width, "height": img.height}})
         write_shard(folder / f"{s // shard_size:05d}.tar", recs)
     return str(folder / "*.tar")
@@ -99,10 +113,6 @@ def train_watermark(srcs: list[np.ndarray], folder: Path, steps: int, seed: int)
     return save_classifier(model, folder, {"concept": "watermark"})
 
 
-def _overlaps(a: list[float], b: list[float]) -> bool:
-    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
-
-
 def hit_rates(out: Path) -> dict[str, Any]:
     """From annotated shards: share of concept images with a detection on a ground-truth box, and share
     of clean images with any detection."""
@@ -113,7 +123,7 @@ def hit_rates(out: Path) -> dict[str, Any]:
         boxes, found = s.meta["boxes"], [d["box"] for d in s.meta["annotation"]["detections"]]
         if boxes:
             pos += 1
-            hit += any(_overlaps(f, b) for f in found for b in boxes)
+            hit += any(boxes_overlap(f, b) for f in found for b in boxes)
         else:
             neg += 1
             flagged += bool(found)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from geomerase.benchmarks.common import RESULTS_DIR, environment
+from geomerase.benchmarks.common import RESULTS_DIR, detection_scores, environment
 from geomerase.data.shards import atomic_write
 from geomerase.core.annotate import cpu_seconds
 
@@ -151,7 +151,7 @@ def score(name: str, detector: Any, images: list[tuple[Image.Image, list[list[fl
           overlap_threshold: float | None = None) -> dict[str, Any]:
     """Cell and image precision/recall of ``detector`` on ``images``, and its single-thread speed
     (images per wall second and per CPU second: the machine's cores are shared)."""
-    from geomerase.core.geometry import GeometryConfig, cell_precision_recall
+    from geomerase.core.geometry import GeometryConfig
 
     geo = GeometryConfig(grid=GRID)
     enc = GeometryConfig(grid=GRID, overlap_threshold=overlap_threshold or geo.overlap_threshold).build()
@@ -165,13 +165,8 @@ def score(name: str, detector: Any, images: list[tuple[Image.Image, list[list[fl
         true.append(enc.cells_from_boxes(boxes, w, h))
         flagged.append(bool(found))
     secs, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    pr = cell_precision_recall(pred, true)
-    has = [bool(b) for _, b in images]
-    itp = sum(f and h for f, h in zip(flagged, has))
-    return {"detector": name, "n_images": len(images), "cell_precision": round(pr["precision"], 4),
-            "cell_recall": round(pr["recall"], 4), "cell_f1": round(pr["f1"], 4),
-            "tp": pr["tp"], "fp": pr["fp"], "fn": pr["fn"],
-            "image_precision": round(itp / max(1, sum(flagged)), 4), "image_recall": round(itp / max(1, sum(has)), 4),
+    return {"detector": name, "n_images": len(images),
+            **detection_scores(pred, true, flagged, [bool(b) for _, b in images]),
             "seconds": round(secs, 2), "images_per_s": round(len(images) / secs, 2),
             "cpu_seconds": round(cpu, 2), "images_per_cpu_s": round(len(images) / cpu, 2),
             "load_avg_1min": round(os.getloadavg()[0], 2)}
