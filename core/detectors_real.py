@@ -11,10 +11,11 @@ detector and the field.
 ``text`` is PP-OCR's detector because it beat Tesseract on real photographs at 512 px with text
 placed by rules unlike the ICD's (``benchmarks/results/text_detectors_cpu.md``).
 
-Sizes these detectors need at 256 px (measured on held-out ICD images, see
-``benchmarks/results/annotate_cpu.md``): OpenCV finds no code under 44 px side (quiet zone
-included) and 90% from 44 px (51 px when decoding is required); Tesseract finds text lines from
-7 px tall, 13/15 of the 16-24 px lines, none under 6 px.
+Sizes these detectors need at 256 px (held-out ICD images of ``benchmarks/bench_annotate.py``: seed
+1001, 200 images, ``wide`` sizes): ``qr`` with its defaults (Aruco pass at 1.5x) finds codes from 32 px
+side (quiet zone included), 6/15 of the 33-45 px codes and 13/15 of the 45-64 px ones; OpenCV's classic
+detector at the native size found none under 44 px (``benchmarks/results/annotate_cpu.md``). Tesseract
+finds text lines from 7 px tall, 13/15 of the 16-24 px lines, none under 6 px (same file).
 """
 from __future__ import annotations
 
@@ -78,27 +79,56 @@ def _convert(name: str, key: str, value: Any, kind: Any) -> Any:
 OPENCV_RNG_SEED = 0x5EED
 """Seed of OpenCV's RNG before each QR detection call (see :class:`QRDetector`)."""
 
+QR_ENGINES = ("aruco", "classic")
+"""OpenCV QR detectors: ``QRCodeDetectorAruco`` and ``QRCodeDetector``, both in multi-code mode."""
+
+_ENLARGE_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
 
 @dataclass
 class QRDetectorConfig:
+    engine: str = "aruco"
+    """OpenCV detector of the first pass (one of :data:`QR_ENGINES`). On the development set of
+    ``benchmarks/qr_detector.py`` (``--seed 2 --n 480``: 480 photos at 512 px, 240 codes) 'aruco' found 51 of
+    the 73 codes with 1.5-2.5 px modules at the native size, 'classic' 5."""
+    fallback: str = "classic"
+    """Engine run on the same working image when the first pass keeps no code, or 'none'. On the
+    development set the classic pass after Aruco's raised cell recall from 0.630 to 0.659 (precision 0.993 ->
+    0.980); it is a second search on every image without a code."""
     require_decode: bool = False
-    """Keep only codes whose content OpenCV decodes (fewer false boxes, misses damaged codes)."""
-    upscale: float = 1.0
-    """Resize the image by this factor before detection (boxes are mapped back); >1 helps small codes."""
+    """Keep only codes whose content OpenCV decodes (fewer false boxes, misses damaged codes). On the
+    development set neither setting flagged a clean photo; requiring decode cut cell recall from 0.659 to 0.556."""
+    upscale: float = 1.5
+    """Resize the image by this factor before detection (boxes are mapped back); >1 helps small codes.
+    Development-set cell recall with the defaults otherwise: 0.596 at 1, 0.614 at 1.25, 0.659 at 1.5, 0.628
+    at 1.75, 0.659 at 2 (at 2 the OpenCV calls take 1.7x as long as at 1.5)."""
+    enlarge_filter: str = "bicubic"
+    """PIL filter when the working size is larger than the image ('bicubic', 'bilinear', 'nearest'); at
+    1.5x, Aruco found 19 of the 60 development-set codes with modules under 1.5 px after bicubic, 1 after
+    nearest. Images shrunk to ``max_side`` are resized with nearest (modules stay two-tone)."""
     max_side: int = 1024
     """Cap on the longer side (px) detection runs at (after ``upscale``); larger images are shrunk to it
     and boxes mapped back. OpenCV's time grows with the pixel count (one core: ~0.02 s at 512 px,
-    ~0.07 s at 1024, ~0.28 s at 2048) and it finds codes from ~44 px at the working size. 0: no cap."""
+    ~0.07 s at 1024, ~0.28 s at 2048) and it finds codes from ~45 px side at the working size. 0: no cap."""
     min_side: float = 8.0
     """Drop candidate quadrilaterals whose bounding box is smaller than this many pixels (original image)."""
 
     def validate(self) -> None:
         if self.upscale <= 0 or self.min_side < 0 or self.max_side < 0:
             raise ValueError(f"qr detector: need upscale > 0, max_side >= 0 and min_side >= 0, got {self}")
+        if self.engine not in QR_ENGINES or self.fallback not in (*QR_ENGINES, "none"):
+            raise ValueError(f"qr detector: engine must be one of {QR_ENGINES} and fallback one of "
+                             f"{(*QR_ENGINES, 'none')}, got {self.engine!r} and {self.fallback!r}")
+        if self.enlarge_filter not in _ENLARGE_FILTERS:
+            raise ValueError(f"qr detector: enlarge_filter must be one of {sorted(_ENLARGE_FILTERS)}, "
+                             f"got {self.enlarge_filter!r}")
 
 
 class QRDetector(Detector):
-    """OpenCV's ``QRCodeDetector`` in multi-code mode; one box per code (bounding box of its corners).
+    """OpenCV's QR detectors in multi-code mode; one box per code (bounding box of its corners).
+
+    The image is resized to its working size (``upscale``, ``max_side``), searched with ``engine``
+    and, when that keeps no code, with ``fallback``.
 
     Score: 1.0 for a decoded code, 0.5 for one that was located but not decoded
     (only kept when ``require_decode`` is off).
@@ -117,40 +147,46 @@ class QRDetector(Detector):
         self.cv2 = cv2
         self.concept = concept or "qr"
         self.cfg = cfg or QRDetectorConfig()
-        self._det = cv2.QRCodeDetector()
+        make = {"aruco": cv2.QRCodeDetectorAruco, "classic": cv2.QRCodeDetector}
+        self._passes = [make[e]() for e in (self.cfg.engine, self.cfg.fallback) if e != "none"]
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:
         """Native size times ``upscale``, longer side capped at ``max_side``."""
         return capped_size(width, height, self.cfg.upscale, self.cfg.max_side)
 
     def detect(self, image: Image.Image, meta: dict | None = None) -> list[Detection]:
-        cfg = self.cfg
         work = self.working_size(*image.size)
-        # NEAREST keeps modules two-tone: shrinking 2400 -> 1024 px, OpenCV found 36 of 40 codes so
+        # NEAREST keeps modules two-tone when shrinking: 2400 -> 1024 px, OpenCV found 36 of 40 codes so
         # resized, 29 with BOX, 31 with BILINEAR or LANCZOS (39 at the native size).
-        im = resize_to(image.convert("RGB"), work, Image.NEAREST)
+        enlarge = work[0] * work[1] > image.width * image.height
+        im = resize_to(image.convert("RGB"), work,
+                       _ENLARGE_FILTERS[self.cfg.enlarge_filter] if enlarge else Image.NEAREST)
         arr = np.ascontiguousarray(np.asarray(im)[:, :, ::-1])  # BGR
+        found: list[Detection] = []
+        for det in self._passes:
+            found = self._search(det, arr, work, image.size)
+            if found:
+                break
+        return found
+
+    def _search(self, det: Any, arr: np.ndarray, work: tuple[int, int], size: tuple[int, int]) -> list[Detection]:
+        """Codes one OpenCV detector finds in the BGR working image ``arr``, boxes in pixels of ``size``.
+        ``detectAndDecodeMulti`` also returns the codes it locates but cannot decode (empty text); where it
+        found nothing, ``detectMulti`` found nothing either on the 480 development photos (both engines,
+        1x-2x), so it is not called."""
+        cfg = self.cfg
         try:
             self.cv2.setRNGSeed(OPENCV_RNG_SEED)
-            ok, texts, points, _ = self._det.detectAndDecodeMulti(arr)
+            ok, texts, points, _ = det.detectAndDecodeMulti(arr)
         except self.cv2.error:
-            ok, texts, points = False, (), None
+            return []
         if not ok or points is None:
-            if cfg.require_decode:
-                return []
-            try:
-                self.cv2.setRNGSeed(OPENCV_RNG_SEED)
-                ok, points = self._det.detectMulti(arr)
-            except self.cv2.error:
-                ok, points = False, None
-            if not ok or points is None:
-                return []
-            texts = ("",) * len(points)
+            return []
         out = []
         for text, quad in zip(texts, np.asarray(points, np.float64).reshape(-1, 4, 2)):
             if cfg.require_decode and not text:
                 continue
-            box = box_to_original([*quad.min(0), *quad.max(0)], work, image.size)
+            box = box_to_original([*quad.min(0), *quad.max(0)], work, size)
             if box is None or min(box[2] - box[0], box[3] - box[1]) < cfg.min_side:
                 continue
             out.append(Detection(box, 1.0 if text else 0.5, self.concept))

@@ -302,8 +302,8 @@ def _annotation(det: Detector, img: Image.Image, grid: int = 4) -> dict:
     return rec["json"]["annotation"]
 
 
-# (image size, code side, top-left, working size at the default 1024 px cap)
-_QR_CASES = [((300, 700), 150, (75, 350), (300, 700)),
+# (image size, code side, top-left, working size: 1.5x, longer side capped at 1024 px)
+_QR_CASES = [((300, 700), 150, (75, 350), (439, 1024)),
              ((1024, 768), 180, (294, 198), (1024, 768)),
              ((2400, 1600), 480, (1260, 830), (1024, 683))]
 
@@ -353,11 +353,18 @@ def test_qr_detections_do_not_depend_on_opencvs_rng_state():
 
 
 def test_qr_cap_and_upscale_options():
-    assert build_detector("qr", "qr", max_side="0").working_size(2400, 1600) == (2400, 1600)
+    assert build_detector("qr", "qr", max_side="0").working_size(2400, 1600) == (3600, 2400)  # 1.5x by default
+    assert build_detector("qr", "qr", max_side="0", upscale="1").working_size(2400, 1600) == (2400, 1600)
     assert build_detector("qr", "qr", upscale="2").working_size(300, 200) == (600, 400)
     assert build_detector("qr", "qr", upscale="2", max_side="512").working_size(300, 200) == (512, 341)
     with pytest.raises(ValueError, match="max_side"):
         build_detector("qr", "qr", max_side="-1")
+    with pytest.raises(ValueError, match="engine"):
+        build_detector("qr", "qr", engine="zxing")
+    with pytest.raises(ValueError, match="fallback"):
+        build_detector("qr", "qr", fallback="aruco2")
+    with pytest.raises(ValueError, match="enlarge_filter"):
+        build_detector("qr", "qr", enlarge_filter="lanczos")
 
 
 @needs_tesseract
