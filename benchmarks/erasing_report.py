@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from geomerase.benchmarks.erasing import ARMS, PROMPT_SETS, ErasingConfig, Layout
 from geomerase.benchmarks.erasing_jobs import load_images
 from geomerase.core.captions import negative_mixture
-from geomerase.core.classifiers import (as_float, fpr_threshold, labels_to_index, load_classifier,
+from geomerase.core.classifiers import (as_float, bounded_threshold, labels_to_index, load_classifier,
                                         patch_classifier_quality)
 from geomerase.core.config import to_dict
 from geomerase.core.fid import DomainFID, inception_fid
@@ -39,17 +39,6 @@ def scorer_thresholds(scorer, cfg: ErasingConfig, calibration: dict[str, str]) -
     those samples are flagged (an image is flagged when its highest cell probability reaches it).
     """
     return {pset: bounded_threshold(scorer, load_images(calibration[pset]), cfg.scorer_fpr) for pset in PROMPT_SETS}
-
-
-def bounded_threshold(scorer, negatives_u8: torch.Tensor, fpr: float) -> dict[str, Any]:
-    """The scorer's F1-calibrated threshold, raised (never lowered) to the lowest one that flags at
-    most ``fpr`` of ``negatives_u8`` (``(N, 3, R, R)`` uint8 samples of a concept-free model; an image
-    is flagged when its highest cell probability reaches the threshold); ``fpr`` 0 keeps the F1 one."""
-    f1 = scorer.threshold
-    top = scorer.cell_probs(as_float(negatives_u8)).flatten(1).amax(1)
-    t = max(f1, fpr_threshold(top, fpr)) if fpr > 0 else f1
-    return {"threshold": t, "f1_threshold": f1, "fpr_target": fpr, "n": len(top),
-            "flagged_at_f1": (top >= f1).float().mean().item(), "flagged": (top >= t).float().mean().item()}
 
 
 def _detector_quality(pc, ds: InMemoryDataset, grid: int, seed: int,

@@ -29,10 +29,9 @@ import torch
 from geomerase.benchmarks.erasing import ErasingConfig, Layout, erasing_config
 from geomerase.benchmarks.erasing_jobs import (ArmSpec, build_icd_job, load_images, patch_classifier_job,
                                                progress_file, sample_job, samples_path, train_model_job)
-from geomerase.benchmarks.erasing_report import bounded_threshold
 from geomerase.benchmarks.erasing_run import _train_rc, calibration_seeds, geom_captions, held_out_prompts, seeds
 from geomerase.core.captions import CaptionConfig, negative_mixture
-from geomerase.core.classifiers import as_float, load_classifier, patch_classifier_quality
+from geomerase.core.classifiers import as_float, bounded_threshold, load_classifier, patch_classifier_quality
 from geomerase.core.config import add_config_args, from_dict, to_dict
 from geomerase.core.metrics import icr
 from geomerase.core.trainer import resolve_device

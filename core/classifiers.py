@@ -347,6 +347,18 @@ def fpr_threshold(negative_scores: torch.Tensor, fpr: float) -> float:
     return torch.nextafter(kth, torch.tensor(math.inf)).item()
 
 
+def bounded_threshold(scorer: "PatchClassifier", negatives_u8: torch.Tensor, fpr: float) -> dict[str, Any]:
+    """The scorer's F1-calibrated threshold, raised (never lowered) to the lowest one that flags at
+    most ``fpr`` of ``negatives_u8`` (``(N, 3, R, R)`` uint8 samples of a concept-free model; an image
+    is flagged when its highest cell probability reaches the threshold); ``fpr`` 0 keeps the F1 one.
+    Does not change the scorer: the caller sets ``scorer.cfg.decision_threshold`` from ``threshold``."""
+    f1 = scorer.threshold
+    top = scorer.cell_probs(as_float(negatives_u8)).flatten(1).amax(1)
+    t = max(f1, fpr_threshold(top, fpr)) if fpr > 0 else f1
+    return {"threshold": t, "f1_threshold": f1, "fpr_target": fpr, "n": len(top),
+            "flagged_at_f1": (top >= f1).float().mean().item(), "flagged": (top >= t).float().mean().item()}
+
+
 def coverage_targets(metas: Sequence[dict], sizes: Sequence[tuple[int, int]], grid: int,
                      overlap_threshold: float) -> torch.Tensor:
     """``(N, G, G)`` float32 training targets of the patch classifier: the share of each cell covered

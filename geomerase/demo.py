@@ -34,7 +34,7 @@ from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_
                                                load_images, patch_classifier_job, progress_file, sample_job,
                                                samples_path, train_model_job)
 from geomerase.core.captions import CaptionConfig, concept_phrase, negative_mixture
-from geomerase.core.classifiers import (PatchClassifier, as_float, degraded, fpr_threshold, labels_to_index,
+from geomerase.core.classifiers import (PatchClassifier, as_float, bounded_threshold, degraded, labels_to_index,
                                         load_classifier, patch_classifier_quality)
 from geomerase.core.config import to_dict
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
@@ -46,6 +46,7 @@ from geomerase.data.loader import DataConfig, InMemoryDataset, annotated_cells
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write, iter_samples
 from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
+from geomerase.demo_report import render_report
 
 log = logging.getLogger("geomerase.demo")
 
@@ -234,17 +235,14 @@ def _patch_quality(pc: PatchClassifier, ds: InMemoryDataset, seed: int) -> dict:
 
 def _scorer_threshold(scorer: PatchClassifier, base_images: torch.Tensor | None, fpr: float) -> dict:
     """Raise the scorer's F1-calibrated threshold until it flags at most ``fpr`` of the concept-free
-    base model's samples (an image's score is its highest cell probability); sets it on the scorer."""
-    f1_thr = scorer.threshold
-    out = {"f1_threshold": f1_thr, "fpr_bound": fpr}
+    base model's samples (:func:`~geomerase.core.classifiers.bounded_threshold`); sets it on the scorer."""
+    out = {"f1_threshold": scorer.threshold, "fpr_bound": fpr}
     if base_images is None:
-        return {**out, "threshold": f1_thr, "calibrated": False}
-    scores = scorer.cell_probs(as_float(base_images)).flatten(1).max(1).values
-    bound = fpr_threshold(scores, fpr)
-    thr = max(f1_thr, bound)
-    scorer.cfg.decision_threshold = thr
-    return {**out, "threshold": thr, "calibrated": True, "fpr_threshold": bound, "n_base_samples": len(scores),
-            "base_flagged": float((scores >= thr).float().mean())}
+        return {**out, "threshold": scorer.threshold, "calibrated": False}
+    b = bounded_threshold(scorer, base_images, fpr)
+    scorer.cfg.decision_threshold = b["threshold"]
+    return {**out, "threshold": b["threshold"], "calibrated": True, "n_base_samples": b["n"],
+            "base_flagged": b["flagged"]}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -301,11 +299,16 @@ def _arms(cfg: DemoConfig, prompts: list[str], seen: list[list[int]]) -> tuple[d
         "geom_noneg": ("geom", prompts, "none"), "geom": ("geom", prompts, cfg.geom_negative),
         "open_noneg": ("geom", open_, "none"), "open_np": ("geom", open_, "name"),
         "open_geom": ("geom", open_, cfg.geom_negative),
+        # The paper's NP baseline on open prompts: the normally fine-tuned model with the concept's name.
+        "open_plain": ("plain", open_, "none"), "open_plain_np": ("plain", open_, "name"),
     }
-    # Token-binding probe: ask the geom model *for* the concept at cell sets seen in training. If the
-    # location tokens were learned, the scorer finds the concept in the asked-for cells.
+    # Token-binding probes: ask the geom model *for* the concept at cell sets seen in training, as the
+    # bare phrase (the captions' concept-only variant) and appended to a held-out caption (their usual
+    # form). If the location tokens were learned, the scorer finds the concept in the asked-for cells.
     probe_cells = [seen[(i * 7919) % len(seen)] for i in range(n)] if seen else [[0]] * n
     arms["probe_geom"] = ("geom", [concept_phrase(cfg.concept_name, c) for c in probe_cells], "none")
+    arms["probe_scene"] = ("geom", [f"{p}, {concept_phrase(cfg.concept_name, c)}" for p, c in zip(prompts, probe_cells)],
+                           "none")
     for kind in cfg.extra_negatives:
         arms[f"geom[{kind}]"] = ("geom", prompts, kind)
         arms[f"open_geom[{kind}]"] = ("geom", open_, kind)
@@ -366,7 +369,7 @@ def _score(cfg: DemoConfig, out: Path, images: dict[str, torch.Tensor], arms: di
         cells = scorer.cells(as_float(imgs))
         results[arm] = icr([bool(c) for c in cells])
         mname, ps, kind = arms.get(arm, ("base" if arm == "base" else "geom", [""], arm.split("@")[0]))
-        if arm == "probe_geom":
+        if arm.startswith("probe"):
             results[arm]["cells_vs_asked"] = cell_precision_recall(cells, probe_cells)
         elif (arm in arms and ps[0]) or arm == "base":  # the base's first n samples use the held-out prompts
             pb, psh_ = ac.predict(as_float(imgs[:n]))
@@ -433,81 +436,3 @@ def binding_probes(model_dir: str, held_ds: InMemoryDataset, cfg: DemoConfig, n:
     if getattr(m.unet, "add_embedding", None) is not None:
         out["conditioning_paths"] = conditioning_paths(m, images, captions, seed=cfg.seed)
     return out
-
-
-def render_report(m: dict, cfg: DemoConfig) -> str:
-    icr_ = m["icr_detail"]
-
-    def row(arm: str, model: str, prompts: str, negative: str) -> str:
-        r = icr_[arm]
-        fid = m["fidelity"]["detail"].get(arm, {}).get("fidelity")
-        return (f"| {arm} | {model} | {prompts} | {negative} | {r['icr']:.3f} "
-                f"({r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}) | {'' if fid is None else f'{fid:.3f}'} |")
-
-    lines = [
-        f"# Geom-Erasing demo ({cfg.concept_name}, {m['n_samples']} samples per arm, CFG {cfg.guidance_scale})",
-        "",
-        "| arm | model | prompts | negative prompt | ICR (95% CI) | fidelity |",
-        "|---|---|---|---|---|---|",
-        row("plain", "plain", "held-out", "—"),
-        row("plain_np", "plain", "held-out", cfg.concept_name),
-        row("geom_noneg", "geom", "held-out", "—"),
-        row("geom", "geom", "held-out", f"Geom-Erasing ({cfg.geom_negative})"),
-        row("open_noneg", "geom", "open", "—"),
-        row("open_np", "geom", "open", cfg.concept_name),
-        row("open_geom", "geom", "open", f"Geom-Erasing ({cfg.geom_negative})"),
-    ]
-    if "base" in icr_:
-        lines.append(row("base", "base (concept-free)", "held-out + open", "—"))
-    for arm in icr_:
-        if "[" in arm:
-            lines.append(row(arm, "geom", "open" if arm.startswith("open") else "held-out", arm.split("[")[1][:-1]))
-    if "probe_geom" in icr_:
-        pr = icr_["probe_geom"].get("cells_vs_asked", {})
-        lines.append(row("probe_geom", "geom", "concept + seen cells", "—"))
-        lines += ["", f"Token-binding probe (`probe_geom`: prompts are `{cfg.concept_name} <l..>` with cell sets seen in "
-                  f"training): ICR {icr_['probe_geom']['icr']:.3f}; flagged cells vs asked-for cells: precision "
-                  f"{pr.get('precision', float('nan')):.3f}, recall {pr.get('recall', float('nan')):.3f}. The "
-                  "geometric negative prompt can only steer away from what these tokens have learned to draw."]
-    b = m.get("binding")
-    if b:
-        tl = b["tag_localisation"]
-        lines += ["", f"Binding probe (one denoising step, {b['n']} clean held-out images, `core/probes.py`): appending "
-                  f"`{cfg.concept_name} <l..>` for random cells changes the x0 prediction inside those cells vs "
-                  "outside by (ratio; effect = in-cell change relative to the caption's own effect):",
-                  "", "| t | ratio in/out | effect |", "|---|---|---|"]
-        lines += [f"| {t} | {r['ratio']:.2f} | {r['effect']:.3g} |" for t, r in tl.items()]
-        if "conditioning_paths" in b:
-            lines += ["", "Conditioning paths (denoising loss; pooled text vs cross-attention):", "",
-                      "| t | both | neither | pooled only | cross-attention only |", "|---|---|---|---|---|"]
-            lines += [f"| {t} | {r['both']:.4f} | {r['neither']:.4f} | {r['pool_only']:.4f} | {r['xattn_only']:.4f} |"
-                      for t, r in b["conditioning_paths"].items()]
-    f = m["fidelity"]
-    q, sc = m["quality"], m["scorer_calibration"]
-
-    def pr(d: dict) -> str:
-        return f"precision {d['precision']:.3f}, recall {d['recall']:.3f}"
-
-    cal = (f"threshold {sc['threshold']:.3f} (F1-calibrated {sc['f1_threshold']:.2f}, raised to flag at most "
-           f"{sc['fpr_bound']:.0%} of {sc['n_base_samples']} base-model samples: {sc['base_flagged']:.1%} flagged)"
-           if sc.get("calibrated") else f"threshold {sc['threshold']:.3f} (NOT calibrated: no base model)")
-    lines += [
-        "",
-        f"Fidelity (mean of background-colour and shape accuracy): plain {f['plain']:.3f}, geom {f['geom']:.3f}, "
-        + (f"base {f['base']:.3f}, " if f.get("base") is not None else "") + f"chance {f['chance']:.3f}.",
-        "",
-        f"ICR scorer (a patch classifier trained on its own split, not the annotator): {cal}.",
-        f"- on held-out real images at that threshold, cells clean: {pr(q['scorer_heldout']['cells_clean'])}; "
-        f"images degraded: {pr(q['scorer_heldout']['images_degraded'])}",
-        f"- annotations written on the training split vs ground truth, cells: {pr(q['annotations_written'])}",
-        f"- annotator on held-out images, cells clean: {pr(q['annotator_heldout']['cells_clean'])}",
-        f"- attribute classifier accuracy, clean {m['attribute_classifier']['clean']['fidelity']:.3f}, "
-        f"degraded {m['attribute_classifier']['degraded']['fidelity']:.3f}",
-        "",
-        "Targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in m.get("targets", {}).items()),
-        "",
-        f"Total {m['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in m["timings"].items()),
-        "",
-        "Grids: `grids/<arm>.png` (red frame = scorer found the concept; flagged cells outlined). Chart: `icr.png`.",
-    ]
-    return "\n".join(lines) + "\n"

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from geomerase.core.classifiers import (PatchClassifierConfig, calibrate_threshold, fpr_threshold, load_classifier,
-                                        save_classifier)
+from geomerase.core.classifiers import (PatchClassifierConfig, bounded_threshold, calibrate_threshold, fpr_threshold,
+                                        load_classifier, save_classifier)
 
 
 def _fixed_probs(model, probs: torch.Tensor):
@@ -106,3 +106,19 @@ def test_coverage_targets_are_the_boxes_share_of_each_cell():
     assert cov.shape == (3, 4, 4) and cov.dtype == torch.float32
     assert cov[0, 0, 0] == 1.0 and cov[0].sum() == 1.0 and cov[1].sum() == 0.0
     assert cov[2, 1, 1] == 0.5 and cov[2].sum() == 0.5
+
+
+def test_bounded_threshold_only_raises_the_f1_threshold_to_meet_the_bound():
+    model = PatchClassifierConfig(resolution=16, grid=2, context=2, width=8).build()
+    model.cfg.decision_threshold = 0.5
+    probs = torch.zeros(20, 2, 2)
+    probs[:4, 1, 1] = torch.tensor([0.9, 0.8, 0.7, 0.6])  # 4 of 20 concept-free samples above 0.5
+    _fixed_probs(model, probs)
+    negatives = torch.zeros(20, 3, 16, 16, dtype=torch.uint8)
+    b = bounded_threshold(model, negatives, 0.05)  # at most 1 of 20 may be flagged
+    assert 0.8 < b["threshold"] <= 0.9 and b["n"] == 20
+    assert b["flagged"] == pytest.approx(0.05) and b["flagged_at_f1"] == pytest.approx(0.2)
+    assert model.cfg.decision_threshold == 0.5  # the caller decides whether to apply it
+    loose = bounded_threshold(model, negatives, 0.25)  # the F1 threshold already meets a looser bound
+    assert loose["threshold"] == 0.5 and loose["flagged"] == pytest.approx(0.2)
+    assert bounded_threshold(model, negatives, 0.0)["threshold"] == 0.5  # 0 keeps the F1 threshold

@@ -87,7 +87,7 @@ def test_miniature_demo_end_to_end(tmp_path):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     for arm in ("plain", "plain_np", "geom_noneg", "geom", "open_noneg", "open_np", "open_geom", "geom[geom-cells]",
-                "probe_geom"):
+                "probe_geom", "probe_scene", "open_plain", "open_plain_np"):
         assert 0.0 <= m["icr"][arm] <= 1.0, arm
     assert set(m["fidelity"]) >= {"plain", "geom", "chance"}
     assert m["n_samples"] == 4 and m["seconds"] > 0
@@ -102,7 +102,8 @@ def test_miniature_demo_end_to_end(tmp_path):
     assert "| geom |" in (out / "report.md").read_text()
     assert set(m["targets"]) >= {"icr.geom <= 0.2 x icr.plain", "icr.plain >= 0.4", "demo seconds <= 1200"}
     assert all(isinstance(v, bool) for v in m["targets"].values())
-    assert "cells_vs_asked" in m["icr_detail"]["probe_geom"]
+    assert "cells_vs_asked" in m["icr_detail"]["probe_geom"] and "cells_vs_asked" in m["icr_detail"]["probe_scene"]
+    assert "| open_plain_np | plain | open | qr code |" in (out / "report.md").read_text()
     tl = m["binding"]["tag_localisation"]
     assert set(tl) == {"300", "500", "700", "900"} and all(r["in"] >= 0 and r["out"] >= 0 for r in tl.values())
     assert "Binding probe" in (out / "report.md").read_text()
