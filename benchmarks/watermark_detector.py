@@ -1,75 +1,115 @@
 """The shipped watermark detector: its build, and its quality on real photographs before vs after.
 
-    python -m geomerase.benchmarks.watermark_detector build [--n 4000 --steps 1500]   # writes the weights
-    python -m geomerase.benchmarks.watermark_detector eval  [--n 160]                 # writes the results
+    python -m geomerase.benchmarks.watermark_detector build [--n 4000 --steps 1500 --recipe v1]  # writes the weights
+    python -m geomerase.benchmarks.watermark_detector eval  [--n 160] [--candidate DIR]            # writes the results
 
-``build`` renders ``n`` training images of the wide watermark family (:mod:`geomerase.data.watermarks`;
-half with a watermark, 256 px area-downsampled to the classifier's 128 px), trains a patch classifier
-(grid 4, 8 px context, width 16) on their cell coverage, calibrates its decision threshold for cell F1
-on a held-back tenth, and writes it in fp16 with a sha256 manifest to
+``build`` renders ``n`` training images of the wide watermark family (:mod:`geomerase.data.watermarks`,
+mixed as its ``RECIPES[--recipe]`` says: ``v1``, the shipped one, half with a watermark; ``v2``, 40%,
+over augmented photos, procedural textures and synthetic scenes; 256 px area-downsampled to the
+classifier's 128 px), trains a patch classifier (grid 4, 8 px context, width 16; with ``--init DIR``
+continuing from that detector's weights) on their cell coverage, calibrates its decision threshold for
+cell F1 on a held-back tenth, and writes it in fp16 with a sha256 manifest to
 ``geomerase/weights/detectors/watermark/`` (``--detector watermark`` loads it when no ``classifier=`` is
 given). Needs scikit-image (the ``test`` extra) for the training photos.
 
 ``eval`` scores it on real photographs at 512 px (scikit-image's photos that the training never used,
 random crops) where half carry an ICD-rule watermark (:func:`geomerase.data.concepts.add_watermark`:
 syllable brand names in faces the training never used), against *before*: the patch classifier the
-README's defaults give (``geomerase classifier train --concept watermark`` on a 256 px ICD). Cell
+README's defaults give (``geomerase classifier train --concept watermark`` on a 256 px ICD), and
+``--candidate DIR``, a detector folder that is not shipped (a row and a threshold sweep of its own). Cell
 precision/recall at grid 4, image precision/recall, images per CPU second. Writes
 ``benchmarks/results/watermark_detector_cpu.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from geomerase.benchmarks.common import RESULTS_DIR, environment
+from geomerase.core.classifiers import PatchClassifier
 from geomerase.data.shards import atomic_dir, atomic_write
+from geomerase.data.watermarks import RECIPES, Recipe
 
 RENDER, RES, GRID, CONTEXT, WIDTH = 256, 128, 4, 8, 16
+#: the recipe (:data:`geomerase.data.watermarks.RECIPES`) of the shipped weights
+SHIPPED_RECIPE = "v1"
 
 
-def render_training_set(n: int, seed: int) -> tuple[torch.Tensor, list[dict], list[tuple[int, int]]]:
-    """``n`` images of the wide family (every second one watermarked): ``(N, 3, RES, RES)`` uint8, metas with
-    boxes in RES pixels, sizes."""
-    from geomerase.data.watermarks import add_wide_watermark, background, training_photos
+def render_training_set(n: int, seed: int, recipe: Recipe | None = None
+                        ) -> tuple[torch.Tensor, list[dict], list[tuple[int, int]]]:
+    """``n`` images of the wide family drawn as ``recipe`` says (default: the shipped one; marked and
+    clean images spread evenly): ``(N, 3, RES, RES)`` uint8, metas with boxes in RES pixels, sizes."""
+    from geomerase.data.watermarks import is_marked, render_sample, training_photos
 
+    recipe = recipe or RECIPES[SHIPPED_RECIPE]
     rng, photos = np.random.default_rng(seed), training_photos()
     images, metas = [], []
     for i in range(n):
-        img, boxes = background(rng, RENDER, photos), []
-        if i % 2 == 0:
-            img, boxes = add_wide_watermark(img, rng)
+        img, boxes = render_sample(rng, RENDER, photos, is_marked(i, recipe.clean_share), recipe)
         small = img.resize((RES, RES), Image.BOX)
         images.append(torch.from_numpy(np.asarray(small, np.uint8).copy()).permute(2, 0, 1))
         metas.append({"boxes": [[v * RES / RENDER for v in b] for b in boxes]})
     return torch.stack(images), metas, [(RES, RES)] * n
 
 
-def build(n: int, steps: int, seed: int, out: Path) -> dict[str, Any]:
-    """Train, calibrate and write the shipped detector to ``out``; returns its build record."""
+def fine_tune(model: PatchClassifier, images: torch.Tensor, coverage: torch.Tensor, steps: int, seed: int,
+              lr: float) -> PatchClassifier:
+    """Continue training ``model`` with :func:`~geomerase.core.classifiers.train_patch_classifier`'s loss,
+    batch (32) and degradations, at peak learning rate ``lr`` on a cosine schedule."""
+    from geomerase.core.classifiers import _training_batch, fit
+
+    model = model.float()
+
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        logits = model(model.patches(_training_batch(images, idx, gen, 0.6)))
+        return F.binary_cross_entropy_with_logits(logits, coverage[idx].flatten().float(), pos_weight=torch.tensor(3.0))
+
+    fit(model, loss_fn, images.shape[0], steps, 32, lr, seed, "patch classifier (fine-tune)")
+    return model
+
+
+def build(n: int, steps: int, seed: int, out: Path, recipe: str = SHIPPED_RECIPE, width: int = WIDTH,
+          init: Path | None = None, lr: float = 2e-3) -> dict[str, Any]:
+    """Train on ``n`` images of ``RECIPES[recipe]`` (the last tenth held back), from scratch or, with
+    ``init``, from the weights of an earlier detector folder; calibrate the decision threshold for cell F1
+    on that tenth, and write the detector to ``out``; returns its build record."""
     from geomerase.core.checkpoint import write_manifest
     from geomerase.core.classifiers import (PatchClassifierConfig, calibrate_threshold, coverage_targets,
-                                            save_classifier, train_patch_classifier)
+                                            load_classifier, save_classifier, train_patch_classifier)
 
     t0 = time.time()
-    images, metas, sizes = render_training_set(n, seed)
-    cfg = PatchClassifierConfig(resolution=RES, grid=GRID, context=CONTEXT, width=WIDTH)
+    images, metas, sizes = render_training_set(n, seed, RECIPES[recipe])
+    cfg = PatchClassifierConfig(resolution=RES, grid=GRID, context=CONTEXT, width=width)
     cov = coverage_targets(metas, sizes, GRID, cfg.overlap_threshold)
     n_cal = n // 10
     t1 = time.time()
-    model = train_patch_classifier(cfg, images[:-n_cal], cov[:-n_cal], steps=steps, batch=32, seed=seed)
+    if init is None:
+        model = train_patch_classifier(cfg, images[:-n_cal], cov[:-n_cal], steps=steps, batch=32, lr=lr, seed=seed)
+        started = None
+    else:
+        model, meta = load_classifier(init)
+        started = {"build": meta.get("build"),
+                   "sha256": hashlib.sha256((Path(init) / "model.safetensors").read_bytes()).hexdigest()}
+        model = fine_tune(model, images[:-n_cal], cov[:-n_cal], steps, seed, lr)
     cal = calibrate_threshold(model, images[-n_cal:], cov[-n_cal:], degrade_seed=None)
-    record = {"n_images": n, "steps": steps, "seed": seed, "render_px": RENDER, "calibration": cal,
-              "render_seconds": round(t1 - t0, 1), "train_seconds": round(time.time() - t1, 1),
-              "command": f"python -m geomerase.benchmarks.watermark_detector build --n {n} --steps {steps} --seed {seed}"}
+    command = f"python -m geomerase.benchmarks.watermark_detector build --n {n} --steps {steps} --seed {seed}"
+    command += f" --recipe {recipe} --lr {lr:g}" + (f" --width {width}" if width != WIDTH else "")
+    command += f" --init {init}" if init else ""
+    record = {"n_images": n, "steps": steps, "seed": seed, "render_px": RENDER, "recipe": recipe,
+              "recipe_mix": asdict(RECIPES[recipe]), "width": model.cfg.width, "lr": lr, "init": started,
+              "calibration": cal,
+              "render_seconds": round(t1 - t0, 1), "train_seconds": round(time.time() - t1, 1), "command": command}
     with atomic_dir(out) as tmp:
         save_classifier(model.half(), tmp, {"concept": "watermark", "build": record})  # fp16 weights
         write_manifest(tmp)
@@ -101,9 +141,11 @@ def readme_default_classifier(work: Path) -> Path:
     return work / "pc"
 
 
-def evaluate(n: int, seed: int) -> dict[str, Any]:
+def evaluate(n: int, seed: int, candidate: Path | None = None) -> dict[str, Any]:
+    """Before vs after (and ``candidate``, a detector folder, when given) on :func:`photo_set`."""
     from geomerase.benchmarks.text_detectors import score
     from geomerase.core.detectors import build_detector
+    from geomerase.core.detectors_real import shipped_watermark_record
 
     torch.set_num_threads(1)
     images = photo_set(n, seed)
@@ -114,10 +156,16 @@ def evaluate(n: int, seed: int) -> dict[str, Any]:
         before = build_detector("watermark", "watermark", classifier=str(before_dir))
     after = build_detector("watermark", "watermark")
     rows = [score("before: README-default classifier (ICD, 32 px)", before, images),
-            score("after: shipped detector (wide family, 128 px)", after, images)]
-    sweep = threshold_sweep(after, images)
-    return {"environment": environment(), "config": {"n": n, "seed": seed, "size": 512, "grid": GRID},
-            "before_train_seconds": round(before_s, 1), "rows": rows, "after_threshold_sweep": sweep}
+            score(f"after: shipped detector (wide family {shipped_watermark_record().get('recipe', 'v1')}, 128 px)",
+                  after, images)]
+    res = {"environment": environment(), "config": {"n": n, "seed": seed, "size": 512, "grid": GRID},
+           "before_train_seconds": round(before_s, 1), "rows": rows, "after_threshold_sweep": threshold_sweep(after, images)}
+    if candidate is not None:
+        cand = build_detector("watermark", "watermark", classifier=str(candidate))
+        rec = json.loads((candidate / "config.json").read_text())["build"]
+        rows.append(score(f"candidate, not shipped (wide family {rec.get('recipe', 'v1')}, 128 px)", cand, images))
+        res["candidate"] = {"build": rec, "threshold_sweep": threshold_sweep(cand, images)}
+    return res
 
 
 def threshold_sweep(det, images: list[tuple[Image.Image, list[list[float]]]],
@@ -141,6 +189,19 @@ def threshold_sweep(det, images: list[tuple[Image.Image, list[list[float]]]],
     return out
 
 
+def _init_note(rec: dict[str, Any]) -> str:
+    """How the weights a build continued from were built (empty for a build from scratch)."""
+    init = rec.get("init")
+    if not init:
+        return ""
+    from geomerase.core.detectors_real import shipped_watermark_dir
+
+    first = init["build"] or {}
+    shipped = hashlib.sha256((shipped_watermark_dir() / "model.safetensors").read_bytes()).hexdigest() == init["sha256"]
+    return (f", continuing from {'the shipped weights' if shipped else 'weights'} (sha256 {init['sha256'][:16]}...) "
+            f"built by `{first.get('command', '?')}` ({first.get('train_seconds', '?')} s training)")
+
+
 def write_md(res: dict[str, Any], path: Path) -> None:
     from geomerase.core.detectors_real import shipped_watermark_record
 
@@ -152,7 +213,9 @@ def write_md(res: dict[str, Any], path: Path) -> None:
              f"{env['cpu']}, {env['time_utc']}; python {env['python']}, torch {env['torch']}.", "",
              f"After: `geomerase/weights/detectors/watermark/`, built by `{rec['command']}` "
              f"({rec['render_seconds']} s rendering, {rec['train_seconds']} s training; calibrated threshold "
-             f"{rec['calibration']['threshold']}). Before: `geomerase classifier train --concept watermark` with its "
+             f"{rec['calibration']['threshold']} on the held-back tenth of its training mix, cell precision "
+             f"{rec['calibration']['precision']:.3f} / recall {rec['calibration']['recall']:.3f} there)" + _init_note(rec)
+             + ". Before: `geomerase classifier train --concept watermark` with its "
              f"defaults on a 2000-image 256 px ICD ({res['before_train_seconds']} s).", "",
              "| detector | cell precision | cell recall | image precision | image recall | images per CPU s |",
              "|---|---|---|---|---|---|"]
@@ -161,9 +224,25 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                      f"{r['image_precision']:.3f} | {r['image_recall']:.3f} | {r['images_per_cpu_s']} |")
     lines += ["", "After, at other decision thresholds (diagnostic; the shipped one is calibrated on the training family):",
               "", "| threshold | cell precision | cell recall | clean photos flagged |", "|---|---|---|---|"]
-    lines += [f"| {r['threshold']} | {r['cell_precision']} | {r['cell_recall']} | {r['clean_flagged']} |"
-              for r in res["after_threshold_sweep"]]
+    lines += _sweep_lines(res["after_threshold_sweep"]) + _candidate_lines(res.get("candidate"))
     atomic_write(path, "\n".join(lines) + "\n")
+
+
+def _sweep_lines(sweep: list[dict[str, float]]) -> list[str]:
+    return [f"| {r['threshold']} | {r['cell_precision']} | {r['cell_recall']} | {r['clean_flagged']} |" for r in sweep]
+
+
+def _candidate_lines(cand: dict[str, Any] | None) -> list[str]:
+    """The md section on a detector that was scored but not shipped (none when there was none)."""
+    if not cand:
+        return []
+    rec, cal = cand["build"], cand["build"]["calibration"]
+    return ["", f"Candidate (not shipped): built by `{rec['command']}` ({rec['render_seconds']} s rendering, "
+            f"{rec['train_seconds']} s training{_init_note(rec)}); threshold {cal['threshold']} calibrated on its "
+            f"held-back tenth (cell precision {cal['precision']:.3f} / recall {cal['recall']:.3f} there). "
+            "At other decision thresholds:", "",
+            "| threshold | cell precision | cell recall | clean photos flagged |", "|---|---|---|---|",
+            *_sweep_lines(cand["threshold_sweep"])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,15 +251,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=None, help="images (build: 4000 training images; eval: 160 photos)")
     ap.add_argument("--steps", type=int, default=1500, help="build: classifier training steps (default 1500)")
     ap.add_argument("--seed", type=int, default=0, help="seed (default 0; eval uses seed + 1)")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=SHIPPED_RECIPE,
+                    help=f"build: training mix (data.watermarks.RECIPES; default {SHIPPED_RECIPE}, the shipped one)")
+    ap.add_argument("--width", type=int, default=WIDTH, help=f"build: first conv layer's channels (default {WIDTH})")
+    ap.add_argument("--lr", type=float, default=2e-3, help="build: peak learning rate (default 2e-3)")
+    ap.add_argument("--init", default=None,
+                    help="build: continue from the weights of this detector folder instead of training from scratch")
+    ap.add_argument("--candidate", default=None, help="eval: also score this detector folder (not shipped)")
     ap.add_argument("--out", default=None, help="build: weights folder (default: the package's); eval: results dir")
     a = ap.parse_args(argv)
     if a.what == "build":
         from geomerase.core.detectors_real import shipped_watermark_dir
 
         out = Path(a.out) if a.out else shipped_watermark_dir()
-        print(json.dumps(build(a.n or 4000, a.steps, a.seed, out), indent=1))
+        print(json.dumps(build(a.n or 4000, a.steps, a.seed, out, a.recipe, a.width,
+                               Path(a.init) if a.init else None, a.lr), indent=1))
         return
-    res = evaluate(a.n or 160, a.seed + 1)
+    res = evaluate(a.n or 160, a.seed + 1, Path(a.candidate) if a.candidate else None)
     out = Path(a.out) if a.out else RESULTS_DIR
     atomic_write(out / "watermark_detector_cpu.json", json.dumps(res, indent=1) + "\n")
     write_md(res, out / "watermark_detector_cpu.md")

@@ -42,3 +42,19 @@ def test_the_package_ships_a_verified_watermark_detector(tmp_path):
     assert sum(p.stat().st_size for p in folder.iterdir()) < 200_000  # small
     copy = shutil.copytree(folder, tmp_path / "copy")
     assert isinstance(build_detector("watermark", "watermark", classifier=str(copy)), PatchClassifierDetector)
+
+
+def test_a_build_can_continue_from_earlier_weights_and_records_them(tmp_path):
+    import hashlib
+
+    from geomerase.benchmarks.watermark_detector import build
+    from geomerase.core.classifiers import load_classifier
+
+    build(n=30, steps=1, seed=0, out=tmp_path / "first", recipe="v1")
+    record = build(n=30, steps=2, seed=1, out=tmp_path / "next", recipe="v2", init=tmp_path / "first", lr=1e-3)
+    sha = hashlib.sha256((tmp_path / "first" / "model.safetensors").read_bytes()).hexdigest()
+    assert record["init"]["sha256"] == sha and record["init"]["build"]["recipe"] == "v1"
+    assert record["recipe"] == "v2" and f"--init {tmp_path / 'first'}" in record["command"]
+    assert verify_manifest(tmp_path / "next") is None
+    model, meta = load_classifier(tmp_path / "next")
+    assert meta["build"]["steps"] == 2 and model.cfg.resolution == 128

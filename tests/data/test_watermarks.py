@@ -42,3 +42,39 @@ def test_photo_backgrounds_come_from_photos_the_evaluation_does_not_use():
     assert len(photos) == len(TRAIN_PHOTOS) and all(p.ndim == 3 and p.shape[2] == 3 for p in photos)
     img = background(np.random.default_rng(0), 64, photos)
     assert isinstance(img, Image.Image) and img.size == (64, 64)
+
+
+def test_clean_samples_and_textures_have_no_boxes_and_are_seeded():
+    from geomerase.data.watermarks import RECIPES, render_sample, texture
+
+    recipe = RECIPES["v2"]
+    kinds = set()
+    for seed in range(16):
+        img, boxes = render_sample(np.random.default_rng(seed), 96, [], False, recipe)
+        assert boxes == [] and img.size == (96, 96) and img.mode == "RGB"
+        again, _ = render_sample(np.random.default_rng(seed), 96, [], False, recipe)
+        assert np.array_equal(np.asarray(img), np.asarray(again))
+        tex = np.asarray(texture(np.random.default_rng(seed), 64))
+        assert tex.shape == (64, 64, 3) and tex.dtype == np.uint8
+        assert np.array_equal(tex, np.asarray(texture(np.random.default_rng(seed), 64)))
+        kinds.add(tex.std() > 1)
+    assert kinds == {True}  # textures, not flat fields
+
+
+def test_augmented_photo_is_seeded_and_sized():
+    from geomerase.data.watermarks import augmented_photo
+
+    photo = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    a = augmented_photo(np.random.default_rng(5), photo, 64)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(augmented_photo(np.random.default_rng(5), photo, 64)))
+
+
+def test_marked_images_are_spread_evenly_at_the_recipes_share():
+    from geomerase.data.watermarks import RECIPES, is_marked
+
+    assert [is_marked(i, 0.5) for i in range(4)] == [True, False, True, False]  # the first recipe's order
+    for recipe in RECIPES.values():
+        share = sum(is_marked(i, recipe.clean_share) for i in range(1000)) / 1000
+        assert abs(share - (1 - recipe.clean_share)) < 0.002
+        assert not any(all(is_marked(i + j, recipe.clean_share) for j in range(3)) for i in range(100))
