@@ -33,11 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from geomerase.benchmarks.common import RESULTS_DIR, environment
-from geomerase.core.classifiers import PatchClassifier
 from geomerase.data.shards import atomic_dir, atomic_write
 from geomerase.data.watermarks import RECIPES, Recipe
 
@@ -63,22 +61,6 @@ def render_training_set(n: int, seed: int, recipe: Recipe | None = None
     return torch.stack(images), metas, [(RES, RES)] * n
 
 
-def fine_tune(model: PatchClassifier, images: torch.Tensor, coverage: torch.Tensor, steps: int, seed: int,
-              lr: float) -> PatchClassifier:
-    """Continue training ``model`` with :func:`~geomerase.core.classifiers.train_patch_classifier`'s loss,
-    batch (32) and degradations, at peak learning rate ``lr`` on a cosine schedule."""
-    from geomerase.core.classifiers import _training_batch, fit
-
-    model = model.float()
-
-    def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        logits = model(model.patches(_training_batch(images, idx, gen, 0.6)))
-        return F.binary_cross_entropy_with_logits(logits, coverage[idx].flatten().float(), pos_weight=torch.tensor(3.0))
-
-    fit(model, loss_fn, images.shape[0], steps, 32, lr, seed, "patch classifier (fine-tune)")
-    return model
-
-
 def build(n: int, steps: int, seed: int, out: Path, recipe: str = SHIPPED_RECIPE, width: int = WIDTH,
           init: Path | None = None, lr: float = 2e-3) -> dict[str, Any]:
     """Train on ``n`` images of ``RECIPES[recipe]`` (the last tenth held back), from scratch or, with
@@ -101,7 +83,8 @@ def build(n: int, steps: int, seed: int, out: Path, recipe: str = SHIPPED_RECIPE
         model, meta = load_classifier(init)
         started = {"build": meta.get("build"),
                    "sha256": hashlib.sha256((Path(init) / "model.safetensors").read_bytes()).hexdigest()}
-        model = fine_tune(model, images[:-n_cal], cov[:-n_cal], steps, seed, lr)
+        model = train_patch_classifier(model.cfg, images[:-n_cal], cov[:-n_cal], steps=steps, batch=32, lr=lr,
+                                       seed=seed, init=model)
     cal = calibrate_threshold(model, images[-n_cal:], cov[-n_cal:], degrade_seed=None)
     command = f"python -m geomerase.benchmarks.watermark_detector build --n {n} --steps {steps} --seed {seed}"
     command += f" --recipe {recipe} --lr {lr:g}" + (f" --width {width}" if width != WIDTH else "")

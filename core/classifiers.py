@@ -255,14 +255,16 @@ def _training_batch(images: torch.Tensor, idx: torch.Tensor, gen: torch.Generato
 def train_patch_classifier(cfg: PatchClassifierConfig, images: torch.Tensor, coverage: torch.Tensor,
                            steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int = 0,
                            degrade_prob: float = 0.6, progress: bool = True,
-                           noise_std: float = 0.2) -> PatchClassifier:
+                           noise_std: float = 0.2, init: PatchClassifier | None = None) -> PatchClassifier:
     """Train on whole images: every cell of a minibatch image is a patch example.
 
     Args:
         images: ``(N, 3, R, R)`` uint8 training images.
         coverage: ``(N, G, G)`` float ground-truth share of each cell covered by the concept.
+        init: continue training this classifier (cast to fp32; ``cfg`` is then its own) instead of a
+            fresh seeded one.
     """
-    model = _seeded_build(cfg, seed)
+    model = _seeded_build(cfg, seed) if init is None else init.float()
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = _training_batch(images, idx, gen, degrade_prob, noise_std)
