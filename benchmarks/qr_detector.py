@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from geomerase.benchmarks.common import RESULTS_DIR, detection_scores, environment  # noqa: E402
+from geomerase.core.metrics import wilson_interval  # noqa: E402
 from geomerase.data.shards import atomic_write  # noqa: E402
 
 SIZE, GRID = 512, 4
@@ -311,14 +312,6 @@ def recall_breakdown(items: list[tuple[Image.Image, list[list[float]]]], info: l
 
 
 # ---------------------------------------------------------------------------------- report
-def wilson_low(k: int, n: int, z: float = 1.96) -> float:
-    """Lower end of the Wilson score interval for ``k`` successes in ``n`` trials (0 when ``n`` is 0)."""
-    if n == 0:
-        return 0.0
-    p = k / n
-    return (p + z * z / (2 * n) - z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
-
-
 def write_md(res: dict[str, Any], path: Path) -> None:
     """The tables and their context as Markdown."""
     env, cfg, v = res["environment"], res["config"], res["versions"]
@@ -340,7 +333,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                  f"{r['cell_f1']:.3f} | {r['image_precision']:.3f} | {r['image_recall']:.3f} | {r['images_per_cpu_s']} | "
                  f"{r['images_per_wall_s']} | {r['load_avg_1min']} |")
     r0 = res["rows"][0]
-    p, low = r0["cell_precision"], wilson_low(r0["tp"], r0["tp"] + r0["fp"])
+    p, low = r0["cell_precision"], wilson_interval(r0["tp"], r0["tp"] + r0["fp"])[0]
     verdict = "met" if p >= res["target_precision"] else f"missed by {res['target_precision'] - p:.3f}"
     ray = [r for r in res["rows"] if r["engine"] == "ray x2"]
     L += ["", f"Target cell precision >= {res['target_precision']}: {verdict} ({r0['fp']} false cells, {r0['tp']} true; "

@@ -76,15 +76,13 @@ def build(n: int, steps: int, seed: int, out: Path, recipe: str = SHIPPED_RECIPE
     cov = coverage_targets(metas, sizes, GRID, cfg.overlap_threshold)
     n_cal = n // 10
     t1 = time.time()
-    if init is None:
-        model = train_patch_classifier(cfg, images[:-n_cal], cov[:-n_cal], steps=steps, batch=32, lr=lr, seed=seed)
-        started = None
-    else:
-        model, meta = load_classifier(init)
+    start, started = None, None
+    if init is not None:
+        start, meta = load_classifier(init)
         started = {"build": meta.get("build"),
                    "sha256": hashlib.sha256((Path(init) / "model.safetensors").read_bytes()).hexdigest()}
-        model = train_patch_classifier(model.cfg, images[:-n_cal], cov[:-n_cal], steps=steps, batch=32, lr=lr,
-                                       seed=seed, init=model)
+    model = train_patch_classifier(start.cfg if start else cfg, images[:-n_cal], cov[:-n_cal], steps=steps, batch=32,
+                                   lr=lr, seed=seed, init=start)
     cal = calibrate_threshold(model, images[-n_cal:], cov[-n_cal:], degrade_seed=None)
     command = f"python -m geomerase.benchmarks.watermark_detector build --n {n} --steps {steps} --seed {seed}"
     command += f" --recipe {recipe} --lr {lr:g}" + (f" --width {width}" if width != WIDTH else "")
