@@ -95,16 +95,23 @@ def _require(backend: str, device: torch.device) -> None:
         raise AttentionBackendUnavailable(reason)
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale [+ mask])``: ``(B, H, Sq, Sk)`` float32 for ``q`` ``(B, H, Sq, D)``, ``k``
+    ``(B, H, Sk, D)``; ``attn_mask`` boolean (True = keep) or additive, as :func:`attention` takes it."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask.float()
+    return torch.softmax(scores, dim=-1)
+
+
 def _math_attention(q, k, v, scale, attn_mask):
     if attn_mask is None:
         return attention_ref(q, k, v, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale
-    if attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    else:
-        scores = scores + attn_mask.float()
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    return torch.matmul(attention_probs(q, k, scale, attn_mask).to(v.dtype), v)
 
 
 def attention(
@@ -155,15 +162,20 @@ class DispatchAttnProcessor:
     projection, residual connection, rescale) with the ``scaled_dot_product_attention``
     call replaced. Uses ``attn.scale`` as the softmax scale. An ``attention_mask`` is
     forwarded to ``sdpa``/``math`` and rejected by ``triton``/``xformers``.
+
+    With a ``record`` list, an attention that reads ``encoder_hidden_states`` (text) is computed
+    explicitly instead and appends its ``(B, H, Q, S)`` probabilities to the list (the alignment loss of
+    ``core.attention_align``); the others still go through ``backend``.
     """
 
-    def __init__(self, backend: str = "sdpa") -> None:
+    def __init__(self, backend: str = "sdpa", record: list[torch.Tensor] | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend = backend
+        self.record = record
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(backend={self.backend!r})"
+        return f"{type(self).__name__}(backend={self.backend!r}, recording={self.record is not None})"
 
     def __call__(
         self,
@@ -176,6 +188,7 @@ class DispatchAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
+        reads_text = encoder_hidden_states is not None
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
 
@@ -214,8 +227,11 @@ class DispatchAttnProcessor:
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
 
-        hidden_states = attention(query, key, value, scale=attn.scale, backend=self.backend,
-                                  attn_mask=attention_mask)
+        if self.record is not None and reads_text:
+            hidden_states = self._recorded(query, key, value, attn.scale, attention_mask)
+        else:
+            hidden_states = attention(query, key, value, scale=attn.scale, backend=self.backend,
+                                      attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -226,6 +242,13 @@ class DispatchAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+    def _recorded(self, q, k, v, scale, attn_mask):
+        """Attention in the math form, with its probabilities appended to ``self.record``."""
+        probs = attention_probs(q, k, scale, attn_mask)
+        self.record.append(probs)
+        return torch.matmul(probs.to(v.dtype), v)
 
 
 def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:

@@ -46,6 +46,17 @@ def clearly_below(a: dict, b: dict) -> bool:
     return a["ci95"][1] < b["ci95"][0]
 
 
+def difference_interval(a: dict, b: dict) -> dict[str, float | list[float]]:
+    """95% interval of the ICR difference ``a - b`` (Newcombe 1998, method 10: the hybrid score interval
+    built from the two Wilson intervals of :func:`icr`). When it lies below 0 the difference is beyond
+    the noise at the 5% level; :func:`clearly_below` (disjoint intervals) is the stricter test."""
+    pa, pb = a["icr"], b["icr"]
+    (la, ua), (lb, ub) = a["ci95"], b["ci95"]
+    d = pa - pb
+    return {"diff": d, "ci95": [d - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2),
+                                d + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2)]}
+
+
 def binary_pr(pred: Sequence[bool], true: Sequence[bool]) -> dict[str, float]:
     """Image-level precision/recall/accuracy of a detector."""
     p = np.asarray(pred, bool)

@@ -9,11 +9,13 @@ loss, and its registered parameters are exactly the trainable ones. The loop
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from geomerase.core.attention_align import alignment_loss, alignment_targets, recorded_cross_attention
 from geomerase.core.lora import lora_layers
 from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
 from geomerase.core.models import DiffusionModel
@@ -121,7 +123,8 @@ class StepModule(nn.Module):
     """
 
     def __init__(self, model: DiffusionModel, modules: dict[str, nn.Module], loose: list[nn.Parameter],
-                 prior_unet: nn.Module | None = None, reweight_alpha: float | None = None):
+                 prior_unet: nn.Module | None = None, reweight_alpha: float | None = None,
+                 align_weight: float = 0.0):
         super().__init__()
         self.parts = nn.ModuleDict(modules)
         for i, p in enumerate(loose):
@@ -130,19 +133,32 @@ class StepModule(nn.Module):
         self.__dict__["model"] = model
         self.__dict__["prior_unet"] = prior_unet
         self.reweight_alpha = reweight_alpha
+        self.align_weight = align_weight
+        tok = model.tokenizer
+        self._boundary_ids = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                              *tok(",", add_special_tokens=False).input_ids]
 
     def forward(self, batch: TrainBatch) -> torch.Tensor:
         m: DiffusionModel = self.__dict__["model"]
-        cond = m.encode_text(m.tokenize(batch.captions))
+        ids = m.tokenize(batch.captions)
+        cond = m.encode_text(ids)
         unet_dtype = m.unet.dtype
-        pred = m.denoise(batch.xt.to(unet_dtype), batch.t, cond.to(unet_dtype))
+        targets = None
+        if self.align_weight > 0 and m.grid > 0:
+            targets = alignment_targets(ids, m.loc_token_ids, m.grid, self._boundary_ids)
+        with (recorded_cross_attention(m.unet) if targets is not None and bool(targets.selected.any())
+              else contextlib.nullcontext([])) as probs:
+            pred = m.denoise(batch.xt.to(unet_dtype), batch.t, cond.to(unet_dtype))
         target = diffusion_target(m.noise_scheduler, batch.x0, batch.noise, batch.t)
         if self.__dict__["prior_unet"] is not None:
             target = self._prior_target(target, batch, cond)
         weights = None
         if self.reweight_alpha is not None:
             weights = weight_map(batch.masks, self.reweight_alpha, batch.x0.shape[-2], batch.x0.shape[-1])
-        return denoising_loss(pred, target, weights)
+        loss = denoising_loss(pred, target, weights)
+        if probs:
+            loss = loss + self.align_weight * alignment_loss(probs, targets)
+        return loss
 
     @torch.no_grad()
     def _prior_target(self, target: torch.Tensor, batch: TrainBatch, cond: torch.Tensor) -> torch.Tensor:

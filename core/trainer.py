@@ -77,6 +77,11 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables."""
     reweight_alpha: float | None = None
     """Region re-weighting factor alpha (outside/inside weight ratio); None disables."""
+    attn_align_weight: float = 0.0
+    """Weight of the cross-attention alignment loss added to the denoising loss
+    (``core.attention_align``): a location token's attention should fall in its cell, a concept name's
+    in the union of its cells. 0 disables it, and the attention then runs through the model's backend
+    unchanged; above 0, text attentions are computed in the math form to read their probabilities."""
     uncond_prior: bool = False
     """Data removal from a pretrained model: rows whose caption was dropped (the empty prompt)
     regress on the frozen starting UNet's prediction instead of the data's target, so the
@@ -133,6 +138,8 @@ class TrainConfig:
             raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.reweight_alpha is not None and self.reweight_alpha <= 0:
             raise ValueError(f"train.reweight_alpha must be > 0, got {self.reweight_alpha}")
+        if self.attn_align_weight < 0:
+            raise ValueError(f"train.attn_align_weight must be >= 0, got {self.attn_align_weight}")
         if self.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.uncond_prior and self.mode != "data-removal":
@@ -290,7 +297,7 @@ class Trainer:
             if tc.mode == "data-removal" and tc.train_text_encoder:
                 self.model.text_encoder.gradient_checkpointing_enable()
         modules, loose = trainable_modules(self.model, tc.mode, tc.train_text_encoder, self.params, tc.lora.rank > 0)
-        self.module = StepModule(self.model, modules, loose, prior_unet, tc.reweight_alpha)
+        self.module = StepModule(self.model, modules, loose, prior_unet, tc.reweight_alpha, tc.attn_align_weight)
         self.backend.setup(self.module, self.groups, self.params, tc, lr_lambda(tc))
         self.ema = self.backend.make_ema(tc.ema_decay) if tc.ema_decay is not None else None
         self.checkpointer = Checkpointer(self.out, self.backend, tc.keep_checkpoints)

@@ -39,7 +39,7 @@ from geomerase.core.classifiers import (PatchClassifier, as_float, bounded_thres
 from geomerase.core.config import to_dict
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
 from geomerase.core.lora import LoraConfig
-from geomerase.core.metrics import clearly_below, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
+from geomerase.core.metrics import clearly_below, difference_interval, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
 from geomerase.core.models import ModelConfig
 from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.loader import DataConfig, InMemoryDataset, annotated_cells
@@ -127,6 +127,11 @@ class DemoConfig:
     """Extra CFG scales at which the open-prompt arms are re-scored (ICR-vs-guidance curve)."""
     reweight_alpha: float | None = None
     """Region re-weighting alpha of the geom fine-tune (None: plain MSE)."""
+    attn_align_weight: float = 1.0
+    """Cross-attention alignment weight of the geom fine-tune (``train.attn_align_weight``; 0: off). It
+    binds the tokens to their cells: asked for ``qr code <cells>``, the geom model drew cells at
+    precision 0.609 / recall 0.703 with 1.0 and 0.314 / 0.616 without; 0.1 gave 0.471 / 0.706
+    (benchmarks/results/demo_cpu/NOTES.md, "Cross-attention alignment")."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Both fine-tunes train LoRA adapters on the UNet's attention projections instead of the whole
     UNet (``lora.rank > 0``; ``lr`` is then the adapters' learning rate), as ``train.lora``."""
@@ -167,7 +172,7 @@ def _splits(cfg: DemoConfig) -> dict[str, tuple[int, int]]:
 
 
 def _train_rc(cfg: DemoConfig, run_dir: Path, shards: str, captions: CaptionConfig,
-              reweight_alpha: float | None) -> RunConfig:
+              reweight_alpha: float | None, align_weight: float = 0.0) -> RunConfig:
     """A data-removal fine-tune of ``cfg.steps`` (resumes from ``run_dir``'s latest checkpoint). From a
     base model the text encoder stays frozen and only the UNet and the location rows train (the paper's
     data removal); from random init the whole text encoder trains too."""
@@ -178,7 +183,8 @@ def _train_rc(cfg: DemoConfig, run_dir: Path, shards: str, captions: CaptionConf
                      captions=captions,
                      train=TrainConfig(mode="data-removal", train_text_encoder=cfg.pretrained is None,
                                        max_steps=steps, lr=cfg.lr, loc_lr=cfg.loc_lr, seed=cfg.seed,
-                                       reweight_alpha=reweight_alpha, warmup_steps=min(50, max(steps // 10, 1)),
+                                       reweight_alpha=reweight_alpha, attn_align_weight=align_weight,
+                                       warmup_steps=min(50, max(steps // 10, 1)),
                                        uncond_prior=cfg.uncond_prior and cfg.pretrained is not None,
                                        lora=cfg.lora,
                                        device=cfg.device, log_every=25, save_every=max(steps // 4, 1)),
@@ -211,9 +217,9 @@ def _prepare_plan(cfg: DemoConfig, lay: _Layout) -> dict[str, Task]:
     if cfg.prepare_only:
         return tasks
     shards = str(lay.annotated / "*.tar")
-    for name, caps, alpha in (("plain", CaptionConfig(mode="clean", dropout=cfg.captions.dropout), None),
-                              ("geom", cfg.captions, cfg.reweight_alpha)):
-        rc = _train_rc(cfg, lay.model(name), shards, caps, alpha)
+    for name, caps, alpha, align in (("plain", CaptionConfig(mode="clean", dropout=cfg.captions.dropout), None, 0.0),
+                                     ("geom", cfg.captions, cfg.reweight_alpha, cfg.attn_align_weight)):
+        rc = _train_rc(cfg, lay.model(name), shards, caps, alpha, align)
         tasks[f"train/{name}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
                                       deps=("annotate",), outputs=(f"{rc.out_dir}/model/geomerase.json",),
                                       cost=cfg.steps / 10)
@@ -411,6 +417,8 @@ def _metrics(cfg: DemoConfig, results: dict, fids: dict, quality: dict, attr_qua
         "classifier_calibration": calibration,
         "quality": quality,
         "attribute_classifier": attr_quality,
+        "icr_differences": {f"{a} - {b}": difference_interval(results[a], results[b])
+                            for a, b in (("open_geom", "open_np"), ("open_geom", "open_plain_np"))},
         "icr_vs_guidance": {k: v["icr"] for k, v in results.items() if "@" in k},
         "binding": binding,
         "negatives": {k: {"prompts": v[0], "weights": v[1]} for k, v in neg.items()},

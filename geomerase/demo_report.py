@@ -87,6 +87,11 @@ def render_report(m: dict, cfg: DemoConfig) -> str:
         f"- attribute classifier accuracy, clean {m['attribute_classifier']['clean']['fidelity']:.3f}, "
         f"degraded {m['attribute_classifier']['degraded']['fidelity']:.3f}",
         "",
+        "ICR differences with their 95% intervals (Newcombe's hybrid score interval; the targets' "
+        "\"intervals disjoint\" is the stricter test): " + "; ".join(
+            f"{k} {d['diff']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
+            for k, d in m.get("icr_differences", {}).items()),
+        "",
         "Targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in m.get("targets", {}).items()),
         "",
         f"Total {m['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in m["timings"].items()),

@@ -1,7 +1,7 @@
 """ICR with its Wilson interval, and comparisons decided on the intervals."""
 import pytest
 
-from geomerase.core.metrics import clearly_below, icr, wilson_interval
+from geomerase.core.metrics import clearly_below, difference_interval, icr, wilson_interval
 
 
 def test_wilson_interval_contains_the_estimate_and_narrows_with_n():
@@ -25,3 +25,17 @@ def test_clearly_below_needs_disjoint_intervals(ka, kb, want):
     # 10/64 vs 22/64 is a lower point estimate whose intervals still overlap: not counted.
     if (ka, kb) == (10, 22):
         assert a["icr"] < b["icr"] and a["ci95"][1] >= b["ci95"][0]
+
+
+def test_difference_interval_is_newcombes_hybrid_score_interval():
+    def of(k, n=64):
+        return icr([True] * k + [False] * (n - k))
+    # Newcombe (1998), Table II, example (h): 56/70 vs 48/80 -> 0.2000 (0.0524, 0.3339) by method 10
+    r = difference_interval(of(56, 70), of(48, 80))
+    assert r["diff"] == pytest.approx(0.2)
+    assert r["ci95"] == pytest.approx([0.0524, 0.3339], abs=1e-4)
+    # 0/64 vs 5/64: intervals overlap (not clearly_below) yet the difference's interval excludes 0
+    z, five = of(0), of(5)
+    assert not clearly_below(z, five)
+    assert difference_interval(z, five)["ci95"][1] < 0
+    assert difference_interval(of(10), of(12))["ci95"][0] < 0 < difference_interval(of(10), of(12))["ci95"][1]

@@ -45,3 +45,22 @@ def test_loss_is_a_function_of_the_batch_only(tiny_icd, tmp_path):
     assert a.ndim == 0 and torch.isfinite(a) and torch.equal(a, b)
     moved = TrainBatch(batch.x0, batch.noise, (batch.t + 500) % 1000, batch.xt, batch.captions, batch.masks)
     assert not torch.equal(tr.module(moved), a)
+
+
+def test_alignment_weight_adds_the_alignment_term_to_the_denoising_loss(tiny_icd, tmp_path):
+    from geomerase.core.attention_align import alignment_loss, alignment_targets, recorded_cross_attention
+
+    plain = _trainer(tiny_icd, tmp_path / "p")
+    aligned = _trainer(tiny_icd, tmp_path / "a", "train.attn_align_weight=0.5")
+    batch = plain.batches(0)
+    m = aligned.model
+    assert any("<l" in c for c in batch.captions)
+    ids = m.tokenize(batch.captions)
+    targets = alignment_targets(ids, m.loc_token_ids, m.grid, aligned.module._boundary_ids)
+    with torch.no_grad(), recorded_cross_attention(m.unet) as probs:
+        m.denoise(batch.xt, batch.t, m.encode_text(ids))
+    extra = 0.5 * alignment_loss(probs, targets)
+    assert extra.item() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(aligned.module(batch), plain.module(batch) + extra, rtol=1e-5, atol=1e-6)
+    aligned.train_step(0)  # one optimizer step through the backend runs
