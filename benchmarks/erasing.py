@@ -113,6 +113,10 @@ class ErasingConfig:
     """Learning rate of the location-token rows in the data-removal fine-tunes (the demo's)."""
     reweight_alpha: float = 2.0
     """Region re-weighting alpha of geom_reweight (weight outside / inside the concept cells)."""
+    attn_align_weight: float = 0.0
+    """Cross-attention alignment weight (``train.attn_align_weight``) of the fine-tunes whose captions
+    carry location tokens (geom, geom_reweight, geom_mr). 0: the paper's recipe, as in the published
+    cpu run; the demo's geom fine-tune uses 1 (benchmarks/results/demo_cpu/NOTES.md)."""
     mr_steps: int = 100
     """Model-removal steps (location-token rows of the frozen plain model)."""
     mr_lr: float = 5e-3
@@ -224,6 +228,8 @@ class ErasingConfig:
         if bad_arms or not {"plain", "np", "geom", "oracle"} <= set(self.arms):
             raise ConfigError(f"arms: {bad_arms or self.arms} invalid; choose from {list(ARMS)} and keep plain, np, "
                               "geom and oracle")
+        if self.attn_align_weight < 0:
+            raise ConfigError(f"attn_align_weight must be >= 0, got {self.attn_align_weight}")
         if min(self.steps, self.mr_steps, self.esd_steps, self.samples, self.classifier_steps) < 1:
             raise ConfigError("steps, mr_steps, esd_steps, samples and classifier_steps must be >= 1")
 

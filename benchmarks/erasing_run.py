@@ -35,7 +35,7 @@ from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
 
 def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionConfig, *, mode: str = "data-removal",
               steps: int | None = None, lr: float | None = None, pretrained: str | None = None,
-              alpha: float | None = None) -> RunConfig:
+              alpha: float | None = None, align: float = 0.0) -> RunConfig:
     steps = steps or cfg.steps
     # From the given base (not a base this run trained): frozen text encoder, base unconditional branch.
     from_base = pretrained is not None and pretrained in cfg.pretrained.values() and mode == "data-removal"
@@ -46,7 +46,7 @@ def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionC
         data=DataConfig(shards=shards, batch_size=cfg.batch_size),
         captions=captions,
         train=TrainConfig(mode=mode, max_steps=steps, lr=cfg.lr, loc_lr=lr or cfg.loc_lr, seed=cfg.seed, reweight_alpha=alpha,
-                          warmup_steps=min(50, max(steps // 10, 1)), device=cfg.device, log_every=max(1, min(25, steps)),
+                          attn_align_weight=align, warmup_steps=min(50, max(steps // 10, 1)), device=cfg.device, log_every=max(1, min(25, steps)),
                           save_every=max(steps // 2, 1), train_text_encoder=not from_base,
                           uncond_prior=from_base and cfg.uncond_prior),
         resume="latest")
@@ -189,7 +189,8 @@ def _fine_tune_tasks(cfg: ErasingConfig, lay: Layout, c: str, base_model: str | 
         if model not in models:
             continue
         rc = _train_rc(cfg, lay.model_dir(c, model), ann, caps, pretrained=base_model,
-                       alpha=cfg.reweight_alpha if model == "geom_reweight" else None)
+                       alpha=cfg.reweight_alpha if model == "geom_reweight" else None,
+                       align=cfg.attn_align_weight if model.startswith("geom") else 0.0)
         out[f"{c}/train/{model}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
                                          deps=(f"{c}/annotate", *base_deps),
                                          outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)
@@ -205,7 +206,7 @@ def _fine_tune_tasks(cfg: ErasingConfig, lay: Layout, c: str, base_model: str | 
             cost=cfg.esd_steps * 1.6 * cfg.esd_batch / cfg.batch_size / 10)
     if "geom_mr" in models:
         rc = _train_rc(cfg, lay.model_dir(c, "geom_mr"), ann, geom_captions(), mode="model-removal",
-                       steps=cfg.mr_steps, lr=cfg.mr_lr, pretrained=plain_model)
+                       steps=cfg.mr_steps, lr=cfg.mr_lr, pretrained=plain_model, align=cfg.attn_align_weight)
         out[f"{c}/train/geom_mr"] = Task(Job(train_model_job, (rc, False)), deps=(f"{c}/train/plain", f"{c}/annotate"),
                                          outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.mr_steps / 10)
     return out

@@ -189,6 +189,20 @@ def test_arms_fine_tune_a_given_base_with_its_unconditional_branch(tmp_path):
         erasing_config("smoke", ["concepts=[qr,text]", "pretrained.qr=builtin:base32"])
 
 
+def test_alignment_weight_reaches_only_the_arms_with_location_tokens(tmp_path):
+    from geomerase.benchmarks.erasing import Layout
+    from geomerase.benchmarks.erasing_run import plan
+
+    cfg = erasing_config("smoke", ["concepts=[qr]", "attn_align_weight=0.5"], out=str(tmp_path))
+    tasks = plan(cfg, Layout.of(cfg), lambda: {p: [""] * cfg.samples for p in PROMPT_SETS})
+    weight = {arm: tasks[f"qr/train/{arm}"].job.args[0].train.attn_align_weight
+              for arm in ("plain", "existence", "geom", "geom_reweight", "geom_mr")}
+    assert weight == {"plain": 0.0, "existence": 0.0, "geom": 0.5, "geom_reweight": 0.5, "geom_mr": 0.5}
+    assert erasing_config("smoke").attn_align_weight == 0.0
+    with pytest.raises(ConfigError, match="attn_align_weight"):
+        erasing_config("smoke", ["attn_align_weight=-1"])
+
+
 def test_each_concept_fine_tunes_its_own_base_at_its_resolution(tmp_path):
     """qr on the 32 px base, watermark and text on the 64 px one: classifiers at each base's
     resolution, one oracle per base (shared by the concepts on it), only the arms asked for."""
