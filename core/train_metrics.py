@@ -49,8 +49,8 @@ class MetricsLogger:
             self.tb.close()
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
-    """Loss curve PNG (matplotlib, headless)."""
+def plot_loss(history: list[dict], path: Path, ylabel: str = "denoising MSE") -> None:
+    """Loss curve PNG (matplotlib, headless); ``ylabel`` names what the logged loss is."""
     if not history:
         return
     import matplotlib
@@ -61,7 +61,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     ax.plot([h["step"] for h in history], [h["loss"] for h in history])
     ax.set_xlabel("step")
-    ax.set_ylabel("denoising MSE")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.set_title(path.parent.name)

@@ -403,7 +403,8 @@ class Trainer:
         if self.is_main:
             write_history(self.out, self.history)
         if self.is_main:
-            plot_loss(self.history, self.out / "loss.png")
+            plot_loss(self.history, self.out / "loss.png",
+                      "denoising MSE + alignment" if tc.attn_align_weight > 0 else "denoising MSE")
             (self.out / "train_summary.json").write_text(json.dumps(
                 {"steps": self.step, "seconds": time.time() - t0, "world_size": self.world,
                  "backend": self.backend.name,
