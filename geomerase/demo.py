@@ -129,10 +129,10 @@ class DemoConfig:
     reweight_alpha: float | None = None
     """Region re-weighting alpha of the geom fine-tune (None: plain MSE)."""
     attn_align_weight: float = 1.0
-    """Cross-attention alignment weight of the geom fine-tune (``train.attn_align_weight``; 0: off). It
-    binds the tokens to their cells: asked for ``qr code <cells>``, the geom model drew cells at
-    precision 0.609 / recall 0.703 with 1.0 and 0.314 / 0.616 without; 0.1 gave 0.471 / 0.706
-    (benchmarks/results/demo_cpu/NOTES.md, "Cross-attention alignment")."""
+    """Cross-attention alignment weight of the geom fine-tune (``train.attn_align_weight``; 0: off). At
+    seeds 0 and 1 it took open prompts under the geometric negative from 0.188 / 0.172 to 0.000 / 0.016;
+    the tokens' binding (cells of ``qr code <cells>``) rose from P 0.314 / R 0.616 to 0.609 / 0.703 at
+    seed 0 but only to 0.345 / 0.433 at seed 1 (benchmarks/results/demo_cpu/NOTES.md)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Both fine-tunes train LoRA adapters on the UNet's attention projections instead of the whole
     UNet (``lora.rank > 0``; ``lr`` is then the adapters' learning rate), as ``train.lora``."""
