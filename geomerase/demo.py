@@ -128,11 +128,12 @@ class DemoConfig:
     """Extra CFG scales at which the open-prompt arms are re-scored (ICR-vs-guidance curve)."""
     reweight_alpha: float | None = None
     """Region re-weighting alpha of the geom fine-tune (None: plain MSE)."""
-    attn_align_weight: float = 1.0
-    """Cross-attention alignment weight of the geom fine-tune (``train.attn_align_weight``; 0: off). At
-    seeds 0 and 1 it took open prompts under the geometric negative from 0.188 / 0.172 to 0.000 / 0.016;
-    the tokens' binding (cells of ``qr code <cells>``) rose from P 0.314 / R 0.616 to 0.609 / 0.703 at
-    seed 0 but only to 0.345 / 0.433 at seed 1 (benchmarks/results/demo_cpu/NOTES.md)."""
+    attn_align_weight: float = 3.0
+    """Cross-attention alignment weight of the geom fine-tune (``train.attn_align_weight``; 0: off).
+    Open prompts under the geometric negative, seeds 0 / 1: 0.188 / 0.172 at 0, 0.000 / 0.016 at 1 and 3.
+    Binding (cells of ``qr code <cells>``, P / R), seed 0: 0.314 / 0.616 at 0, 0.609 / 0.703 at 1,
+    0.706 / 0.867 at 3; seed 1: 0.299 / 0.538, 0.345 / 0.433, 0.386 / 0.513
+    (benchmarks/results/demo_cpu/NOTES.md, seed_runs.json)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Both fine-tunes train LoRA adapters on the UNet's attention projections instead of the whole
     UNet (``lora.rank > 0``; ``lr`` is then the adapters' learning rate), as ``train.lora``."""
