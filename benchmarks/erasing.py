@@ -116,7 +116,8 @@ class ErasingConfig:
     attn_align_weight: float = 0.0
     """Cross-attention alignment weight (``train.attn_align_weight``) of the fine-tunes whose captions
     carry location tokens (geom, geom_reweight, geom_mr). 0: the paper's recipe, as in the published
-    cpu run; the demo's geom fine-tune uses 1 (benchmarks/results/demo_cpu/NOTES.md)."""
+    cpu run; the demo's geom fine-tune uses 3 (benchmarks/results/demo_cpu/NOTES.md); 1 on this
+    preset's qr made geom worse and geom_mr better (benchmarks/results/erasing_cpu/NOTES.md)."""
     mr_steps: int = 100
     """Model-removal steps (location-token rows of the frozen plain model)."""
     mr_lr: float = 5e-3

@@ -81,7 +81,7 @@ class DemoConfig:
     """Registry size when ``pretrained`` is None."""
     steps: int = 1500
     """Fine-tuning steps per model (the two fine-tunes run side by side, one thread each; 1500 steps
-    took 754 s (plain) and 831 s (geom, with the alignment loss) of the 1076 s demo,
+    took 735 s (plain) and 814 s (geom, with the alignment loss) of the 1045 s demo,
     benchmarks/results/demo_cpu/NOTES.md)."""
     batch_size: int = 16
     """Diffusion batch size."""
