@@ -46,7 +46,8 @@ def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionC
         data=DataConfig(shards=shards, batch_size=cfg.batch_size),
         captions=captions,
         train=TrainConfig(mode=mode, max_steps=steps, lr=cfg.lr, loc_lr=lr or cfg.loc_lr, seed=cfg.seed, reweight_alpha=alpha,
-                          attn_align_weight=align, warmup_steps=min(50, max(steps // 10, 1)), device=cfg.device, log_every=max(1, min(25, steps)),
+                          attn_align_weight=align, warmup_steps=min(50, max(steps // 10, 1)), device=cfg.device,
+                          log_every=max(1, min(25, steps)),
                           save_every=max(steps // 2, 1), train_text_encoder=not from_base,
                           uncond_prior=from_base and cfg.uncond_prior),
         resume="latest")
@@ -190,7 +191,7 @@ def _fine_tune_tasks(cfg: ErasingConfig, lay: Layout, c: str, base_model: str | 
             continue
         rc = _train_rc(cfg, lay.model_dir(c, model), ann, caps, pretrained=base_model,
                        alpha=cfg.reweight_alpha if model == "geom_reweight" else None,
-                       align=cfg.attn_align_weight if model.startswith("geom") else 0.0)
+                       align=cfg.attn_align_weight if caps.mode == "geom" else 0.0)
         out[f"{c}/train/{model}"] = Task(Job(train_model_job, (rc, False), progress_file(rc.out_dir), cfg.steps),
                                          deps=(f"{c}/annotate", *base_deps),
                                          outputs=(f"{rc.out_dir}/model/geomerase.json",), cost=cfg.steps / 10)

@@ -243,7 +243,6 @@ class DispatchAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-
     def _recorded(self, q, k, v, scale, attn_mask):
         """Attention in the math form, with its probabilities appended to ``self.record``."""
         probs = attention_probs(q, k, scale, attn_mask)

@@ -32,6 +32,13 @@ MAX_NAME_TOKENS = 4
 caption text, not a concept phrase without a separating comma."""
 
 
+def boundary_ids(tokenizer) -> list[int]:
+    """Token ids that end a concept name when walking back from its location tokens: the start, end
+    and padding tokens and the comma that joins caption phrases."""
+    return [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            *tokenizer(",", add_special_tokens=False).input_ids]
+
+
 @dataclass
 class AlignmentTargets:
     """``region``: ``(B, S, G, G)`` bool, the cells token ``s`` of caption ``b`` should attend to;
@@ -45,8 +52,8 @@ def alignment_targets(ids: torch.Tensor, loc_ids: Sequence[int], grid: int,
                       boundary_ids: Sequence[int]) -> AlignmentTargets:
     """The target cells of every token of ``ids`` ``(B, S)`` int64.
 
-    ``loc_ids[k]`` is the id of ``<lk>``; ``boundary_ids`` end a concept name when walking back from its
-    location tokens (start, end and padding tokens, the comma).
+    ``loc_ids[k]`` is the id of ``<lk>``; ``boundary_ids`` (:func:`boundary_ids`) end a concept name when
+    walking back from its location tokens.
     """
     b, s = ids.shape
     region = torch.zeros(b, s, grid * grid, dtype=torch.bool)
@@ -86,15 +93,15 @@ def alignment_loss(probs: Sequence[torch.Tensor], targets: AlignmentTargets) -> 
     """
     if not probs or not bool(targets.selected.any()):
         return torch.zeros((), device=probs[0].device if probs else "cpu")
+    sel = targets.selected.to(probs[0].device)
+    cells = targets.region.to(probs[0].device).float().flatten(0, 1).unsqueeze(1)  # (B*S, 1, G, G)
     losses = []
     for p in probs:
         side = int(round(p.shape[2] ** 0.5))
         if side * side != p.shape[2]:
             raise ValueError(f"cross-attention over {p.shape[2]} queries: not a square grid")
-        sel = targets.selected.to(p.device)
         # area resampling: exact nearest-cell membership when G divides the side, cell fractions otherwise
-        region = F.interpolate(targets.region.to(p.device).float().flatten(0, 1).unsqueeze(1),
-                               size=(side, side), mode="area").view(*sel.shape, side * side)
+        region = F.interpolate(cells, size=(side, side), mode="area").view(*sel.shape, side * side)
         a = p.float().mean(1).transpose(1, 2)  # (B, S, Q)
         a, region = a[sel], region[sel]
         share = (a * region).sum(-1) / a.sum(-1).clamp_min(1e-12)

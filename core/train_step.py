@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from geomerase.core.attention_align import alignment_loss, alignment_targets, recorded_cross_attention
+from geomerase.core.attention_align import (alignment_loss, alignment_targets, boundary_ids,
+                                            recorded_cross_attention)
 from geomerase.core.lora import lora_layers
 from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
 from geomerase.core.models import DiffusionModel
@@ -134,9 +135,7 @@ class StepModule(nn.Module):
         self.__dict__["prior_unet"] = prior_unet
         self.reweight_alpha = reweight_alpha
         self.align_weight = align_weight
-        tok = model.tokenizer
-        self._boundary_ids = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
-                              *tok(",", add_special_tokens=False).input_ids]
+        self._boundary_ids = boundary_ids(model.tokenizer)
 
     def forward(self, batch: TrainBatch) -> torch.Tensor:
         m: DiffusionModel = self.__dict__["model"]

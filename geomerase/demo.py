@@ -39,7 +39,8 @@ from geomerase.core.classifiers import (PatchClassifier, as_float, bounded_thres
 from geomerase.core.config import to_dict
 from geomerase.core.geometry import GeometryConfig, GridEncoder, cell_precision_recall
 from geomerase.core.lora import LoraConfig
-from geomerase.core.metrics import clearly_below, difference_interval, fidelity, fidelity_chance, icr, icr_bar_chart, sample_grid
+from geomerase.core.metrics import (clearly_below, difference_interval, fidelity, fidelity_chance, icr, icr_bar_chart,
+                                    sample_grid)
 from geomerase.core.models import ModelConfig
 from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.loader import DataConfig, InMemoryDataset, annotated_cells
@@ -109,7 +110,7 @@ class DemoConfig:
         mode="geom", concept_first_prob=0.2, concept_only_prob=0.1, shuffle_cells=True, dropout=0.1))
     """Caption variants of the geom model. Without the concept-only variant (``concept_only_prob=0``) two
     fine-tunes that differ only in thread count gave open-prompt ICR 0.000 and 0.234 under the geometric
-    negative (this default: 0.188), so one run per recipe does not decide it
+    negative (10%, without the alignment loss: 0.188), so one run per recipe does not decide it
     (benchmarks/results/demo_cpu/NOTES.md, "Run-to-run variation")."""
     classifier_steps: int = 800
     """Patch / attribute classifier training steps."""

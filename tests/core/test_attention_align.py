@@ -6,18 +6,16 @@ import pytest
 import torch
 
 from geomerase.core.attention import DispatchAttnProcessor
-from geomerase.core.attention_align import (AlignmentTargets, alignment_loss, alignment_targets,
+from geomerase.core.attention_align import (AlignmentTargets, alignment_loss, alignment_targets, boundary_ids,
                                             recorded_cross_attention)
 from geomerase.core.models import build_random
-from geomerase.core.tokenizer import build_tokenizer
+from geomerase.core.tokenizer import build_tokenizer, location_token_ids
 
 
 def _targets(captions, grid=4):
     tok = build_tokenizer(grid)
     ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    bounds = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, *tok(",", add_special_tokens=False).input_ids]
-    from geomerase.core.tokenizer import location_token_ids
-    return tok, ids, alignment_targets(ids, location_token_ids(tok, grid), grid, bounds)
+    return tok, ids, alignment_targets(ids, location_token_ids(tok, grid), grid, boundary_ids(tok))
 
 
 def test_location_tokens_target_their_cells_and_the_name_their_union():
@@ -90,9 +88,7 @@ def test_recording_keeps_output_and_processors_and_reaches_the_location_rows():
     assert len(probs) == n_cross and n_cross > 0
     assert all(p.shape[0] == 2 and p.shape[-1] == 77 for p in probs)
     torch.testing.assert_close(probs[0].sum(-1), torch.ones_like(probs[0].sum(-1)))
-    tok = model.tokenizer
-    bounds = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, *tok(",", add_special_tokens=False).input_ids]
-    loss = alignment_loss(probs, alignment_targets(ids, model.loc_token_ids, 4, bounds))
+    loss = alignment_loss(probs, alignment_targets(ids, model.loc_token_ids, 4, boundary_ids(model.tokenizer)))
     assert 0.0 < loss.item() < 1.0
     loss.backward()
     rows = table.grad[model.loc_token_ids]
