@@ -66,11 +66,11 @@ def make_backend(name: str):
         return flash_attention
     if name in TRITON_SCHEMES:
         # one backward scheme forced: the plan built by this forward keeps it for its backward
-        from geomerase.kernels import attention as A
+        from geomerase.kernels import flash_attention, kernel_overrides
 
         def run(q, k, v):
-            with A.kernel_overrides(bwd_scheme=TRITON_SCHEMES[name]):
-                return A.flash_attention(q, k, v)
+            with kernel_overrides(bwd_scheme=TRITON_SCHEMES[name]):
+                return flash_attention(q, k, v)
         return run
     if name in SDPA_BACKENDS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -103,7 +103,7 @@ def backend_names() -> list[str]:
 
 def _has_scheme_choice(shape) -> bool:
     """Whether the Triton backward has two schemes for this shape (all keys fit one tile)."""
-    from geomerase.kernels import attention as A
+    from geomerase.kernels import attention_plan as A
 
     _, _, _, sk, d = shape
     return A._fused_block_n(sk, d) is not None

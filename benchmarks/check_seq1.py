@@ -10,7 +10,7 @@ Run: PYTHONPATH=<farm> GEOMERASE_FLASH_AUTOTUNE=0 python3 benchmarks/check_seq1.
 import torch
 import triton
 
-from geomerase.kernels import attention as A
+from geomerase.kernels import attention_plan as A
 from geomerase.kernels import flash_attention
 from geomerase.kernels.attention_ref import attention_ref
 
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["specialise"]:  # Triton's default: a length of 1 becomes a constexpr
-        A._KERNELS = {kind: triton.jit(fn.fn) for kind, fn in A._KERNELS.items()}
+        A._KERNELS.update({kind: triton.jit(fn.fn) for kind, fn in A._KERNELS.items()})  # in place: the plans read it
         A._launcher_cache.clear()
         run("specialise==1")
     else:

@@ -53,7 +53,7 @@ def lower(kind: str, head_dim: int, cfg, dtype: str, even: bool, row_stride: int
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from geomerase.kernels import attention as A
+    from geomerase.kernels import attention_plan as A
 
     fn = A._KERNELS[kind]
     _, meta = A._head_meta(head_dim, {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ragged", action="store_true", help="also lower the masked (odd-length) variants")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from geomerase.kernels import attention as A
+    from geomerase.kernels import attention_plan as A
 
     rows, errors = [], []
     for kind in args.kinds.split(","):

@@ -17,7 +17,7 @@ Sub-commands::
 
 ``geomerase CMD --help`` describes every flag; the flags that set a config field take their type,
 default and description from that field, and the commands that take ``key=value`` overrides
-list every key with its default.
+list every key with its default. The handlers are in :mod:`geomerase.commands`.
 """
 from __future__ import annotations
 
@@ -28,224 +28,10 @@ import sys
 import textwrap
 from typing import Any, Callable
 
+from geomerase.commands import (DTYPES, FAST_DEMO, cmd_annotate, cmd_base_build, cmd_bench_compare, cmd_bench_erasing,
+                                cmd_build_icd, cmd_demo, cmd_export, cmd_fetch_tokenizer, cmd_import_folder, cmd_sample,
+                                cmd_train, cmd_train_classifier)
 from geomerase.core.config import ConfigError
-
-# ``geomerase demo --fast``: DemoConfig overrides placed before the user's own.
-_FAST_DEMO = ["n_train=600", "n_heldout=200", "n_aux=400", "steps=40", "samples=16", "classifier_steps=100",
-              "sample_steps=10"]
-
-
-def _demo(a: argparse.Namespace) -> int:
-    from geomerase.core.config import load_config
-    from geomerase.demo import DemoConfig, run_demo
-
-    overrides = ([f"out={a.out}"] if a.out is not None else []) + list(a.overrides)
-    if a.fast:
-        overrides = _FAST_DEMO + overrides
-    cfg = load_config(DemoConfig, a.config, overrides)
-    run_demo(cfg)
-    return 0
-
-
-def _build_icd(a: argparse.Namespace) -> int:
-    from geomerase.data.icd import build_icd
-
-    summary = build_icd(a.concept, a.n, a.ratio, a.size, a.seed, a.out, a.shard_size, sizes=a.sizes)
-    print(json.dumps({k: v for k, v in summary.items() if k != "shards"}, sort_keys=True))
-    return 0
-
-
-def _import_folder(a: argparse.Namespace) -> int:
-    from geomerase.data.importer import import_folder
-
-    manifest = import_folder(a.input, a.out, a.shard_size)
-    print(json.dumps(manifest["counts"], sort_keys=True))
-    return 0
-
-
-def _train_classifier(a: argparse.Namespace) -> int:
-    from geomerase.core.classifiers import (PatchClassifierConfig, coverage_targets, save_classifier,
-                                            train_patch_classifier)
-    from geomerase.data.loader import InMemoryDataset
-
-    pcfg = PatchClassifierConfig(resolution=a.resolution, grid=a.grid, width=a.width)
-    ds = InMemoryDataset(a.input, a.resolution)
-    cov = coverage_targets(ds.metas, ds.sizes, a.grid, pcfg.overlap_threshold)
-    model = train_patch_classifier(pcfg, ds.images, cov, steps=a.steps, seed=a.seed)
-    save_classifier(model, a.out, {"concept": a.concept})
-    print(f"patch classifier saved to {a.out}")
-    return 0
-
-
-def _annotate_options(items: list[str]) -> dict[str, str]:
-    opts: dict[str, str] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--option {item!r}: expected key=value (e.g. require_decode=true, text.min_conf=50)")
-        opts[key.strip()] = value.strip()
-    return opts
-
-
-def _annotate(a: argparse.Namespace) -> int:
-    import time
-
-    from geomerase.core.annotate import annotate_shards, throughput_line
-    from geomerase.core.geometry import GeometryConfig
-    from geomerase.distributed.ray_annotate import AnnotatorSpec, RayAnnotateConfig, annotate_shards_ray
-
-    geometry = GeometryConfig(grid=a.grid, overlap_threshold=a.overlap_threshold, mode=a.mode)
-    geometry.validate()
-    options = _annotate_options(a.option)
-    if a.classifier:
-        options["classifier"] = a.classifier
-    spec = AnnotatorSpec(detector=a.detector, concept=a.concept, options=options, concept_name=a.concept_name,
-                         geometry=geometry)
-    if a.engine == "ray":
-        cfg = RayAnnotateConfig(num_workers=a.num_workers, address=a.address, batch_size=a.batch_size)
-        manifest = annotate_shards_ray(spec, a.input, a.out, cfg)
-    else:
-        if a.address is not None:
-            raise ValueError("--address needs --engine ray")
-        t0 = time.perf_counter()
-        manifest = annotate_shards(spec.build(), a.input, a.out, a.batch_size)
-        run = manifest.get("last_run", {})
-        if run.get("shards_done"):
-            print(throughput_line(run["images"], run["seconds"], "local") +
-                  f" (+{time.perf_counter() - t0 - run['seconds']:.1f} s loading the detector)")
-    print(json.dumps(manifest["totals"], sort_keys=True))
-    return 0
-
-
-def _train(a: argparse.Namespace) -> int:
-    from geomerase.train import main as train_main
-
-    return train_main(["--config", a.config, *(["--resume", a.resume] if a.resume else []),
-                       *(["--no-progress"] if a.no_progress else []), *a.overrides])
-
-
-def _base_build(a: argparse.Namespace) -> int:
-    from geomerase.core.config import load_config
-    from geomerase.core.pretrain import BaseBuildConfig, build_base
-
-    cfg = load_config(BaseBuildConfig, a.config, list(a.overrides))
-    record = build_base(cfg, until_step=a.until_step, progress=not a.no_progress)
-    print(json.dumps(record, indent=1))
-    return 0
-
-
-def _sample(a: argparse.Namespace) -> int:
-    from geomerase.core.captions import NEGATIVE_KINDS, negative_mixture
-    from geomerase.core.metrics import sample_grid
-    from geomerase.core.sampling import SamplerConfig, sample, to_uint8
-    from geomerase.data.loader import annotated_cells
-
-    if a.negative == "geom-seen" and not a.seen_cells:
-        raise ValueError("--negative geom-seen needs --seen-cells GLOB: the annotated training shards it weights")
-    if a.seen_cells and a.negative != "geom-seen":
-        raise ValueError("--seen-cells is only used by --negative geom-seen")
-    model = _sampling_model(a)
-    seen = annotated_cells(a.seen_cells, model.grid) if a.seen_cells else []
-    if a.seen_cells and not seen:
-        raise ValueError(f"--seen-cells {a.seen_cells!r}: no sample in those shards has annotated cells")
-    negs, weights = (negative_mixture(a.negative, a.concept_name, model.grid, seen, tokenizer=model.tokenizer)
-                     if a.negative in NEGATIVE_KINDS else ([a.negative], [1.0]))
-    prompts = [a.prompt] * a.n
-    imgs = sample(model, prompts, negs, range(a.seed, a.seed + a.n),
-                  SamplerConfig(scheduler=a.scheduler, steps=a.steps, guidance_scale=a.guidance_scale), progress=True,
-                  neg_weights=weights)
-    path = sample_grid(to_uint8(imgs), a.out, grid=model.grid, cols=min(8, a.n), title=f"{a.prompt!r} neg={negs}")
-    print(f"wrote {path}")
-    return 0
-
-
-def _sampling_model(a: argparse.Namespace):
-    """``--model`` (a folder, ``builtin:NAME`` or a single file with ``--config-dir``), with ``--tokens`` rows and
-    a ``--lora`` adapter on top."""
-    import tempfile
-    from pathlib import Path
-
-    from geomerase.core.builtin import resolve_pretrained
-    from geomerase.core.export import load_location_tokens
-    from geomerase.core.lora import load_unet_lora
-    from geomerase.core.models import load_model
-
-    grid = a.grid
-    if a.tokens and grid is None:
-        from safetensors import safe_open
-
-        with safe_open(a.tokens, "pt") as f:
-            grid = int((f.metadata() or {}).get("grid", 0)) or None
-    if a.model.endswith(".safetensors"):
-        from geomerase.core.single_file import single_file_folder
-
-        if not a.config_dir:
-            raise ValueError(f"--model {a.model}: a single file needs --config-dir (geomerase export --format "
-                             "single-file --config-dir DIR writes it)")
-        with tempfile.TemporaryDirectory() as tmp:
-            model = load_model(single_file_folder(a.model, a.config_dir, Path(tmp) / "model"), grid=grid)
-    elif a.config_dir:
-        raise ValueError("--config-dir applies to a single-file --model (.safetensors)")
-    else:
-        model = load_model(resolve_pretrained(a.model), grid=grid)
-    if a.tokens:
-        load_location_tokens(model, a.tokens)
-    if a.lora:
-        load_unet_lora(model.unet, Path(a.lora))
-    return model
-
-
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _export(a: argparse.Namespace) -> int:
-    import torch
-
-    from geomerase.core.models import load_model
-
-    if a.format != "single-file" and (a.dtype or a.config_dir):
-        raise ValueError("--dtype and --config-dir apply to --format single-file")
-    model = load_model(a.model, grid=a.grid)
-    if a.format != "single-file":
-        from geomerase.core.export import export_lora, export_pipeline, save_location_tokens
-
-        writers = {"diffusers": export_pipeline, "lora": export_lora, "tokens": save_location_tokens}
-        print(f"wrote {writers[a.format](model, a.out)}")
-        return 0
-    from geomerase.core.lora import merge_unet_lora
-    from geomerase.core.single_file import export_single_file, write_pipeline_config
-
-    merge_unet_lora(model.unet)  # a LoRA fine-tune's full weights
-
-    dtype = getattr(torch, _DTYPES[a.dtype]) if a.dtype else None
-    print(f"wrote {export_single_file(model, a.out, dtype)}")
-    if a.config_dir:
-        print(f"wrote {write_pipeline_config(model, a.config_dir)}")
-    return 0
-
-
-def _bench_erasing(a: argparse.Namespace) -> int:
-    from geomerase.benchmarks.erasing import erasing_config
-    from geomerase.benchmarks.erasing_run import run_erasing
-
-    concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else None
-    cfg = erasing_config(a.preset, list(a.overrides), out=a.out, concepts=concepts)
-    run_erasing(cfg)
-    return 0
-
-
-def _bench_compare(a: argparse.Namespace) -> int:
-    from geomerase.benchmarks.compare_results import main
-
-    return main(a.a, a.b, a.tol)
-
-
-def _fetch_tokenizer(a: argparse.Namespace) -> int:
-    from geomerase.core.tokenizer import main
-
-    main()
-    return 0
-
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose options are added by ``fill(parser)`` the first time it parses or
@@ -292,7 +78,7 @@ def _fill_demo(p: argparse.ArgumentParser) -> None:
     _out_arg(p, DemoConfig, f"out of --config, else {DemoConfig.out}")
     p.add_argument("--config", default=None, help="YAML overriding DemoConfig fields")
     p.add_argument("--fast", action="store_true",
-                   help=f"a minutes-long smoke version (no meaningful numbers): {' '.join(_FAST_DEMO)}")
+                   help=f"a minutes-long smoke version (no meaningful numbers): {' '.join(FAST_DEMO)}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig overrides (keys below)")
     _keys_epilog(p, DemoConfig, "DemoConfig keys (key=default without --config, then what it sets):")
 
@@ -309,7 +95,7 @@ def _fill_data(p: argparse.ArgumentParser) -> None:
     q.add_argument("--out", required=True, help="output folder of the shards")
     q.add_argument("--sizes", choices=["default", "wide"], default="default",
                    help="overlay size profile; 'wide' reaches below what OpenCV/Tesseract detect (default: default)")
-    q.set_defaults(fn=_build_icd)
+    q.set_defaults(fn=cmd_build_icd)
     q = dsub.add_parser("import", help="turn an image folder with captions into img2dataset-style shards")
     q.add_argument("--input", required=True,
                    help="folder of png/jpg/jpeg/webp images (walked recursively); captions from a metadata.jsonl "
@@ -317,7 +103,7 @@ def _fill_data(p: argparse.ArgumentParser) -> None:
     q.add_argument("--out", required=True,
                    help="new or empty output folder: shards 00000.tar, ... and _manifest.json (every file's outcome)")
     q.add_argument("--shard-size", type=int, default=1000, help="images per tar shard, at most 10000 (default: 1000)")
-    q.set_defaults(fn=_import_folder)
+    q.set_defaults(fn=cmd_import_folder)
 
 
 def _fill_classifier_train(q: argparse.ArgumentParser) -> None:
@@ -336,7 +122,7 @@ def _fill_classifier(p: argparse.ArgumentParser) -> None:
     csub = p.add_subparsers(dest="classifier_cmd", required=True)
     q = csub.add_parser("train", help="train a patch classifier on ICD shards (ground-truth boxes)",
                         fill=_fill_classifier_train)
-    q.set_defaults(fn=_train_classifier)
+    q.set_defaults(fn=cmd_train_classifier)
 
 
 def _fill_annotate(p: argparse.ArgumentParser) -> None:
@@ -382,7 +168,7 @@ def _fill_base(p: argparse.ArgumentParser) -> None:
     bsub = p.add_subparsers(dest="base_cmd", required=True)
     q = bsub.add_parser("build", help="corpus + pretraining (resumable) + export of a builtin base model",
                         fill=_fill_base_build)
-    q.set_defaults(fn=_base_build)
+    q.set_defaults(fn=cmd_base_build)
 
 
 def _fill_sample(p: argparse.ArgumentParser) -> None:
@@ -425,7 +211,7 @@ def _fill_export(p: argparse.ArgumentParser) -> None:
                         "rows as a textual-inversion file for pipe.load_textual_inversion (default: diffusers)")
     p.add_argument("--grid", type=int, default=None,
                    help="G of a folder without geomerase.json (adds G^2 location tokens) (default: the folder's)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="single-file: cast floating tensors to this type (default: as stored)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
                    help="single-file: also write a weightless diffusers folder (configs, tokenizers with the location "
@@ -455,12 +241,12 @@ def _fill_bench(p: argparse.ArgumentParser) -> None:
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     q = bsub.add_parser("erasing", help="Geom-Erasing vs plain fine-tuning, NP, SLD and ESD (ICR, FID, fidelity)",
                         fill=_fill_bench_erasing)
-    q.set_defaults(fn=_bench_erasing)
+    q.set_defaults(fn=cmd_bench_erasing)
     q = bsub.add_parser("compare", help="are two erasing runs the same table? (exit 1 listing differences)")
     q.add_argument("a", help="run folder or results.json")
     q.add_argument("b", help="run folder or results.json")
     q.add_argument("--tol", type=float, default=0.0, help="absolute tolerance on fid and fidelity (icr exact)")
-    q.set_defaults(fn=_bench_compare)
+    q.set_defaults(fn=cmd_bench_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,16 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="cmd", required=True)
     commands = [
-        ("demo", "the whole method on the embedded default (CPU)", _fill_demo, _demo),
+        ("demo", "the whole method on the embedded default (CPU)", _fill_demo, cmd_demo),
         ("data", "datasets", _fill_data, None),
         ("classifier", "detectors trained on project data", _fill_classifier, None),
-        ("annotate", "detect the concept and rewrite captions with location tokens", _fill_annotate, _annotate),
-        ("train", "fine-tune (python -m geomerase.train; torchrun/deepspeed launch that module)", _fill_train, _train),
+        ("annotate", "detect the concept and rewrite captions with location tokens", _fill_annotate, cmd_annotate),
+        ("train", "fine-tune (python -m geomerase.train; torchrun/deepspeed launch that module)", _fill_train, cmd_train),
         ("base", "the shipped base models (pretrained stand-ins for Stable Diffusion)", _fill_base, None),
-        ("sample", "generate a grid with a negative prompt", _fill_sample, _sample),
-        ("export", "write a model as a diffusers folder or one original-layout .safetensors", _fill_export, _export),
+        ("sample", "generate a grid with a negative prompt", _fill_sample, cmd_sample),
+        ("export", "write a model as a diffusers folder or one original-layout .safetensors", _fill_export, cmd_export),
         ("bench", "benchmarks", _fill_bench, None),
-        ("fetch-tokenizer", "cache CLIP's BPE table for offline use", None, _fetch_tokenizer),
+        ("fetch-tokenizer", "cache CLIP's BPE table for offline use", None, cmd_fetch_tokenizer),
     ]
     for name, text, fill, fn in commands:
         p = sub.add_parser(name, help=text, description=text, fill=fill)

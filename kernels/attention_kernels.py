@@ -1,4 +1,4 @@
-"""Triton JIT code of the flash-attention kernels; host side, configs and autograd in ``attention.py``.
+"""Triton JIT code of the flash-attention kernels (launch planning: ``attention_plan.py``; autograd: ``attention.py``).
 
 All kernels take SDPA-layout ``(B, H, S, D)`` tensors through explicit strides (unit last
 stride) and a 2-D grid ``(row blocks, B*H)``. The head dim is covered by up to two

@@ -12,7 +12,8 @@ from dataclasses import asdict
 
 import torch
 
-from .attention import _OVERRIDES, _flash_bwd, _flash_fwd, _prepare, kernel_overrides
+from .attention import _flash_bwd, _flash_fwd, _prepare, kernel_overrides
+from .attention_plan import _OVERRIDES
 
 _LIBRARY_OP = None
 

@@ -19,12 +19,13 @@ import pytest  # noqa: E402
 from geomerase.kernels import attention_ref  # noqa: E402
 
 attn_mod = pytest.importorskip("geomerase.kernels.attention")
+plan_mod = pytest.importorskip("geomerase.kernels.attention_plan")
 from geomerase.kernels import flash_attention, kernel_overrides  # noqa: E402
 from geomerase.kernels.attention_ref import attention_lse_ref  # noqa: E402
 
-ON_GPU = torch.cuda.is_available() and not attn_mod._INTERPRET
+ON_GPU = torch.cuda.is_available() and not plan_mod._INTERPRET
 DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and not attn_mod._INTERPRET:
+if not ON_GPU and not plan_mod._INTERPRET:
     pytest.skip("triton was imported without TRITON_INTERPRET=1 on a CPU-only machine", allow_module_level=True)
 
 ATOL = {torch.float32: 5e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -119,7 +120,7 @@ def test_dkdv_query_split_partials():
 
 
 def _scheme_of(q, k, v) -> str:
-    (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+    (bp,) = plan_mod._fwd_plan(q, k, v).bwd.values()
     return bp.scheme
 
 
@@ -146,7 +147,7 @@ def test_forced_scheme_belongs_to_the_forward_plan():
     with kernel_overrides(bwd_scheme="two_kernel") as forced:
         out = flash_attention(*xs)
     assert forced == attn_mod.KernelOverrides(bwd_scheme="two_kernel")
-    assert attn_mod._OVERRIDES.get() == attn_mod.KernelOverrides()  # restored on exit
+    assert plan_mod._OVERRIDES.get() == attn_mod.KernelOverrides()  # restored on exit
     n0 = attn_mod.launch_count()
     out.backward(do)
     assert attn_mod.launch_count() - n0 == 2  # dQ + dK/dV, not the fused single launch
@@ -154,28 +155,12 @@ def test_forced_scheme_belongs_to_the_forward_plan():
         assert _scheme_of(q, k, v) == "two_kernel"
 
 
-def test_overrides_are_per_thread_and_nested_blocks_replace():
-    import threading
-
-    seen = []
-    with kernel_overrides(dkdv_split=2, config_index=1):
-        with kernel_overrides(bwd_scheme="fused") as inner:  # not merged with the enclosing block
-            assert inner == attn_mod.KernelOverrides(bwd_scheme="fused")
-        assert attn_mod._OVERRIDES.get() == attn_mod.KernelOverrides(dkdv_split=2, config_index=1)
-        worker = threading.Thread(target=lambda: seen.append(attn_mod._OVERRIDES.get()))
-        worker.start()
-        worker.join()
-    assert seen == [attn_mod.KernelOverrides()]
-    with pytest.raises(ValueError, match="unknown backward scheme"):
-        attn_mod.KernelOverrides(bwd_scheme="three_kernel")
-
-
 def test_backward_scheme_candidates():
     # fused only where every key fits one tile of <= 80 columns; it is the untimed default
     def candidates(sk, d):
         q, k, v, do = make_inputs(1, 1, 3, sk, d, torch.float32)
         fwd_bwd(flash_attention, q, k, v, do)
-        (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+        (bp,) = plan_mod._fwd_plan(q, k, v).bwd.values()
         return bp.candidates, bp.scheme
 
     assert candidates(77, 40) == (["fused", "two_kernel"], "fused")
@@ -198,7 +183,7 @@ def test_backward_scheme_timed_choice(monkeypatch, faster):
     sq = {"fused": 9, "two_kernel": 10}[faster]
     got = check_against_reference(1, 2, sq, 77, 40, torch.float32, seed=13)
     q, k, v, do = make_inputs(1, 2, sq, 77, 40, torch.float32, seed=13)
-    (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+    (bp,) = plan_mod._fwd_plan(q, k, v).bwd.values()
     assert bp.scheme == faster and set(bp.scheme_ms) == {"fused", "two_kernel"}
     n0 = attn_mod.launch_count()
     again = fwd_bwd(flash_attention, q, k, v, do)
@@ -211,7 +196,7 @@ def test_backward_scheme_timed_choice(monkeypatch, faster):
 def test_every_tuning_config_is_correct(index):
     # each autotune candidate (tile sizes per head-dim class) computes the same function;
     # on a GPU this also proves every candidate compiles
-    assert all(len(per_class) == 4 for kind in attn_mod._CONFIGS.values() for per_class in kind.values())
+    assert all(len(per_class) == 4 for kind in plan_mod._CONFIGS.values() for per_class in kind.values())
     # 77 keys at hd 40/80: the fused backward's lists; 130 keys and hd 160: two-kernel's
     with kernel_overrides(config_index=index):
         for d, sq, sk in ((40, 130, 77), (40, 77, 130), (80, 130, 77), (80, 77, 130), (160, 130, 77)):
@@ -350,7 +335,7 @@ def test_backward_scheme_that_disagrees_is_not_chosen(monkeypatch):
     q, k, v, do = make_inputs(1, 2, 11, 77, 40, torch.float32, seed=14)
     with pytest.warns(RuntimeWarning, match="'fused' backward disagrees with 'two_kernel'"):
         got = fwd_bwd(flash_attention, q, k, v, do)
-    (bp,) = attn_mod._fwd_plan(q, k, v).bwd.values()
+    (bp,) = plan_mod._fwd_plan(q, k, v).bwd.values()
     assert bp.scheme == "two_kernel" and bp.scheme_ms["fused"] == float("inf")
     exact = fwd_bwd(attention_ref, q, k, v, do, dtype=torch.float64)
     assert rel_err(got[1], exact[1]) < 1e-5  # dQ from the scheme that was kept
@@ -367,13 +352,13 @@ def test_launch_counts_and_plan_reuse(scheme, split, bwd_launches):
     q, k, v, do = make_inputs(1, 2, 7, 77, 64, torch.float32, seed=12)
     with kernel_overrides(bwd_scheme=scheme, dkdv_split=split):
         first = fwd_bwd(flash_attention, q, k, v, do)
-        entries = len(attn_mod._launcher_cache)
+        entries = len(plan_mod._launcher_cache)
         n0 = attn_mod.launch_count()
         xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
         out = flash_attention(*xs)
         assert attn_mod.launch_count() - n0 == 1
         out.backward(do)
         assert attn_mod.launch_count() - n0 == 1 + bwd_launches
-        assert len(attn_mod._launcher_cache) == entries
+        assert len(plan_mod._launcher_cache) == entries
     for a, b in zip(first, [out.detach()] + [t.grad for t in xs]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
