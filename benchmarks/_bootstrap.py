@@ -9,6 +9,7 @@ working tree on a machine where nothing can be installed. Importing it is a no-o
 """
 from __future__ import annotations
 
+import ast
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -16,16 +17,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# same mapping as setup.py's PACKAGES
-SUBPACKAGES = {
-    "geomerase": "geomerase",
-    "geomerase.core": "core",
-    "geomerase.kernels": "kernels",
-    "geomerase.distributed": "distributed",
-    "geomerase.data": "data",
-    "geomerase.benchmarks": "benchmarks",
-    "geomerase.configs": "configs",
-}
+
+
+def _setup_packages() -> dict[str, str]:
+    """``setup.py``'s ``PACKAGES`` literal (import name -> folder), read without running setup.py."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PACKAGES" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{REPO / 'setup.py'} has no PACKAGES mapping")
+
+
+SUBPACKAGES = _setup_packages()
 
 
 class _RepoFinder(importlib.abc.MetaPathFinder):

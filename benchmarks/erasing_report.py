@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from geomerase.benchmarks.erasing import ARMS, PROMPT_SETS, ErasingConfig, Layout
-from geomerase.benchmarks.erasing_jobs import load_images
+from geomerase.stages import load_images
 from geomerase.core.captions import negative_mixture
 from geomerase.core.classifiers import (as_float, bounded_threshold, labels_to_index, load_classifier,
                                         patch_classifier_quality)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from geomerase.benchmarks.erasing import PROMPT_SETS, ErasingConfig, Layout
-from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_classifier_job, build_icd_job, esd_job,
+from geomerase.stages import (ArmSpec, annotate_job, attribute_classifier_job, build_icd_job, esd_job,
                                                patch_classifier_job, progress_file, sample_job, samples_path,
                                                train_model_job)
 from geomerase.benchmarks.erasing_report import score_concept, write_outputs

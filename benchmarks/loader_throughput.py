@@ -22,7 +22,7 @@ import torch
 
 from geomerase.data.loader import DataConfig
 from geomerase.data.shards import atomic_write
-from geomerase.data.webdataset_loader import StreamSource
+from geomerase.data.sources import StreamSource
 
 
 def measure(shards: str, loader: str, resolution: int, batch: int, batches: int, warmup: int, workers: int,

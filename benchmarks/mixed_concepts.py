@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from geomerase.benchmarks.erasing import ErasingConfig, Layout, erasing_config
-from geomerase.benchmarks.erasing_jobs import (ArmSpec, build_icd_job, load_images, patch_classifier_job,
+from geomerase.stages import (ArmSpec, build_icd_job, load_images, patch_classifier_job,
                                                progress_file, sample_job, samples_path, train_model_job)
 from geomerase.benchmarks.erasing_run import _train_rc, calibration_seeds, geom_captions, held_out_prompts, seeds
 from geomerase.core.captions import CaptionConfig, negative_mixture

@@ -153,7 +153,7 @@ def threshold_sweep(det, images: list[tuple[Image.Image, list[list[float]]]],
                     thresholds: tuple[float, ...] = (0.35, 0.45, 0.55, 0.65, 0.75)) -> list[dict[str, float]]:
     """Cell precision/recall and the share of clean photos flagged at other decision thresholds (a diagnostic of
     whether any threshold separates the photos; the shipped threshold is calibrated on training-family data)."""
-    from geomerase.core.detectors import image_to_tensor
+    from geomerase.data.loader import image_to_tensor
     from geomerase.core.geometry import GeometryConfig, cell_precision_recall
 
     enc = GeometryConfig(grid=GRID).build()

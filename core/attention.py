@@ -46,7 +46,7 @@ def _has_module(name: str) -> bool:
 def _triton_interpreting() -> bool:
     # triton.jit decides interpret-vs-compile when the kernel module is imported, so once
     # it is loaded its own flag is the truth, whatever the environment says now.
-    mod = sys.modules.get(_KERNEL_MODULE)
+    mod = sys.modules.get(_KERNEL_MODULE + "_plan")  # where the kernels' interpreter flag lives
     if mod is not None:
         return bool(getattr(mod, "_INTERPRET", False))
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -5,7 +5,7 @@ A builtin is a diffusers-layout folder under ``geomerase/weights/<name>/`` writt
 
 * ``unet/`` and ``text_encoder/``: configs and fp16 safetensors;
 * the text encoder's token-embedding table is not stored whole. A base model's vocabulary rows
-  start as ``seeded_vocab_rows(V, D, seed)`` (``core.models``), and rows that no training caption
+  start as ``seeded_vocab_rows(V, D, seed)`` (``core.diffusion_model``), and rows that no training caption
   used never receive a gradient, so only the used rows are stored
   (``text_encoder/token_rows.safetensors``: ``ids`` int64, ``rows`` fp16); the rest are
   regenerated from the seed. The sha256 of the whole fp16 table is recorded and checked, so the
@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geomerase.core.checkpoint import verify_manifest, write_manifest
-from geomerase.core.models import META_FILE, load_model, seeded_vocab_rows, stored_resolution
+from geomerase.core.diffusion_model import META_FILE, DiffusionModel, seeded_vocab_rows, stored_resolution
 from geomerase.core.tokenizer import base_clip_tokenizer, cache_dir
 from geomerase.data.shards import atomic_dir
 
@@ -85,14 +85,14 @@ def used_token_ids(tokenizer, captions: Sequence[str]) -> list[int]:
     return sorted(ids)
 
 
-def export_builtin(model_dir: Path, name: str, captions: Sequence[str], seed: int,
+def export_builtin(model: DiffusionModel, model_dir: Path, name: str, captions: Sequence[str], seed: int,
                    root: Path | None = None) -> dict:
-    """Write the trained base model in ``model_dir`` as builtin ``name`` (see the module docstring).
+    """Write ``model``, the trained base model loaded from ``model_dir``, as builtin ``name`` (see the
+    module docstring).
 
     ``captions``: every caption the model trained on (which vocabulary rows are kept); ``seed``: the
     model's init seed (regenerates the rest). Returns the export record (sizes, rows kept, checks).
     """
-    model = load_model(model_dir)
     if model.grid:
         raise ValueError(f"{model_dir}: a base model has no location tokens (grid 0), this one has grid {model.grid}")
     table = model.text_encoder.get_input_embeddings().weight.detach().float()
@@ -175,17 +175,3 @@ def materialise(name: str, root: Path | None = None) -> Path:
         shutil.copytree(src / "scheduler", tmp / "scheduler")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return dest
-
-
-def sample_builtin_grid(name: str, prompts: Sequence[str], path: Path, per_prompt: int = 8,
-                        steps: int = 25, guidance_scale: float = 3.0, root: Path | None = None) -> Path:
-    """A ``len(prompts) x per_prompt`` grid of samples of builtin ``name`` (one prompt per row)."""
-    from geomerase.core.metrics import sample_grid
-    from geomerase.core.sampling import SamplerConfig, sample, to_uint8
-
-    model = load_model(materialise(name, root=root))
-    model.unet.eval()
-    model.text_encoder.eval()
-    ps = [p for p in prompts for _ in range(per_prompt)]
-    imgs = sample(model, ps, seeds=list(range(len(ps))), cfg=SamplerConfig(steps=steps, guidance_scale=guidance_scale))
-    return sample_grid(to_uint8(imgs), path, cols=per_prompt, title=f"builtin:{name} (one prompt per row)")

@@ -13,9 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
-from geomerase.core.geometry import CellUnit, loc_token, unit_cells
-
-CLIP_MAX_LENGTH = 77
+from geomerase.core.geometry import CLIP_MAX_LENGTH, CellUnit, loc_token, unit_cells
 
 CaptionMode = Literal["clean", "existence", "geom"]
 NegativeKind = Literal["none", "name", "geom", "geom-multi", "geom-cells", "geom-seen"]

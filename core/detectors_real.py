@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from geomerase.core.detectors import (Detection, Detector, PatchClassifierDetector, box_to_original, capped_size,
-                                      register_detector, resize_to, working_scale)
+from geomerase.core.detector_base import (Detection, Detector, PatchClassifierDetector, box_to_original, capped_size,
+                                          register_detector, resize_to, working_scale)
 
 # Options every factory tolerates because the CLI passes them to all members of a
 # multi-detector run; detectors that do not use them ignore them.

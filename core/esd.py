@@ -38,7 +38,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from geomerase.core.guidance import pred_to_eps
-from geomerase.core.models import DiffusionModel
+from geomerase.core.diffusion_model import DiffusionModel
 
 
 @dataclass

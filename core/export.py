@@ -26,7 +26,7 @@ from safetensors.torch import save
 
 from geomerase.core.geometry import all_loc_tokens
 from geomerase.core.lora import has_lora, merge_unet_lora, save_unet_lora
-from geomerase.core.models import DiffusionModel
+from geomerase.core.diffusion_model import DiffusionModel
 from geomerase.core.text_embedding import location_rows, uninstall_location_embedding
 from geomerase.data.shards import atomic_dir, atomic_write
 

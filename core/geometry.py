@@ -24,6 +24,9 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+CLIP_MAX_LENGTH = 77
+"""Tokens in CLIP's text context (start and end tokens included): every caption and negative prompt fits it."""
+
 LOC_TOKEN_RE = re.compile(r"<l(\d+)>")
 
 CellUnit = int | tuple[int, int]

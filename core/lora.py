@@ -5,7 +5,7 @@ With ``train.lora.rank > 0`` the base UNet is frozen and PEFT wraps each targete
 alpha / rank``, adapter name ``default``. ``B`` starts at zero, so training starts from the base
 model exactly.
 
-On disk (:meth:`geomerase.core.models.DiffusionModel.save`) a UNet with an adapter is two folders:
+On disk (:meth:`geomerase.core.diffusion_model.DiffusionModel.save`) a UNet with an adapter is two folders:
 ``unet/`` holds the base weights under the stock diffusers keys, ``unet_lora/`` the adapter in
 diffusers' LoRA format (``pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight``,
 the PEFT config in the file's metadata), which ``StableDiffusionPipeline.load_lora_weights`` reads

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from geomerase.core.detectors import Detection, Detector, box_to_original, resize_to, working_scale
+from geomerase.core.detector_base import Detection, Detector, box_to_original, resize_to, working_scale
 from geomerase.core.detectors_real import _coerce
 
 NUDENET_WHEEL = "nudenet==3.4.2"

@@ -14,7 +14,12 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
+from geomerase.core.builtin import export_builtin, materialise
+from geomerase.core.metrics import sample_grid
+from geomerase.core.models import load_model
+from geomerase.core.sampling import SamplerConfig, sample, to_uint8
 from geomerase.core.trainer import RunConfig, Trainer
 from geomerase.data.corpus import build_corpus
 from geomerase.data.shards import atomic_write
@@ -81,18 +86,28 @@ def build_base(cfg: BaseBuildConfig, until_step: int | None = None, progress: bo
     if trainer.step < run.train.max_steps:
         log.info("stopped at step %d of %d; rerun to continue", trainer.step, run.train.max_steps)
         return {"step": trainer.step, "done": False}
-    from geomerase.core.builtin import export_builtin, sample_builtin_grid
-
     captions = [r.caption for r in trainer.data.records] if trainer.data is not None else []
     out = Path(cfg.results_dir) / cfg.name
     root = Path(cfg.weights_dir) if cfg.weights_dir else None
-    record = export_builtin(Path(run.out_dir) / "model", cfg.name, captions, seed=run.model.seed, root=root)
+    model_dir = Path(run.out_dir) / "model"
+    record = export_builtin(load_model(model_dir), model_dir, cfg.name, captions, seed=run.model.seed, root=root)
     record.update(_train_record(Path(run.out_dir)), corpus=vars(cfg.corpus), config_seconds=time.time() - t0)
     out.mkdir(parents=True, exist_ok=True)
     _copy_loss_curve(Path(run.out_dir), out)
     sample_builtin_grid(cfg.name, cfg.sample_prompts, out / "samples.png", root=root)
     atomic_write(out / "build.json", json.dumps(record, indent=1) + "\n")
     return record
+
+
+def sample_builtin_grid(name: str, prompts: Sequence[str], path: Path, per_prompt: int = 8,
+                        steps: int = 25, guidance_scale: float = 3.0, root: Path | None = None) -> Path:
+    """A ``len(prompts) x per_prompt`` grid of samples of builtin ``name`` (one prompt per row)."""
+    model = load_model(materialise(name, root=root))
+    model.unet.eval()
+    model.text_encoder.eval()
+    ps = [p for p in prompts for _ in range(per_prompt)]
+    imgs = sample(model, ps, seeds=list(range(len(ps))), cfg=SamplerConfig(steps=steps, guidance_scale=guidance_scale))
+    return sample_grid(to_uint8(imgs), path, cols=per_prompt, title=f"builtin:{name} (one prompt per row)")
 
 
 def _train_record(run_dir: Path) -> dict:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from geomerase.core.captions import rewrite_caption
 from geomerase.core.guidance import eps_to_pred, pred_to_eps
 from geomerase.core.losses import diffusion_target
-from geomerase.core.models import DiffusionModel
+from geomerase.core.diffusion_model import DiffusionModel
 
 
 def random_cell_sets(n: int, grid: int, seed: int = 0) -> list[list[int]]:

@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from geomerase.core.guidance import eps_to_pred, pred_to_eps, schedule_coeffs
-from geomerase.core.models import DiffusionModel
+from geomerase.core.diffusion_model import DiffusionModel
 
 
 class GuidanceHook(Protocol):

@@ -1,4 +1,4 @@
-"""Stable Diffusion XL behind the :class:`~geomerase.core.models.DiffusionModel` interface.
+"""Stable Diffusion XL behind the :class:`~geomerase.core.diffusion_model.DiffusionModel` interface.
 
 SDXL conditions its UNet on two CLIP text encoders: the penultimate hidden states of both,
 concatenated along the feature axis (``(B, 77, D1 + D2)``, 768 + 1280 for SDXL base), and, through
@@ -24,7 +24,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from geomerase.core.models import DiffusionModel
+from geomerase.core.diffusion_model import DiffusionModel
 from geomerase.core.tokenizer import location_token_ids
 
 

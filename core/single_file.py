@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save
 
-from geomerase.core.models import DiffusionModel
+from geomerase.core.diffusion_model import DiffusionModel
 from geomerase.core.sdxl import SDXLModel
 from geomerase.core.single_file_sdxl import (CLIP_L_PREFIX, OPEN_CLIP_PREFIX, open_clip_from_original,
                                              open_clip_to_original)

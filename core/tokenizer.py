@@ -21,8 +21,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from geomerase.core.captions import CLIP_MAX_LENGTH
-from geomerase.core.geometry import all_loc_tokens
+from geomerase.core.geometry import CLIP_MAX_LENGTH, all_loc_tokens
 from geomerase.data.shards import atomic_open
 
 log = logging.getLogger("geomerase.tokenizer")

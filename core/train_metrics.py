@@ -6,18 +6,23 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from geomerase.core.trainer import TrainConfig
+from typing import Protocol
 
 log = logging.getLogger("geomerase.train")
+
+
+class LogSettings(Protocol):
+    """What the logger reads of a run's settings (``core.trainer.TrainConfig`` has these fields)."""
+
+    tensorboard: bool
+    flops_per_sample: float | None
+    peak_flops: float | None
 
 
 class MetricsLogger:
     """Rank-0 scalars: ``metrics.jsonl`` always, tensorboard when asked for and importable."""
 
-    def __init__(self, out: Path, tc: TrainConfig, global_batch: int, world: int):
+    def __init__(self, out: Path, tc: LogSettings, global_batch: int, world: int):
         self.global_batch, self.world, self.tc = global_batch, world, tc
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out / "metrics.jsonl", "a")

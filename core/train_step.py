@@ -19,7 +19,7 @@ from geomerase.core.attention_align import (alignment_loss, alignment_targets, b
                                             recorded_cross_attention)
 from geomerase.core.lora import lora_layers
 from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
-from geomerase.core.models import DiffusionModel
+from geomerase.core.diffusion_model import DiffusionModel
 from geomerase.data.loader import InMemoryDataset, LocalBatch
 
 

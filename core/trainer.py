@@ -43,12 +43,14 @@ from geomerase.core.checkpoint import Checkpointer
 from geomerase.core.config import to_dict
 from geomerase.core.export import LOCATION_TOKENS_FILE, export_pipeline, save_location_tokens
 from geomerase.core.lora import LoraConfig, add_unet_lora
-from geomerase.core.models import DiffusionModel, ModelConfig
+from geomerase.core.diffusion_model import DiffusionModel
+from geomerase.core.models import ModelConfig
 from geomerase.core.text_embedding import install_location_embedding, uninstall_location_embedding
 from geomerase.core.tokenizer import location_token_ids
 from geomerase.core.train_metrics import MetricsLogger, plot_loss, read_history, write_history
 from geomerase.core.train_step import BatchMaker, StepModule, trainable_modules
-from geomerase.data.loader import DataConfig, InMemoryDataset, build_batch_source
+from geomerase.data.loader import DataConfig, InMemoryDataset
+from geomerase.data.sources import build_batch_source
 
 log = logging.getLogger("geomerase.train")
 

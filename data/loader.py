@@ -316,18 +316,3 @@ class MemorySource:
 
     def load_state_dict(self, step: int, state: dict[str, Any] | None) -> None:
         pass
-
-
-def build_batch_source(cfg: DataConfig, resolution: int, grid: int, captions: CaptionFn, seed: int,
-                       rank: int = 0, world: int = 1, dataset: InMemoryDataset | None = None):
-    """The configured loader: ``memory`` (:class:`MemorySource`), ``webdataset`` or ``dali``."""
-    if cfg.loader == "memory":
-        ds = dataset or InMemoryDataset(cfg.shards, resolution, cfg.max_samples)
-        return MemorySource(ds, grid, captions, cfg.batch_size, seed, cfg.hflip)
-    if dataset is not None:
-        raise ValueError(f"a prebuilt dataset was passed but data.loader={cfg.loader!r} streams shards")
-    if cfg.hflip:
-        raise ValueError("data.hflip is only implemented for data.loader=memory")
-    from geomerase.data.webdataset_loader import StreamSource
-
-    return StreamSource(cfg, resolution, grid, captions, seed, rank, world)

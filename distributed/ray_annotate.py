@@ -137,6 +137,87 @@ def start_ray(cfg: RayAnnotateConfig) -> tuple[bool, float]:
     return True, time.perf_counter() - t0
 
 
+class _ShardScheduler:
+    """Hands shards to idle actors and takes results back, exactly once per shard.
+
+    A shard whose actor dies goes back to the front of the queue (at most ``max_retries`` times);
+    the dead actor is probed with ``pid()``: Ray restarts it (it rejoins the idle set) or, if the
+    probe fails, a fresh actor replaces it (at most ``max_retries`` replacements per worker). Each
+    finished shard is committed to the manifest before the next result is read.
+    """
+
+    def __init__(self, ray: Any, worker_cls: Any, spec: AnnotatorSpec, actors: list, todo: list[str], out: Path,
+                 cfg: RayAnnotateConfig, manifest: dict) -> None:
+        self.ray, self.worker_cls, self.spec = ray, worker_cls, spec
+        self.out, self.cfg, self.manifest = out, cfg, manifest
+        self.actors, self.n = actors, len(actors)
+        self.idle: deque = deque(actors)
+        self.queue: deque[str] = deque(todo)
+        self.attempts: dict[str, int] = {}
+        self.pending: dict[Any, tuple[str, Any]] = {}
+        self.probes: dict[Any, Any] = {}  # pid() call -> actor coming back from a crash (Ray restarts it)
+        self.images = 0
+        self.replaced = 0
+
+    def run(self, bar: Any, t0: float) -> None:
+        """Until every shard is committed; raises when shards or workers exhaust their retries."""
+        while self.queue or self.pending:
+            if not self.pending and not self.idle and not self.probes:
+                raise RuntimeError("ray annotate: no worker left to run the remaining shards")
+            while self.queue and self.idle:
+                shard, actor = self.queue.popleft(), self.idle.popleft()
+                ref = actor.run.remote(shard, str(self.out / Path(shard).name), self.cfg.batch_size)
+                self.pending[ref] = (shard, actor)
+            done, _ = self.ray.wait(list(self.pending) + list(self.probes), num_returns=1)
+            for ref in done:
+                if ref in self.probes:
+                    self._probe_answered(ref)
+                elif self._result(ref):
+                    bar.update(1)
+                    bar.set_postfix(img_s=f"{self.images / max(time.perf_counter() - t0, 1e-9):.1f}")
+
+    def _probe_answered(self, ref: Any) -> None:
+        """A crashed actor answered (restarted: idle again) or is gone for good (replaced)."""
+        actor = self.probes.pop(ref)
+        try:
+            self.ray.get(ref)
+        except Exception as exc:
+            self.replaced += 1
+            if self.replaced > self.cfg.max_retries * self.n:
+                raise RuntimeError(f"ray annotate: {self.replaced} workers failed to come back; last: {exc}") from exc
+            actor = self.worker_cls.remote(self.spec)
+            self.actors.append(actor)
+            self.probes[actor.pid.remote()] = actor
+            return
+        self.idle.append(actor)
+
+    def _result(self, ref: Any) -> bool:
+        """Commit a finished shard (True), or requeue it when its worker died (False)."""
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+        shard, actor = self.pending.pop(ref)
+        try:
+            counts = self.ray.get(ref)
+        except (RayActorError, WorkerCrashedError) as exc:
+            tries = self.attempts[shard] = self.attempts.get(shard, 0) + 1
+            if tries > self.cfg.max_retries:
+                raise RuntimeError(f"shard {shard}: worker died {tries} times; giving up "
+                                   f"(last: {type(exc).__name__})") from exc
+            log.warning("shard %s: worker died (%s); retry %d/%d", shard, type(exc).__name__, tries,
+                        self.cfg.max_retries)
+            self.queue.appendleft(shard)  # the other workers take it up meanwhile
+            self.probes[actor.pid.remote()] = actor
+            return False
+        except RayTaskError as exc:
+            raise RuntimeError(f"shard {shard}: annotation failed: {exc}") from exc
+        counts.pop("worker_pid", None)
+        self.manifest["shards"][Path(shard).name] = counts
+        save_manifest(self.out, self.manifest)  # the commit point
+        self.images += counts["read"]
+        self.idle.append(actor)
+        return True
+
+
 def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], out: str | os.PathLike,
                         cfg: RayAnnotateConfig | None = None) -> dict[str, Any]:
     """Annotate every input shard not yet committed in ``out`` with a Ray actor pool; returns the manifest.
@@ -145,7 +226,6 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
     images/s of this call.
     """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
     cfg = cfg or RayAnnotateConfig()
     cfg.validate()
@@ -171,64 +251,13 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
     ray.get([a.pid.remote() for a in actors])  # every actor has loaded its detector
     warmup = time.perf_counter() - t_actors
     t0 = time.perf_counter()
-    idle: deque = deque(actors)
-    queue: deque[str] = deque(todo)
-    attempts: dict[str, int] = {}
-    pending: dict[Any, tuple[str, Any]] = {}
-    probes: dict[Any, Any] = {}  # pid() call -> actor coming back from a crash (Ray restarts it)
-    images = 0
-    replaced = 0
+    sched = _ShardScheduler(ray, worker_cls, spec, actors, todo, out, cfg, manifest)
     bar = tqdm(total=len(todo), desc=f"annotate (ray x{n})", unit="shard", disable=not cfg.progress)
     try:
-        while queue or pending:
-            if not pending and not idle and not probes:
-                raise RuntimeError("ray annotate: no worker left to run the remaining shards")
-            while queue and idle:
-                shard, actor = queue.popleft(), idle.popleft()
-                ref = actor.run.remote(shard, str(out / Path(shard).name), cfg.batch_size)
-                pending[ref] = (shard, actor)
-            done, _ = ray.wait(list(pending) + list(probes), num_returns=1)
-            for ref in done:
-                if ref in probes:  # a crashed actor answered (restarted) or is gone for good (replace it)
-                    actor = probes.pop(ref)
-                    try:
-                        ray.get(ref)
-                    except Exception as exc:
-                        replaced += 1
-                        if replaced > cfg.max_retries * n:
-                            raise RuntimeError(f"ray annotate: {replaced} workers failed to come back; last: "
-                                               f"{exc}") from exc
-                        actor = worker_cls.remote(spec)
-                        actors.append(actor)
-                        probes[actor.pid.remote()] = actor
-                        continue
-                    idle.append(actor)
-                    continue
-                shard, actor = pending.pop(ref)
-                try:
-                    counts = ray.get(ref)
-                except (RayActorError, WorkerCrashedError) as exc:
-                    attempts[shard] = attempts.get(shard, 0) + 1
-                    if attempts[shard] > cfg.max_retries:
-                        raise RuntimeError(f"shard {shard}: worker died {attempts[shard]} times; giving up "
-                                           f"(last: {type(exc).__name__})") from exc
-                    log.warning("shard %s: worker died (%s); retry %d/%d", shard, type(exc).__name__,
-                                attempts[shard], cfg.max_retries)
-                    queue.appendleft(shard)  # the other workers take it up meanwhile
-                    probes[actor.pid.remote()] = actor
-                    continue
-                except RayTaskError as exc:
-                    raise RuntimeError(f"shard {shard}: annotation failed: {exc}") from exc
-                counts.pop("worker_pid", None)
-                manifest["shards"][Path(shard).name] = counts
-                save_manifest(out, manifest)  # the commit point
-                images += counts["read"]
-                idle.append(actor)
-                bar.update(1)
-                bar.set_postfix(img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.1f}")
+        sched.run(bar, t0)
     finally:
         bar.close()
-        for a in actors:
+        for a in sched.actors:
             try:
                 ray.kill(a)
             except Exception:
@@ -236,12 +265,13 @@ def annotate_shards_ray(spec: AnnotatorSpec, input_glob: str | Sequence[str], ou
         if started:
             ray.shutdown()
     seconds = time.perf_counter() - t0
+    images = sched.images
     clean_stale_temps(out)
     manifest = finalize_manifest(
         out, manifest, shards, engine="ray", workers=n, address=cfg.address or "local",
         startup_seconds=round(startup, 3), actor_warmup_seconds=round(warmup, 3),
         driver_check_seconds=round(check, 3), shards_done=len(todo), images=images, seconds=round(seconds, 3),
-        images_per_s=round(images / seconds, 2) if seconds > 0 else None, retries=sum(attempts.values()))
+        images_per_s=round(images / seconds, 2) if seconds > 0 else None, retries=sum(sched.attempts.values()))
     if cfg.progress:
         print(throughput_line(images, seconds, f"ray x{n}") +
               f"; fixed costs: Ray start-up {startup:.1f} s, actors loading the detector {warmup:.1f} s")

@@ -17,7 +17,7 @@
    score ICR and fidelity, write ``metrics.json``, ``report.md``, sample grids and an ICR chart.
 
 Stages run side by side in one process per core (:func:`geomerase.distributed.dag.run_dag`; the
-jobs are the erasing benchmark's, :mod:`geomerase.benchmarks.erasing_jobs`). Each writes its
+jobs, shared with the erasing benchmark, are :mod:`geomerase.stages`). Each writes its
 outputs atomically and is skipped when they exist, so an interrupted demo resumes where it stopped.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from geomerase.benchmarks.erasing_jobs import (ArmSpec, annotate_job, attribute_classifier_job, balance, build_icd_job,
+from geomerase.stages import (ArmSpec, annotate_job, attribute_classifier_job, balance, build_icd_job,
                                                load_images, patch_classifier_job, progress_file, sample_job,
                                                samples_path, train_model_job)
 from geomerase.core.captions import CaptionConfig, concept_phrase, negative_mixture
@@ -296,7 +296,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                        {"annotator": annotator_meta.get("calibration", {}),
                         "scorer": scorer_meta.get("calibration", {})}, (workers, threads), timings, t_start)
     atomic_write(lay.root / "metrics.json", json.dumps(metrics, indent=1))
-    report = render_report(metrics, cfg)
+    report = render_report(metrics)
     atomic_write(lay.root / "report.md", report)
     print(report)
     return metrics

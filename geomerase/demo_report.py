@@ -2,14 +2,13 @@
 rendered from ``metrics.json`` (:func:`geomerase.demo.run_demo`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from geomerase.demo import DemoConfig
+from types import SimpleNamespace
 
 
-def render_report(m: dict, cfg: DemoConfig) -> str:
+def render_report(m: dict) -> str:
+    """``report.md`` from ``metrics.json``'s content (the run's settings are its ``config``)."""
     icr_ = m["icr_detail"]
+    cfg = SimpleNamespace(**m["config"])
 
     def row(arm: str, model: str, prompts: str, negative: str) -> str:
         r = icr_[arm]

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from geomerase.core import builtin
-from geomerase.core.models import ModelConfig, build_random, load_model, seeded_vocab_rows
+from geomerase.core.diffusion_model import seeded_vocab_rows
+from geomerase.core.models import ModelConfig, build_random, load_model
 
 
 @pytest.fixture()
@@ -18,8 +19,8 @@ def exported(tmp_path, monkeypatch):
         model.text_encoder.get_input_embeddings().weight[ids] += 1.0
     model.save(tmp_path / "trained")
     root = tmp_path / "weights"
-    record = builtin.export_builtin(tmp_path / "trained", "b", ["a red circle on a blue background"], seed=3,
-                                    root=root)
+    record = builtin.export_builtin(load_model(tmp_path / "trained"), tmp_path / "trained", "b",
+                                    ["a red circle on a blue background"], seed=3, root=root)
     return model, root, record
 
 
@@ -46,7 +47,8 @@ def test_unused_rows_must_be_the_seeded_init(tmp_path):
         model.text_encoder.get_input_embeddings().weight[1000] += 1.0  # a row no caption uses
     model.save(tmp_path / "m")
     with pytest.raises(ValueError, match="differ from the seeded"):
-        builtin.export_builtin(tmp_path / "m", "b", ["a red circle"], seed=3, root=tmp_path / "w")
+        builtin.export_builtin(load_model(tmp_path / "m"), tmp_path / "m", "b", ["a red circle"], seed=3,
+                               root=tmp_path / "w")
 
 
 def test_tampered_file_is_refused(exported):

@@ -82,7 +82,7 @@ def test_tiny_space_to_depth_round_trip():
 
 
 def test_coordinate_planes_reach_the_unet_and_survive_save_load(tmp_path):
-    from geomerase.core.models import with_coords
+    from geomerase.core.diffusion_model import with_coords
 
     m = build_random("tiny-coord", grid=4)
     assert m.coord_channels == 2 and m.unet.config.in_channels == 14 and m.sample_shape == (12, 16, 16)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from geomerase.core.models import build_random, location_token_ids
+from geomerase.core.models import build_random
+from geomerase.core.tokenizer import location_token_ids
 from geomerase.core.probes import cell_masks, conditioning_paths, random_cell_sets, tag_localisation
 
 

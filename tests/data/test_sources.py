@@ -10,7 +10,8 @@ from PIL import Image
 
 from geomerase.data.loader import DataConfig
 from geomerase.data.shards import encode_png, write_shard
-from geomerase.data.webdataset_loader import ShuffleBuffer, StreamSource, stream_shards
+from geomerase.data.sources import StreamSource
+from geomerase.data.webdataset_loader import ShuffleBuffer, stream_shards
 
 
 def _caption(caption, concepts, rng):
