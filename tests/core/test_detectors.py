@@ -263,18 +263,6 @@ def test_cli_annotate_local_with_real_detector_and_options(tmp_path, capsys):
     assert main(args[:-4] + ["--option", "nonsense", "--out", str(tmp_path / "o3")]) == 2
 
 
-def test_patch_classifier_detector_uses_the_calibrated_threshold():
-    # Annotation quality is reported at the calibrated decision threshold; the detector must write
-    # location tokens at that threshold too, not at the raw coverage share the classifier regresses.
-    pc = PatchClassifierConfig(resolution=8, grid=2, width=8, overlap_threshold=0.25).build()
-    probs = torch.tensor([[[0.3, 0.6], [0.1, 0.9]]])
-    pc.cell_probs = lambda x, batch=256: probs.expand(x.shape[0], -1, -1)
-    det = PatchClassifierDetector("qr", pc)
-    assert len(det.detect(Image.new("RGB", (8, 8)))) == 3  # 0.3, 0.6, 0.9 >= 0.25
-    pc.cfg.decision_threshold = 0.5
-    assert [d.score for d in det.detect(Image.new("RGB", (8, 8)))] == pytest.approx([0.6, 0.9])
-
-
 # ------------------------------------------------------- working sizes: boxes and cells in original pixels
 
 
