@@ -7,8 +7,13 @@ from types import SimpleNamespace
 
 def render_report(m: dict) -> str:
     """``report.md`` from ``metrics.json``'s content (the run's settings are its ``config``)."""
-    icr_ = m["icr_detail"]
     cfg = SimpleNamespace(**m["config"])
+    return "\n".join(_arm_table(m, cfg) + _probe_lines(m, cfg) + _quality_lines(m)) + "\n"
+
+
+def _arm_table(m: dict, cfg: SimpleNamespace) -> list[str]:
+    """The title and one row per sampled arm: ICR with its interval, fidelity."""
+    icr_ = m["icr_detail"]
 
     def row(arm: str, model: str, prompts: str, negative: str) -> str:
         r = icr_[arm]
@@ -40,6 +45,12 @@ def render_report(m: dict) -> str:
     for arm, what in probes.items():
         if arm in icr_:
             lines.append(row(arm, "geom", what, "—"))
+    return lines
+
+
+def _probe_lines(m: dict, cfg: SimpleNamespace) -> list[str]:
+    """The token-binding probes: sampled cells vs asked-for cells, and the one-step tag localisation."""
+    icr_, lines = m["icr_detail"], []
     if "probe_geom" in icr_:
         def cells(arm: str) -> str:
             pr = icr_[arm].get("cells_vs_asked", {})
@@ -64,6 +75,11 @@ def render_report(m: dict) -> str:
                       "| t | both | neither | pooled only | cross-attention only |", "|---|---|---|---|---|"]
             lines += [f"| {t} | {r['both']:.4f} | {r['neither']:.4f} | {r['pool_only']:.4f} | {r['xattn_only']:.4f} |"
                       for t, r in b["conditioning_paths"].items()]
+    return lines
+
+
+def _quality_lines(m: dict) -> list[str]:
+    """Fidelity, the scorer's calibration and quality, the annotations' quality, differences, targets, time."""
     f = m["fidelity"]
     q, sc = m["quality"], m["scorer_calibration"]
 
@@ -73,7 +89,7 @@ def render_report(m: dict) -> str:
     cal = (f"threshold {sc['threshold']:.3f} (F1-calibrated {sc['f1_threshold']:.2f}, raised to flag at most "
            f"{sc['fpr_bound']:.0%} of {sc['n_base_samples']} base-model samples: {sc['base_flagged']:.1%} flagged)"
            if sc.get("calibrated") else f"threshold {sc['threshold']:.3f} (NOT calibrated: no base model)")
-    lines += [
+    return [
         "",
         f"Fidelity (mean of background-colour and shape accuracy): plain {f['plain']:.3f}, geom {f['geom']:.3f}, "
         + (f"base {f['base']:.3f}, " if f.get("base") is not None else "") + f"chance {f['chance']:.3f}.",
@@ -97,4 +113,3 @@ def render_report(m: dict) -> str:
         "",
         "Grids: `grids/<arm>.png` (red frame = scorer found the concept; flagged cells outlined). Chart: `icr.png`.",
     ]
-    return "\n".join(lines) + "\n"
