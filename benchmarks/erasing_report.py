@@ -18,7 +18,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from geomerase.benchmarks.erasing import ARMS, PROMPT_SETS, ErasingConfig, Layout
-from geomerase.stages import load_images
 from geomerase.core.captions import negative_mixture
 from geomerase.core.classifiers import (as_float, bounded_threshold, labels_to_index, load_classifier,
                                         patch_classifier_quality)
@@ -29,6 +28,7 @@ from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import InMemoryDataset
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write
+from geomerase.stages import load_images
 
 def scorer_thresholds(scorer, cfg: ErasingConfig, calibration: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per prompt set, the scorer threshold held to ``cfg.scorer_fpr`` false positives.

@@ -17,9 +17,6 @@ from typing import Callable
 import torch
 
 from geomerase.benchmarks.erasing import PROMPT_SETS, ErasingConfig, Layout
-from geomerase.stages import (ArmSpec, annotate_job, attribute_classifier_job, build_icd_job, esd_job,
-                                               patch_classifier_job, progress_file, sample_job, samples_path,
-                                               train_model_job)
 from geomerase.benchmarks.erasing_report import score_concept, write_outputs
 from geomerase.core.captions import CaptionConfig, negative_mixture
 from geomerase.core.config import to_dict
@@ -31,6 +28,8 @@ from geomerase.data.loader import DataConfig
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write
 from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
+from geomerase.stages import (ArmSpec, annotate_job, attribute_classifier_job, build_icd_job, esd_job,
+                              patch_classifier_job, progress_file, sample_job, samples_path, train_model_job)
 
 
 def _train_rc(cfg: ErasingConfig, run_dir: Path, shards: str, captions: CaptionConfig, *, mode: str = "data-removal",
@@ -166,14 +165,19 @@ def _classifier_tasks(cfg: ErasingConfig, lay: Layout, c: str) -> dict[str, Task
                                                  cfg.grid, str(cd / "annotated"))),
                               deps=(f"{c}/annotator", f"{c}/data/train"),
                               outputs=(str(cd / "annotated" / "_manifest.json"),)),
-        f"{c}/scorer": Task(Job(patch_classifier_job, (lay.glob(f"{c}_scorer", c), res, cfg.grid, cfg.classifier_steps,
-                                                       seed + 1, str(cls / "scorer"), c, cfg.scorer_width,
-                                                       "icr-scorer", 0.1, "first", seed + 1)),
+        f"{c}/scorer": Task(scorer_job(cfg, lay, c, cfg.scorer_width, cfg.classifier_steps, cls / "scorer"),
                             deps=(f"{c}/data/scorer",), outputs=(str(cls / "scorer" / "model.safetensors"),)),
         f"{c}/attributes": Task(Job(attribute_classifier_job, (lay.glob(f"{c}_scorer", c), res, cfg.classifier_steps,
                                                                seed, str(cls / "attributes"), list(BACKGROUNDS),
                                                                list(SHAPES))),
                                 deps=(f"{c}/data/scorer",), outputs=(str(cls / "attributes" / "model.safetensors"),))}
+
+
+def scorer_job(cfg: ErasingConfig, lay: Layout, c: str, width: int, steps: int, out: Path) -> Job:
+    """Training of concept ``c``'s ICR scorer (a patch classifier of ``width``, ``steps``) on its own split,
+    seed ``seed + 1``, its threshold calibrated on the first tenth held back (half degraded)."""
+    return Job(patch_classifier_job, (lay.glob(f"{c}_scorer", c), cfg.resolution(c), cfg.grid, steps, cfg.seed + 1,
+                                      str(out), c, width, "icr-scorer", 0.1, "first", cfg.seed + 1))
 
 
 def _fine_tune_tasks(cfg: ErasingConfig, lay: Layout, c: str, base_model: str | None,

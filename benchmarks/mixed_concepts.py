@@ -27,8 +27,6 @@ from typing import Any
 import torch
 
 from geomerase.benchmarks.erasing import ErasingConfig, Layout, erasing_config
-from geomerase.stages import (ArmSpec, build_icd_job, load_images, patch_classifier_job,
-                                               progress_file, sample_job, samples_path, train_model_job)
 from geomerase.benchmarks.erasing_run import _train_rc, calibration_seeds, geom_captions, held_out_prompts, seeds
 from geomerase.core.captions import CaptionConfig, negative_mixture
 from geomerase.core.classifiers import as_float, bounded_threshold, load_classifier, patch_classifier_quality
@@ -39,6 +37,8 @@ from geomerase.data.concepts import CONCEPT_NAMES
 from geomerase.data.loader import InMemoryDataset
 from geomerase.data.shards import atomic_open, atomic_write, iter_samples
 from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
+from geomerase.stages import (ArmSpec, build_icd_job, load_images, patch_classifier_job, progress_file, sample_job,
+                              samples_path, train_model_job)
 
 
 @dataclass

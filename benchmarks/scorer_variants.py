@@ -12,43 +12,53 @@ degraded like samples, at the F1 threshold and at each bound (the benchmark's "i
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from geomerase.benchmarks.erasing import PROMPT_SETS, ErasingConfig, Layout
+from geomerase.benchmarks.erasing_run import scorer_job
 from geomerase.core.classifiers import bounded_threshold, load_classifier, patch_classifier_quality
+from geomerase.core.config import from_dict
 from geomerase.data.loader import InMemoryDataset
-from geomerase.stages import load_images, patch_classifier_job
+from geomerase.stages import load_images
 
 
-def _calibration(run: Path, concept: str) -> dict[str, str]:
-    """The oracle calibration sample files of the concept's base, per prompt set."""
-    base = json.loads((run / "bench_config.json").read_text())["pretrained"][concept].removeprefix("builtin:")
+def run_config(run: Path) -> ErasingConfig:
+    """The finished run's own configuration (``bench_config.json``), rooted at ``run``."""
+    cfg = from_dict(ErasingConfig, json.loads((run / "bench_config.json").read_text()))
+    cfg.out = str(run)
+    return cfg
+
+
+def calibration_files(lay: Layout, concept: str) -> dict[str, Path]:
+    """The oracle's calibration samples of each prompt set (found by prompt set: a file's hash names the
+    model folder it came from, which changes when a finished run is moved)."""
     out = {}
-    for pset in ("heldout", "open"):
-        found = glob.glob(str(run / "shared" / f"oracle-{base}" / "samples" / "calibration" / f"{pset}-*.safetensors"))
-        if not found:
-            raise FileNotFoundError(f"{run}: no oracle calibration samples for {pset} (is the run finished?)")
+    for pset in PROMPT_SETS:
+        found = sorted(lay.calibration(concept).glob(f"{pset}-*.safetensors"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{lay.calibration(concept)}: {len(found)} calibration sample files for {pset}, "
+                                    "need exactly 1 (is the run finished?)")
         out[pset] = found[0]
     return out
 
 
-def evaluate(run: Path, concept: str, width: int, steps: int, work: Path, fpr: float = 0.05) -> dict:
+def evaluate(cfg: ErasingConfig, concept: str, width: int, steps: int, work: Path) -> dict:
     """Train (or reuse) one scorer variant and measure it as the benchmark does."""
-    cfg = json.loads((run / "bench_config.json").read_text())
-    res = 32 if cfg["pretrained"][concept] == "builtin:base32" else 64
+    lay = Layout.of(cfg)
     out = work / f"scorer_{concept}_w{width}_s{steps}"
     t = time.time()
     if not (out / "model.safetensors").exists():
-        patch_classifier_job(str(run / "data" / f"{concept}_scorer" / f"icd-{concept}-*.tar"), res, cfg["grid"], steps,
-                             cfg["seed"] + 1, str(out), concept, width, "icr-scorer", 0.1, "first", cfg["seed"] + 1)
+        job = scorer_job(cfg, lay, concept, width, steps, out)
+        job.fn(*job.args)
     pc, _ = load_classifier(out)
-    held = InMemoryDataset(str(run / "data" / f"{concept}_heldout" / f"icd-{concept}-*.tar"), res)
-    th = {p: bounded_threshold(pc, load_images(f), fpr)["threshold"] for p, f in _calibration(run, concept).items()}
-    q = patch_classifier_quality(pc, held.images, held.metas, held.sizes, cfg["seed"] + 7, {"f1": pc.threshold, **th})
+    th = {p: bounded_threshold(pc, load_images(f), cfg.scorer_fpr)["threshold"]
+          for p, f in calibration_files(lay, concept).items()}
+    held = InMemoryDataset(lay.glob(f"{concept}_heldout", concept), cfg.resolution(concept))
+    q = patch_classifier_quality(pc, held.images, held.metas, held.sizes, cfg.seed + 7, {"f1": pc.threshold, **th})
     return {"concept": concept, "width": width, "steps": steps, "seconds": round(time.time() - t),
             "thresholds": {k: round(v, 3) for k, v in th.items()}, "f1_threshold": round(pc.threshold, 3),
             **{f"recall_{k}": q[k]["images_degraded"]["recall"] for k in ("f1", *th)},
@@ -64,9 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    cfg = run_config(Path(a.run))
     for v in a.variants:
         width, steps = (int(x) for x in v.split(":"))
-        print(json.dumps(evaluate(Path(a.run), a.concept, width, steps, Path(a.work))), flush=True)
+        print(json.dumps(evaluate(cfg, a.concept, width, steps, Path(a.work))), flush=True)
 
 
 if __name__ == "__main__":

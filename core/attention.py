@@ -30,6 +30,8 @@ from ..kernels.attention_ref import attention_ref, check_attention_inputs
 
 BACKENDS: tuple[str, ...] = ("sdpa", "triton", "xformers", "math")
 _KERNEL_MODULE = __package__.rsplit(".", 1)[0] + ".kernels.attention"
+_PLAN_MODULE = _KERNEL_MODULE + "_plan"
+"""The kernels' launch planning, which owns their interpreter flag (``_INTERPRET``)."""
 
 
 class AttentionBackendUnavailable(RuntimeError):
@@ -46,7 +48,7 @@ def _has_module(name: str) -> bool:
 def _triton_interpreting() -> bool:
     # triton.jit decides interpret-vs-compile when the kernel module is imported, so once
     # it is loaded its own flag is the truth, whatever the environment says now.
-    mod = sys.modules.get(_KERNEL_MODULE + "_plan")  # where the kernels' interpreter flag lives
+    mod = sys.modules.get(_PLAN_MODULE)
     if mod is not None:
         return bool(getattr(mod, "_INTERPRET", False))
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -17,9 +17,9 @@ from torch import nn
 
 from geomerase.core.attention_align import (alignment_loss, alignment_targets, boundary_ids,
                                             recorded_cross_attention)
+from geomerase.core.diffusion_model import DiffusionModel
 from geomerase.core.lora import lora_layers
 from geomerase.core.losses import denoising_loss, diffusion_target, weight_map
-from geomerase.core.diffusion_model import DiffusionModel
 from geomerase.data.loader import InMemoryDataset, LocalBatch
 
 

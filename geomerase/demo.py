@@ -30,9 +30,6 @@ from pathlib import Path
 
 import torch
 
-from geomerase.stages import (ArmSpec, annotate_job, attribute_classifier_job, balance, build_icd_job,
-                                               load_images, patch_classifier_job, progress_file, sample_job,
-                                               samples_path, train_model_job)
 from geomerase.core.captions import CaptionConfig, concept_phrase, negative_mixture
 from geomerase.core.classifiers import (PatchClassifier, as_float, bounded_threshold, degraded, labels_to_index,
                                         load_classifier, patch_classifier_quality)
@@ -46,8 +43,10 @@ from geomerase.core.trainer import RunConfig, TrainConfig, resolve_device
 from geomerase.data.loader import DataConfig, InMemoryDataset, annotated_cells
 from geomerase.data.scenes import BACKGROUNDS, SHAPES
 from geomerase.data.shards import atomic_write, iter_samples
-from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
 from geomerase.demo_report import render_report
+from geomerase.distributed.dag import Job, Task, pool_shape, run_dag
+from geomerase.stages import (ArmSpec, annotate_job, attribute_classifier_job, balance, build_icd_job, load_images,
+                              patch_classifier_job, progress_file, sample_job, samples_path, train_model_job)
 
 log = logging.getLogger("geomerase.demo")
 
